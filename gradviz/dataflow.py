@@ -1,0 +1,297 @@
+"""Recover the layer-to-layer dataflow of one forward pass from the autograd graph.
+
+Given the module calls of a forward pass (each with the autograd nodes of its outputs and
+inputs), walk ``grad_fn.next_functions`` between them and return:
+
+- edges ``producer -> consumer`` for every path that carries data from one layer's output
+  to another layer, through parameter-free glue (activations, reshapes, ``+``, ``cat``);
+- junctions: glue nodes where several producers meet (``+`` of a residual, ``cat``) or
+  where one glue result fans out to several consumers. A junction is a node of the graph,
+  so each edge's gradient can be observed exactly (DESIGN.md 3);
+- ports: ``(autograd node, input index)`` pairs whose ``grad_inputs[index]`` is a part of
+  an edge's gradient. All ports of one edge into one producer output add up, as vectors,
+  to that edge's share of dL/d(output).
+
+Pure graph logic over autograd nodes: it registers nothing; gradviz.capture does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Node = Any  # torch.autograd.graph.Node; kept opaque so this module needs no torch import
+Target = tuple[int, int]  # (id of a producer's autograd node, output index)
+
+
+@dataclass
+class Call:
+    """One call of a recorded module during a forward pass."""
+
+    name: str
+    outs: list[tuple[Node, int]]  # (grad_fn, output_nr) of each output tensor needing grad
+    ins: list[Node]  # grad_fns of the input tensors (positional and keyword, nested too)
+
+
+@dataclass
+class Port:
+    """grad_inputs[index] of node is part of the gradient flowing along an edge."""
+
+    node: Node
+    index: int
+    target: Target  # which producer output it flows into
+
+
+@dataclass
+class Edge:
+    """A dataflow connection, with the ports that carry its gradient."""
+
+    source: str
+    target: str
+    consumer: int  # index of the consuming call or junction instance in this pass
+    via: list[str] = field(default_factory=list)
+    ports: list[Port] = field(default_factory=list)
+
+
+@dataclass
+class Junction:
+    """A parameter-free node where producers meet or a result fans out."""
+
+    name: str
+    node: Node
+    op: str
+
+
+@dataclass
+class Flow:
+    """What one forward pass looks like: junctions, edges, and per-call input ports."""
+
+    junctions: list[Junction]
+    edges: list[Edge]
+    input_ports: list[list[Port]]  # per call: ports whose gradient goes to the call's inputs
+
+
+def op_name(node: Node) -> str:
+    """'AddBackward0' -> 'add'."""
+    name = type(node).__name__
+    for suffix in ("Backward0", "Backward1", "Backward"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.lower() or "op"
+
+
+def _is_leaf(node: Node) -> bool:
+    return type(node).__name__ == "AccumulateGrad" or not hasattr(node, "next_functions")
+
+
+def _seq(node: Node) -> int:
+    return int(node._sequence_nr())
+
+
+def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) -> Flow:
+    """Find junctions, edges and ports among the given calls (see module docstring).
+
+    glue_names maps id(autograd node) of a parameter-free module's output to that module's
+    name, for the edges' ``via`` lists and for naming junctions; taken holds names already
+    used by nodes, so a junction never collides with one.
+    """
+    producer: dict[int, int] = {}  # id(node) -> call index, for call outputs
+    for ci, call in enumerate(calls):
+        for node, _ in call.outs:
+            producer.setdefault(id(node), ci)
+
+    # 1. Each call's own region: from its outputs back to its inputs.
+    owner_call: dict[int, int] = {}  # id(node) -> call index, for nodes inside a call
+    boundary: list[tuple[Node, int, Node, int]] = []  # (node, index, target, output_nr)
+    region_of: dict[int, Hashable] = {}  # id(region node) -> consumer key
+    input_ports: list[list[Port]] = [[] for _ in calls]
+    for ci, call in enumerate(calls):
+        ins = {id(n) for n in call.ins}
+        stack = [n for n, _ in call.outs if id(n) not in owner_call]
+        for n in stack:
+            owner_call[id(n)] = ci
+        while stack:
+            n = stack.pop()
+            region_of[id(n)] = ("call", ci)
+            for i, (m, nr) in enumerate(n.next_functions):
+                if m is None or _is_leaf(m):
+                    continue
+                if id(m) in ins:
+                    input_ports[ci].append(Port(n, i, (id(m), nr)))
+                if id(m) in producer or id(m) in ins:
+                    boundary.append((n, i, m, nr))
+                elif id(m) not in owner_call:
+                    owner_call[id(m)] = ci
+                    stack.append(m)
+
+    # 2. Discover the glue between calls and who sits directly below each glue node.
+    glue: dict[int, Node] = {}
+    down: dict[int, set[Hashable]] = {}  # id(glue) -> {("call", ci) | ("glue", id)}
+
+    def is_glue(m: Node) -> bool:
+        return not _is_leaf(m) and id(m) not in producer and id(m) not in owner_call
+
+    stack = []
+    for n, _, m, _ in boundary:
+        if is_glue(m):
+            down.setdefault(id(m), set()).add(region_of[id(n)])
+            if id(m) not in glue:
+                glue[id(m)] = m
+                stack.append(m)
+    while stack:
+        g = stack.pop()
+        for m, _ in g.next_functions:
+            if m is not None and is_glue(m):
+                down.setdefault(id(m), set()).add(("glue", id(g)))
+                if id(m) not in glue:
+                    glue[id(m)] = m
+                    stack.append(m)
+    order = sorted(glue.values(), key=_seq)  # inputs before the ops that read them
+
+    def source_of(m: Node) -> Hashable | None:
+        if id(m) in producer:
+            return ("call", producer[id(m)])
+        if id(m) in owner_call:
+            return ("call", owner_call[id(m)])
+        return None
+
+    junction_ids: set[int] = set()
+
+    def upstream() -> dict[int, frozenset[Hashable]]:
+        ups: dict[int, frozenset[Hashable]] = {}
+        for g in order:
+            acc: set[Hashable] = set()
+            for m, _ in g.next_functions:
+                if m is None or _is_leaf(m):
+                    continue
+                if id(m) in junction_ids:
+                    acc.add(("junction", id(m)))
+                elif id(m) in glue:
+                    acc |= ups[id(m)]
+                else:
+                    src = source_of(m)
+                    if src is not None:
+                        acc.add(src)
+            ups[id(g)] = frozenset(acc)
+        return ups
+
+    # 3. Merges: glue reading two or more distinct producers through different inputs.
+    ups: dict[int, frozenset[Hashable]] = {}
+    for g in order:
+        slots = []
+        for m, _ in g.next_functions:
+            if m is None or _is_leaf(m):
+                continue
+            if id(m) in junction_ids:
+                slots.append(frozenset([("junction", id(m))]))
+            elif id(m) in glue:
+                slots.append(ups[id(m)])
+            else:
+                src = source_of(m)
+                slots.append(frozenset([src]) if src is not None else frozenset())
+        union = frozenset().union(*slots) if slots else frozenset()
+        if sum(1 for s in slots if s) >= 2 and len(union) >= 2:
+            junction_ids.add(id(g))
+            ups[id(g)] = frozenset([("junction", id(g))])
+        else:
+            ups[id(g)] = union
+
+    # 4. Fan-outs: glue whose result reaches two or more consumers. Outputs first, so the
+    #    junction sits where the paths split, not further up.
+    consumer_of: dict[int, Hashable | None] = {}
+    for g in reversed(order):
+        if id(g) in junction_ids:
+            consumer_of[id(g)] = ("junction", id(g))
+            continue
+        owners = set()
+        for ref in down.get(id(g), ()):
+            if ref[0] == "call":
+                owners.add(ref)
+            else:
+                owners.add(consumer_of[ref[1]])
+        owners.discard(None)
+        if len(owners) == 1:
+            consumer_of[id(g)] = owners.pop()
+        elif owners and ups[id(g)]:
+            junction_ids.add(id(g))
+            consumer_of[id(g)] = ("junction", id(g))
+        else:
+            consumer_of[id(g)] = None
+    ups = upstream()  # again, now that fan-out junctions cut some paths
+
+    # 5. Name junctions and index consumers.
+    junctions: list[Junction] = []
+    jindex: dict[int, int] = {}
+    counters: dict[str, int] = {}
+    for g in order:
+        if id(g) not in junction_ids:
+            continue
+        base = glue_names.get(id(g)) or op_name(g)
+        name = base
+        while name in taken:
+            counters[base] = counters.get(base, 1) + 1
+            name = f"{base}#{counters[base]}"
+        taken.add(name)
+        jindex[id(g)] = len(junctions)
+        junctions.append(Junction(name, g, op_name(g)))
+
+    def consumer_index(key: Hashable) -> tuple[str, int]:
+        kind, ref = key  # type: ignore[misc]
+        if kind == "call":
+            return calls[ref].name, ref
+        j = jindex[ref]
+        return junctions[j].name, len(calls) + j
+
+    def source_name(m: Node) -> str | None:
+        if id(m) in junction_ids:
+            return junctions[jindex[id(m)]].name
+        src = source_of(m)
+        return calls[src[1]].name if src is not None else None  # type: ignore[index]
+
+    # 6. Ports: every slot of a consumer's region that points at a producer or junction.
+    edges: dict[tuple[str, int], Edge] = {}
+    regions: list[tuple[Node, Hashable]] = [(n, region_of[id(n)]) for n, _, _, _ in boundary]
+    regions += [(g, ("junction", id(g))) for g in order if id(g) in junction_ids]
+    regions += [(g, consumer_of[id(g)]) for g in order
+                if id(g) not in junction_ids and consumer_of[id(g)] is not None]
+    seen: set[tuple[int, int]] = set()
+    for n, key in regions:
+        cname, cidx = consumer_index(key)
+        for i, (m, nr) in enumerate(n.next_functions):
+            if m is None or _is_leaf(m) or (id(n), i) in seen:
+                continue
+            if id(m) in glue and id(m) not in junction_ids:
+                continue  # not an end of a path yet: glue further up carries it
+            if region_of.get(id(n)) == key and id(m) in owner_call and id(m) not in producer:
+                continue  # inside the consumer itself
+            src = source_name(m)
+            if src is None:
+                continue
+            seen.add((id(n), i))
+            edge = edges.get((src, cidx))
+            if edge is None:
+                edge = edges[(src, cidx)] = Edge(src, cname, cidx)
+            edge.ports.append(Port(n, i, (id(m), nr)))
+
+    # 7. via: named parameter-free modules on the glue between source and consumer.
+    for (src, cidx), edge in edges.items():
+        names = []
+        for g in order:
+            if id(g) in junction_ids or id(g) not in glue_names:
+                continue
+            key = consumer_of[id(g)]
+            if key is None or consumer_index(key)[1] != cidx:
+                continue
+            if any(_source_label(u, calls, junctions, jindex) == src for u in ups[id(g)]):
+                names.append(glue_names[id(g)])
+        edge.via = list(dict.fromkeys(names))
+    return Flow(junctions, list(edges.values()), input_ports)
+
+
+def _source_label(
+    key: Hashable, calls: Sequence[Call], junctions: list[Junction], jindex: dict[int, int]
+) -> str:
+    kind, ref = key  # type: ignore[misc]
+    return calls[ref].name if kind == "call" else junctions[jindex[ref]].name

@@ -1,0 +1,346 @@
+"""Keep the recorded history, write it to training_output.json, and read it back.
+
+The contract between the two halves of gradviz. No torch here: a file recorded on a GPU
+box opens anywhere. History is a float32 matrix (recorded steps x series) that grows by
+doubling; on disk each series is one base64 string (see gradviz.schema).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import schema
+from .errors import FileFormatError
+
+SeriesKey = tuple[str, ...]  # ("loss",), ("node", id, field), ("param", id, name), ("edge", id)
+
+
+class History:
+    """Recorded values: one row per recorded step, one column per series."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.columns: dict[SeriesKey, int] = {}
+        self._buf = schema.absent_array(0).reshape(0, 0)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def column(self, key: SeriesKey) -> int:
+        """Index of a series' column, created (absent so far) on first use."""
+        col = self.columns.get(key)
+        if col is None:
+            col = self.columns[key] = len(self.columns)
+        return col
+
+    def append(self, step: int, cols: Sequence[int], values: Sequence[float]) -> None:
+        """Add one recorded step; series not named in cols are absent in it."""
+        if self.steps and step <= self.steps[-1]:
+            raise ValueError(f"step {step} is not after step {self.steps[-1]}")
+        n, ncols = len(self.steps), len(self.columns)
+        rows, width = self._buf.shape
+        if n >= rows or ncols > width:  # grow by doubling, so appends stay amortised O(1)
+            new_rows = rows if n < rows else max(2 * rows, 16)
+            new_width = width if ncols <= width else max(2 * width, ncols, 16)
+            grown = schema.absent_array(new_rows * new_width).reshape(new_rows, new_width)
+            grown[:rows, :width] = self._buf
+            self._buf = grown
+        row = np.asarray(values, dtype=np.float32)
+        row[np.isnan(row)] = np.float32("nan")  # one NaN bit pattern, never the absent one
+        self._buf[n, np.asarray(cols, dtype=np.intp)] = row
+        self.steps.append(step)
+
+    def series(self, key: SeriesKey) -> np.ndarray:
+        """A copy of one series over all recorded steps (absent marker where missing)."""
+        col = self.columns.get(key)
+        if col is None:
+            return schema.absent_array(len(self.steps))
+        return self._buf[: len(self.steps), col].copy()
+
+    def last(self, key: SeriesKey) -> float | None:
+        """The latest recorded value of a series, None if absent."""
+        col = self.columns.get(key)
+        if col is None or not self.steps:
+            return None
+        v = self._buf[len(self.steps) - 1 : len(self.steps), col]
+        return None if bool(schema.absent_mask(v)[0]) else float(v[0])
+
+    def snapshot(self) -> History:
+        """An independent copy, for writing in another thread."""
+        h = History()
+        h.steps = list(self.steps)
+        h.columns = dict(self.columns)
+        h._buf = self._buf[: len(self.steps), : len(self.columns)].copy()
+        return h
+
+
+@dataclass
+class Recording:
+    """Everything one file holds: metadata, layer and edge descriptions, history."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> static info
+    edges: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> static info
+    history: History = field(default_factory=History)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+
+    def snapshot(self) -> Recording:
+        """A copy that training may not change while it is written."""
+        return Recording(
+            meta=dict(self.meta),
+            nodes={k: dict(v) for k, v in self.nodes.items()},
+            edges={k: dict(v) for k, v in self.edges.items()},
+            history=self.history.snapshot(),
+            findings=list(self.findings),
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON document: latest step at top level, whole history below."""
+        h = self.history
+        enc = schema.encode_value
+        nodes = []
+        hist_nodes: dict[str, Any] = {}
+        for nid, info in self.nodes.items():
+            node = {"id": nid, **info}
+            params = {}
+            for pname, pinfo in info.get("params", {}).items():
+                params[pname] = {**pinfo, "gradient_norm": enc(h.last(("param", nid, pname)))}
+            node["params"] = params
+            series: dict[str, Any] = {}
+            for key in schema.NODE_SERIES:
+                node[key] = enc(h.last(("node", nid, key)))
+                if ("node", nid, key) in h.columns:
+                    series[key] = schema.encode_series(h.series(("node", nid, key)))
+            if params:
+                series["params"] = {
+                    p: schema.encode_series(h.series(("param", nid, p))) for p in params
+                }
+            nodes.append(node)
+            hist_nodes[nid] = series
+        edges = []
+        hist_edges = {}
+        for eid, info in self.edges.items():
+            edges.append({"id": eid, **info, "gradient_norm": enc(h.last(("edge", eid)))})
+            hist_edges[eid] = {"gradient_norm": schema.encode_series(h.series(("edge", eid)))}
+        meta = {**self.meta, "steps": len(h), "last_step": h.steps[-1] if h.steps else None}
+        return {
+            "format": schema.FORMAT_NAME,
+            "version": schema.FORMAT_VERSION,
+            "meta": meta,
+            "nodes": nodes,
+            "edges": edges,
+            "findings": self.findings,
+            "history": {
+                "encoding": schema.SERIES_ENCODING,
+                "steps": list(h.steps),
+                "loss": schema.encode_series(h.series(("loss",))),
+                "nodes": hist_nodes,
+                "edges": hist_edges,
+            },
+        }
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    """Serialize with orjson: sorted keys so equal runs give equal files."""
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside path, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def backup_existing(path: Path) -> Path | None:
+    """Move an existing file at path to the first free NAME.N.json; return where it went."""
+    if not path.exists():
+        return None
+    n = 1
+    while True:
+        target = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        if not target.exists():
+            os.replace(path, target)
+            return target
+        n += 1
+
+
+class Writer:
+    """Writes a Recording now and then from a background thread, and once more at the end.
+
+    Training never waits for the disk: a flush takes a snapshot and hands it over. The
+    interval stretches when writes get slow (big histories), so writing stays a small
+    fraction of wall time.
+    """
+
+    def __init__(self, path: Path, every_seconds: float = 2.0) -> None:
+        self.path = path
+        self.every_seconds = every_seconds
+        self._last_flush = -float("inf")
+        self._last_cost = 0.0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def due(self) -> bool:
+        """Whether enough time has passed since the last flush."""
+        interval = max(self.every_seconds, 4 * self._last_cost)
+        return time.monotonic() - self._last_flush >= interval
+
+    def flush(self, rec: Recording, wait: bool = False) -> None:
+        """Write rec (a snapshot of it) in the background; with wait, write it now."""
+        self._last_flush = time.monotonic()
+        if self._thread is not None and self._thread.is_alive():
+            if not wait:
+                return  # the previous write is still going: skip, the next one catches up
+            self._thread.join()
+        snap = rec.snapshot()
+        if wait:
+            self._write(snap)
+            if self.error is not None:
+                raise self.error
+            return
+        self._thread = threading.Thread(target=self._write, args=(snap,), daemon=True)
+        self._thread.start()
+
+    def _write(self, rec: Recording) -> None:
+        t0 = time.monotonic()
+        try:
+            with self._lock:
+                write_atomic(self.path, dumps(rec.to_document()))
+            self.error = None
+        except BaseException as e:  # reported by the next flush(wait=True)
+            self.error = e
+            print(f"gradviz: could not write {self.path}: {e}", file=sys.stderr)
+        self._last_cost = time.monotonic() - t0
+
+    def close(self) -> None:
+        """Wait for a write in progress."""
+        if self._thread is not None:
+            self._thread.join()
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+class Run:
+    """A recorded run read back from a file: latest values, metadata, and every series."""
+
+    def __init__(self, doc: dict[str, Any], version: int, path: Path | None = None) -> None:
+        self.path = path
+        self.version = version
+        self.meta: dict[str, Any] = doc.get("meta", {}) if version else {}
+        self.findings: list[dict[str, Any]] = doc.get("findings", []) if version else []
+        dv = schema.decode_value
+        self.nodes: list[dict[str, Any]] = []
+        for node in doc["nodes"]:
+            node = dict(node)
+            node.setdefault("type", node["id"])
+            node.setdefault("kind", "layer")
+            node.setdefault("params", {})
+            for key in schema.NODE_SERIES:
+                node[key] = dv(node.get(key))
+            node["params"] = {
+                p: {**info, "gradient_norm": dv(info.get("gradient_norm"))}
+                for p, info in node["params"].items()
+            }
+            self.nodes.append(node)
+        self.edges: list[dict[str, Any]] = []
+        for i, edge in enumerate(doc.get("edges", [])):
+            edge = dict(edge)
+            edge.setdefault("id", f"{edge['source']}->{edge['target']}#{i}")
+            edge.setdefault("via", [])
+            edge["gradient_norm"] = dv(edge.get("gradient_norm"))
+            self.edges.append(edge)
+        h = doc.get("history") if version else None
+        self.steps: list[int] = list(h["steps"]) if h else []
+        self._series: dict[SeriesKey, np.ndarray] = {}
+        if h:
+            n = len(self.steps)
+            self._series[("loss",)] = schema.decode_series(h["loss"], n, "history.loss")
+            for nid, series in h["nodes"].items():
+                for key, text in series.items():
+                    if key == "params":
+                        for p, t in text.items():
+                            self._series[("param", nid, p)] = schema.decode_series(t, n, p)
+                    else:
+                        self._series[("node", nid, key)] = schema.decode_series(text, n, key)
+            for eid, series in h["edges"].items():
+                self._series[("edge", eid)] = schema.decode_series(
+                    series["gradient_norm"], n, eid
+                )
+
+    def array(self, key: SeriesKey) -> np.ndarray:
+        """A raw float32 series (absent marker included; see gradviz.schema)."""
+        a = self._series.get(key)
+        return a if a is not None else schema.absent_array(len(self.steps))
+
+    @property
+    def loss(self) -> list[float | None]:
+        """Loss of each recorded step (None where rec.step() was given no loss)."""
+        return schema.series_to_list(self.array(("loss",)))
+
+    def node_history(self, node_id: str, key: str = "gradient_norm") -> list[float | None]:
+        """One node's series over all recorded steps: None where no gradient arrived."""
+        return schema.series_to_list(self.array(("node", node_id, key)))
+
+    def param_history(self, node_id: str, param: str) -> list[float | None]:
+        """One parameter's gradient norm over all recorded steps."""
+        return schema.series_to_list(self.array(("param", node_id, param)))
+
+    def edge_history(self, edge_id: str) -> list[float | None]:
+        """One edge's gradient norm over all recorded steps."""
+        return schema.series_to_list(self.array(("edge", edge_id)))
+
+    def keys(self) -> Iterable[SeriesKey]:
+        """Every series the file holds."""
+        return self._series.keys()
+
+
+def parse(data: bytes, path: Path | None = None) -> Run:
+    """Parse and check a file's bytes; raise FileFormatError with the reason."""
+    name = str(path) if path else "input"
+    if not data.strip():
+        raise FileFormatError(f"{name} is empty; record a run first with: python extract.py")
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise FileFormatError(f"{name} is not valid JSON ({e})") from e
+    try:
+        version = schema.validate(doc)
+        return Run(doc, version, path)
+    except FileFormatError as e:
+        raise type(e)(f"{name}: {e}") from e
+
+
+def load(path: str | os.PathLike[str] = "training_output.json") -> Run:
+    """Read a training_output.json written by gradviz (or in the original minimal format)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as e:
+        raise FileFormatError(
+            f"{p} does not exist; record a run first with: python extract.py"
+        ) from e
+    except IsADirectoryError as e:
+        raise FileFormatError(f"{p} is a directory, not a training_output.json file") from e
+    except OSError as e:
+        raise FileFormatError(f"cannot read {p}: {e.strerror}") from e
+    return parse(data, p)
