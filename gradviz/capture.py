@@ -1,0 +1,496 @@
+"""Attach to a PyTorch model, measure its gradient flow each recorded step, keep the history.
+
+How it captures (DESIGN.md 4):
+
+- A forward hook on every recorded layer notes the call (the autograd nodes of its inputs and
+  outputs) and registers a tensor hook on each output: that hook sees dL/d(output), the
+  same tensor a full backward hook gets as ``grad_output``, but it survives in-place ops
+  after the layer (``nn.ReLU(inplace=True)``, ``out += identity``) and causes no graph break
+  under ``torch.compile``.
+- When the root module's forward returns, gradviz.dataflow walks the autograd graph between
+  those calls and returns the edges (and junctions). A post-hook on the last autograd node of
+  each edge's path sees that edge's share of dL/d(producer output), exactly.
+- Parameter gradients are read in :meth:`Recorder.step`, after ``backward()`` returned, when
+  ``.grad`` is final: one fused ``torch._foreach_norm`` over all of them.
+
+Every norm stays a float32 tensor on its device until ``step()``, which moves them all to the
+host in one transfer. Several values for one series in one step (a layer called twice, several
+micro-batches) combine as the norm of their concatenation: sqrt of the sum of squares.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import dataflow, store
+from .errors import RecordingError
+
+__all__ = ["Recorder", "record"]
+
+
+def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested structure of tuples, lists and mappings (ModelOutput too)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 8:
+        return
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, depth + 1)
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm reduced in float32 (a half-precision norm overflows although no element does)."""
+    return torch.linalg.vector_norm(t, dtype=torch.float32)
+
+
+class Recorder:
+    """Records one model's gradient flow; use it through :func:`record`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str] | None = "training_output.json",
+        *,
+        every: int = 1,
+        all_modules: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        seed: int | None = None,
+        flush_seconds: float = 2.0,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise RecordingError(
+                f"gradviz.record needs a torch.nn.Module, got {type(model).__name__}; "
+                "pass the model itself"
+            )
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise RecordingError(f"every must be a whole number >= 1, got {every!r}")
+        self.model = model
+        self.path = Path(path) if path is not None else None
+        self.every = every
+        self.all_modules = all_modules
+        self.optimizer = optimizer
+        self.recording = store.Recording()
+        self.step_count = 0  # rec.step() calls so far
+        self._writer = store.Writer(self.path, flush_seconds) if self.path else None
+        self._handles: list[Any] = []
+        self._open = False
+        self._failed = False
+        # Per forward pass: calls seen so far and names of parameter-free module outputs.
+        self._calls: list[dataflow.Call] = []
+        self._glue: dict[int, str] = {}
+        # Per step: (column, 0-d float32 norm tensor) pairs filled in by the hooks, and
+        # running vector sums for edges whose gradient arrives in several parts.
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._parts: dict[int, list[Any]] = {}  # group -> [column, sum tensor, parts left]
+        self._next_group = 0
+        # Tests set this to see each measured gradient before it becomes a norm.
+        self._probe: Any = None
+        self._order = 0
+        self._nodes: dict[str, nn.Module] = {}
+        self._params: list[tuple[str, str, nn.Parameter]] = []  # (node, param name, param)
+        self._describe(meta or {}, seed)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _describe(self, extra: Mapping[str, Any], seed: int | None) -> None:
+        """Static facts: which modules are nodes, their parameters, and run metadata."""
+        owner: dict[int, str] = {}  # id(param) -> "module.param" that first owns it
+        for name, module in self.model.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            is_leaf = next(iter(module.children()), None) is None
+            if not own and not (self.all_modules and is_leaf and name):
+                continue
+            node_name = name or type(module).__name__
+            params: dict[str, dict[str, Any]] = {}
+            for pname, p in own:
+                info: dict[str, Any] = {
+                    "shape": list(p.shape),
+                    "numel": p.numel(),
+                    "trainable": bool(p.requires_grad),
+                }
+                first = owner.setdefault(id(p), f"{node_name}.{pname}")
+                if first != f"{node_name}.{pname}":
+                    info["tied_to"] = first
+                params[pname] = info
+                self._params.append((node_name, pname, p))
+            self._nodes[node_name] = module
+            self.recording.nodes[node_name] = {
+                "kind": "layer" if own else "module",
+                "type": type(module).__name__,
+                "param_count": sum(p.numel() for _, p in own),
+                "params": params,
+            }
+        unique = {id(p): p for p in self.model.parameters()}.values()
+        opt = self.optimizer
+        self.recording.meta = {
+            "model": type(self.model).__name__,
+            "param_count": sum(p.numel() for p in unique),
+            "trainable_param_count": sum(p.numel() for p in unique if p.requires_grad),
+            "optimizer": type(opt).__name__ if opt is not None else None,
+            "lr": float(opt.param_groups[0]["lr"]) if opt is not None else None,
+            "seed": seed,
+            "every": self.every,
+            "all_modules": self.all_modules,
+            "device": str(next(iter(unique)).device) if unique else "cpu",
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "gradviz_version": _version(),
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **dict(extra),
+        }
+
+    def start(self) -> Recorder:
+        """Attach the hooks (and move an older file at path aside, saying so)."""
+        if self._open:
+            raise RecordingError("this recorder is already attached; use one `with` block")
+        if self.path is not None:
+            if self.path.is_dir():
+                raise RecordingError(f"{self.path} is a directory; pass a file path to record to")
+            moved = store.backup_existing(self.path)
+            if moved is not None:
+                print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
+        node_modules = {id(m) for m in self._nodes.values()}
+        for name, module in self.model.named_modules():
+            node_name = name or type(module).__name__
+            if id(module) in node_modules and self._nodes.get(node_name) is module:
+                hook = self._call_hook(node_name)
+            elif next(iter(module.children()), None) is None and name:
+                hook = self._glue_hook(name)
+            else:
+                continue
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        # Registered last, so it runs after the root's own node hook: the pass is complete.
+        self._handles.append(self.model.register_forward_hook(self._on_pass_end))
+        self._open = True
+        return self
+
+    def __enter__(self) -> Recorder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- forward hooks -------------------------------------------------------------------
+
+    def _armed(self) -> bool:
+        return (
+            self._open
+            and not self._failed
+            and self.step_count % self.every == 0
+            and torch.is_grad_enabled()
+        )
+
+    def _call_hook(self, name: str) -> Any:
+        col = self.recording.history.column(("node", name, "activation_grad_norm"))
+
+        def on_grad(g: torch.Tensor) -> None:
+            self._emit(col, g)
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if not self._armed():
+                return
+            try:
+                outs: list[tuple[Any, int]] = []
+                for t in _tensors(output):
+                    if t.grad_fn is None or (t.grad_fn, t.output_nr) in outs:
+                        continue
+                    outs.append((t.grad_fn, t.output_nr))
+                    t.register_hook(on_grad)
+                if not outs:
+                    return
+                ins = [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
+                self._calls.append(dataflow.Call(name, outs, ins))
+                info = self.recording.nodes[name]
+                if "order" not in info:
+                    info["order"] = self._order
+                    self._order += 1
+            except Exception as e:  # never break the user's forward
+                self._fail(e)
+
+        return hook
+
+    def _glue_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if not self._armed():
+                return
+            for t in _tensors(output):
+                if t.grad_fn is not None:
+                    self._glue.setdefault(id(t.grad_fn), name)
+
+        return hook
+
+    def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The root's forward returned: find this pass's edges and hook their gradients."""
+        calls, glue = self._calls, self._glue
+        self._calls, self._glue = [], {}
+        if not calls or not self._armed():
+            return
+        try:
+            # Junctions avoid node names only: one named after a folded-away activation
+            # (the fan-out after `act`) may take that module's name.
+            flow = dataflow.analyse(calls, glue, set(self._nodes))
+            self._hook_flow(flow, [c.name for c in calls])
+        except Exception as e:
+            self._fail(e)
+
+    def _hook_flow(self, flow: dataflow.Flow, call_names: list[str]) -> None:
+        rec = self.recording
+        hist = rec.history
+        for j in flow.junctions:
+            if j.name not in rec.nodes:
+                rec.nodes[j.name] = {"kind": "junction", "type": j.op, "param_count": 0,
+                                     "params": {}, "order": self._order}
+                self._order += 1
+            col = hist.column(("node", j.name, "activation_grad_norm"))
+            j.node.register_prehook(self._junction_hook(col))
+        # Gather (port node, input index) -> group; each group is one part of one series
+        # whose pieces must be summed as vectors before taking the norm.
+        by_node: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
+
+        def add_group(col: int, ports: list[dataflow.Port]) -> None:
+            by_target: dict[Any, list[dataflow.Port]] = {}
+            for p in ports:
+                by_target.setdefault(p.target, []).append(p)
+            for group in by_target.values():
+                gid = self._next_group
+                self._next_group += 1
+                self._parts[gid] = [col, None, len(group)]
+                for p in group:
+                    by_node.setdefault(id(p.node), (p.node, []))[1].append((p.index, gid))
+
+        for e in flow.edges:
+            eid = f"{e.source}->{e.target}"
+            if eid not in rec.edges:
+                rec.edges[eid] = {"source": e.source, "target": e.target, "via": e.via}
+            elif e.via:
+                known = rec.edges[eid]["via"]
+                rec.edges[eid]["via"] = list(dict.fromkeys([*known, *e.via]))
+            add_group(hist.column(("edge", eid)), e.ports)
+        for name, ports in zip(call_names, flow.input_ports):
+            if ports:
+                add_group(hist.column(("node", name, "input_grad_norm")), ports)
+        for node, slots in by_node.values():
+            node.register_hook(self._port_hook(slots))
+
+    # -- backward hooks ------------------------------------------------------------------
+
+    def _emit(self, col: int, g: torch.Tensor) -> None:
+        """One measured gradient for a series: keep its norm (on device) until step()."""
+        self._pending.append((col, _norm(g)))
+        if self._probe is not None:
+            self._probe(col, g)
+
+    def _junction_hook(self, col: int) -> Any:
+        def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            for g in grad_outputs:
+                if g is not None:
+                    self._emit(col, g)
+
+        return hook
+
+    def _port_hook(self, slots: list[tuple[int, int]]) -> Any:
+        def hook(grad_inputs: tuple[torch.Tensor | None, ...], grad_outputs: Any) -> None:
+            try:
+                for index, gid in slots:
+                    g = grad_inputs[index]
+                    if g is not None:
+                        self._add_part(gid, g)
+            except Exception as e:  # never break the user's backward
+                self._fail(e)
+
+        return hook
+
+    def _add_part(self, gid: int, g: torch.Tensor) -> None:
+        part = self._parts.get(gid)
+        if part is None:  # the step was already recorded: this pass came too late
+            return
+        col, acc, left = part
+        if left == 1 and acc is None:  # the common case: one part, no sum to keep
+            self._emit(col, g)
+            del self._parts[gid]
+            return
+        acc = g.detach().clone() if acc is None else acc + g
+        part[1], part[2] = acc, left - 1
+        if left == 1:
+            self._emit(col, acc)
+            del self._parts[gid]
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record this step: call after ``loss.backward()`` and before ``optimizer.step()``."""
+        if not self._open:
+            raise RecordingError(
+                "rec.step() was called outside the `with gradviz.record(...)` block; "
+                "call it inside, once per optimizer step"
+            )
+        step = self.step_count
+        self.step_count += 1
+        self._calls, self._glue = [], {}  # a forward without a root call leaves these
+        if step % self.every or self._failed:
+            self._pending.clear()
+            self._parts.clear()
+            return
+        try:
+            self._record(step, loss)
+        except Exception as e:
+            self._fail(e)
+            return
+        if self._writer is not None and self._writer.due():
+            self._writer.flush(self.recording)
+
+    def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
+        # Parts that never completed (a branch that got no gradient) count as they are.
+        for col, acc, _ in self._parts.values():
+            if acc is not None:
+                self._emit(col, acc)
+        self._parts.clear()
+        hist = self.recording.history
+        cols: list[int] = []
+        values: list[torch.Tensor] = []
+        # Parameter gradients, final now: one fused norm per device over unique tensors.
+        seen: dict[int, int] = {}  # id(param) -> index into param_norms
+        grads_by_dev: dict[torch.device, list[torch.Tensor]] = {}
+        order: list[tuple[torch.device, int]] = []
+        for _, _, p in self._params:
+            if p.grad is None or id(p) in seen:
+                continue
+            g = p.grad
+            lst = grads_by_dev.setdefault(g.device, [])
+            seen[id(p)] = len(order)
+            order.append((g.device, len(lst)))
+            lst.append(g)
+        norms_by_dev = {
+            dev: torch._foreach_norm(gs, 2, dtype=torch.float32)  # type: ignore[call-arg]
+            for dev, gs in grads_by_dev.items()
+        }
+        param_cols = []
+        for node, pname, p in self._params:
+            i = seen.get(id(p))
+            if i is None:
+                continue
+            dev, j = order[i]
+            param_cols.append((node, hist.column(("param", node, pname))))
+            cols.append(param_cols[-1][1])
+            values.append(norms_by_dev[dev][j])
+        for col, t in self._pending:
+            cols.append(col)
+            values.append(t)
+        self._pending.clear()
+        if isinstance(loss, torch.Tensor):
+            cols.append(hist.column(("loss",)))
+            values.append(loss.detach().reshape(()).to(torch.float32))
+        host = _to_host(values)
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            cols.append(hist.column(("loss",)))
+            host.append(float(loss))
+        # Combine on the host in float64: squares of float32 norms can overflow float32.
+        width = len(hist.columns)
+        sq = np.zeros(width, dtype=np.float64)
+        present = np.zeros(width, dtype=bool)
+        col_arr = np.asarray(cols, dtype=np.intp)
+        val_arr = np.asarray(host, dtype=np.float64)
+        loss_col = hist.columns.get(("loss",))
+        present[col_arr] = True
+        np.add.at(sq, col_arr, val_arr * val_arr)
+        out = np.sqrt(sq)
+        if loss_col is not None and loss is not None:
+            out[loss_col] = host[-1]
+        # A layer's gradient_norm: all its parameters' gradients together.
+        node_sq: dict[str, float] = {}
+        for node, col in param_cols:
+            node_sq[node] = node_sq.get(node, 0.0) + sq[col]
+        row_cols = [int(c) for c in np.flatnonzero(present)]
+        row_vals = [float(out[c]) for c in row_cols]
+        for node, s in node_sq.items():
+            row_cols.append(hist.column(("node", node, "gradient_norm")))
+            row_vals.append(math.sqrt(s))
+        hist.append(step, row_cols, row_vals)
+
+    def _fail(self, e: BaseException) -> None:
+        """Stop recording, keep training: gradviz must never break the user's loop."""
+        if not self._failed:
+            self._failed = True
+            warnings.warn(
+                f"gradviz stopped recording after an internal error ({type(e).__name__}: {e}); "
+                "training goes on and the steps recorded so far are kept",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove every hook gradviz added and write the file one last time."""
+        if not self._open:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._open = False
+        self._calls, self._glue = [], {}
+        self._pending.clear()
+        self._parts.clear()
+        if self._writer is not None:
+            self._writer.flush(self.recording, wait=True)
+
+    def to_run(self) -> store.Run:
+        """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
+        doc = self.recording.to_document()
+        return store.Run(doc, doc["version"], self.path)
+
+
+def _to_host(values: list[torch.Tensor]) -> list[float]:
+    """Move 0-d tensors to the host: one stack and one transfer per device."""
+    if not values:
+        return []
+    devices = {v.device for v in values}
+    if len(devices) == 1:
+        return torch.stack(values).tolist()
+    out: list[float] = [0.0] * len(values)
+    for dev in devices:
+        idx = [i for i, v in enumerate(values) if v.device == dev]
+        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
+            out[i] = x
+    return out
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gradviz-flow")
+    except Exception:
+        return "unknown"
+
+
+def record(
+    model: nn.Module,
+    path: str | os.PathLike[str] | None = "training_output.json",
+    **options: Any,
+) -> Recorder:
+    """Record ``model``'s gradient flow to ``path``; use as ``with gradviz.record(...) as rec``.
+
+    Options: ``every`` (record every Nth step), ``all_modules`` (every leaf module is a node,
+    not only those with parameters), ``optimizer`` and ``seed`` (for the file's metadata),
+    ``flush_seconds`` (how often the file is rewritten while training), ``meta`` (extra
+    metadata). ``path=None`` keeps the recording in memory only (``rec.to_run()``).
+    """
+    return Recorder(model, path, **options)

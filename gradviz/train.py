@@ -1,0 +1,136 @@
+"""Train a demo model under the recorder: the loop behind ``python extract.py``."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import capture, demos
+from .errors import RecordingError
+from .store import Run
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05}
+DATASET_SIZE = 4096
+
+
+@dataclass
+class Result:
+    """What a training run produced."""
+
+    run: Run
+    path: Path | None
+    first_loss: float
+    last_loss: float
+    steps: int
+    interrupted: bool = False
+
+
+class Progress:
+    """A one-line progress bar with the running loss, on stderr (silent when not a terminal)."""
+
+    def __init__(self, total: int, enabled: bool | None = None) -> None:
+        self.total = total
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._t0 = time.monotonic()
+
+    def update(self, done: int, loss: float) -> None:
+        """Redraw at most ten times a second, and always on the last step."""
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.1 and done < self.total):
+            return
+        self._last = now
+        width = 30
+        filled = width * done // max(self.total, 1)
+        rate = done / max(now - self._t0, 1e-9)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+            f"loss {loss:.4f}  {rate:.0f} steps/s"
+        )
+        if done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when there is one; an unavailable device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise RecordingError(f"--device {name!r} is not a device; use cpu, cuda or auto") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecordingError(f"--device {name}: no CUDA device here; use --device cpu")
+    return dev
+
+
+def train(
+    model_name: str = "mlp",
+    *,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float | None = None,
+    optimizer: str = "adam",
+    seed: int = 0,
+    every: int = 1,
+    output: str | Path | None = "training_output.json",
+    device: str = "auto",
+    all_modules: bool = False,
+    progress: bool | None = None,
+) -> Result:
+    """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``."""
+    if model_name not in demos.DEMOS:
+        raise RecordingError(
+            f"unknown model {model_name!r}; choose one of: {', '.join(demos.DEMOS)}"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise RecordingError(
+            f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+        )
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
+        if value < 1:
+            raise RecordingError(f"{flag} must be at least 1, got {value}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    if not (lr > 0 and math.isfinite(lr)):
+        raise RecordingError(f"--lr must be a positive number, got {lr}")
+    dev = resolve_device(device)
+    demo = demos.DEMOS[model_name]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = demo.data(DATASET_SIZE, g)
+    model = demo.build().to(dev)
+    opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    bar = Progress(steps, progress)
+    first = last = math.nan
+    done = 0
+    interrupted = False
+    rec = capture.record(
+        model, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
+        meta={"demo": model_name, "batch_size": batch_size},
+    )
+    with rec:
+        try:
+            for step in range(steps):
+                idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
+                x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                rec.step(loss)
+                opt.step()
+                last = float(loss.detach())
+                first = last if step == 0 else first
+                done = step + 1
+                bar.update(done, last)
+        except KeyboardInterrupt:
+            interrupted = True  # leaving the with block writes every step recorded so far
+    return Result(rec.to_run(), rec.path, first, last, done, interrupted)

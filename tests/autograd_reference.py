@@ -1,0 +1,76 @@
+"""Plain-autograd twins of what gradviz records: no gradviz code runs in here."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Tensors in nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from flat_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from flat_tensors(v)
+
+
+class Reference:
+    """One forward/backward of a copy of the model, with every module's output kept."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model = copy.deepcopy(model)
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        handles = []
+        for name, m in self.model.named_modules():
+            def keep(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                for t in flat_tensors(out):
+                    if t.requires_grad:
+                        t.retain_grad()
+                        self.outputs.setdefault(name, []).append(t)
+            handles.append(m.register_forward_hook(keep))
+        self.loss = nn.functional.cross_entropy(self.model(x), y)
+        layer_outs = [t for ts in self.outputs.values() for t in ts]
+        # dL/d(output) of every module, straight from torch.autograd.grad.
+        grads = torch.autograd.grad(self.loss, layer_outs, retain_graph=True, allow_unused=True)
+        self.grad_of = {id(t): g for t, g in zip(layer_outs, grads)}
+        self.loss.backward()
+        for h in handles:
+            h.remove()
+
+    def output_grads(self, name: str) -> list[torch.Tensor]:
+        """dL/d(each output of module `name`) that received a gradient."""
+        gs = [self.grad_of[id(t)] for t in self.outputs.get(name, [])]
+        return [g for g in gs if g is not None]
+
+    def activation_norm(self, name: str) -> float | None:
+        gs = self.output_grads(name)
+        if not gs:
+            return None
+        return float(torch.sqrt(sum(torch.linalg.vector_norm(g).double() ** 2 for g in gs)))
+
+    def param_norms(self, name: str) -> dict[str, float | None]:
+        module = self.model.get_submodule(name)
+        return {
+            p: None if t.grad is None else float(torch.linalg.vector_norm(t.grad))
+            for p, t in module.named_parameters(recurse=False)
+        }
+
+    def layer_norm(self, name: str) -> float | None:
+        module = self.model.get_submodule(name)
+        grads = [t.grad.flatten() for t in module.parameters(recurse=False) if t.grad is not None]
+        return float(torch.linalg.vector_norm(torch.cat(grads))) if grads else None
+
+
+def rel_close(a: float | None, b: float | None, tol: float = 1e-5) -> bool:
+    """Relative error below tol (both None counts as equal)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= tol * max(abs(a), abs(b), 1e-30)

@@ -1,0 +1,310 @@
+"""The recorder's numbers against plain autograd, its edges, and its life cycle."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from autograd_reference import Reference, rel_close
+from torch import nn
+
+import gradviz
+from gradviz import demos
+from gradviz.errors import RecordingError
+
+
+def batch(name: str, n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return demos.DEMOS[name].data(n, torch.Generator().manual_seed(seed))
+
+
+def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **opts) -> gradviz.Recorder:
+    """One recorded training step (no optimizer update, so the reference stays comparable)."""
+    with gradviz.record(model, path=None, **opts) as rec:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        rec.step(loss)
+    return rec
+
+
+@pytest.mark.parametrize("name", list(demos.DEMOS))
+def test_norms_equal_plain_autograd(name: str) -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = batch(name)
+    ref = Reference(model, x, y)
+    run = one_step(model, x, y).to_run()
+    layers = [n for n in run.nodes if n["kind"] == "layer"]
+    assert {n["id"] for n in layers} == {
+        m for m, mod in model.named_modules() if list(mod.parameters(recurse=False))
+    }
+    checked = 0
+    for node in layers:
+        nid = node["id"]
+        assert rel_close(node["gradient_norm"], ref.layer_norm(nid)), nid
+        for pname, want in ref.param_norms(nid).items():
+            assert rel_close(node["params"][pname]["gradient_norm"], want), f"{nid}.{pname}"
+        assert rel_close(node["activation_grad_norm"], ref.activation_norm(nid)), nid
+        checked += node["activation_grad_norm"] is not None
+    assert checked == len(layers)  # every layer's dL/d(output) was seen
+    assert rel_close(run.loss[0], float(ref.loss.detach()))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "deep-sigmoid", "plain"])
+def test_same_numbers_as_full_backward_hooks(name: str) -> None:
+    """gradviz's tensor hooks see what register_full_backward_hook sees, output and input."""
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = batch(name)
+    seen: dict[str, tuple[float, float | None]] = {}
+    twin = Reference(model, x, y).model  # a copy with the same weights
+    for mname, m in twin.named_modules():
+        if list(m.parameters(recurse=False)):
+            def hook(mod, gin, gout, mname=mname):
+                gi = gin[0]
+                seen[mname] = (float(gout[0].norm()), None if gi is None else float(gi.norm()))
+            m.register_full_backward_hook(hook)
+    twin.zero_grad()
+    nn.functional.cross_entropy(twin(x), y).backward()
+    run = one_step(model, x, y).to_run()
+    for node in run.nodes:
+        if node["id"] in seen:
+            out_norm, in_norm = seen[node["id"]]
+            assert rel_close(node["activation_grad_norm"], out_norm), node["id"]
+            assert rel_close(node["input_grad_norm"], in_norm), node["id"]
+    assert len(seen) == sum(n["kind"] == "layer" for n in run.nodes)
+
+
+def _edge_vectors(rec: gradviz.Recorder, model: nn.Module, x, y) -> tuple[dict, dict]:
+    """Record one step, keeping every measured gradient vector by series key."""
+    vecs: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    cols = rec.recording.history.columns
+
+    def probe(col: int, g: torch.Tensor) -> None:
+        key = next(k for k, c in cols.items() if c == col)
+        vecs[key].append(g.detach().clone())
+
+    rec._probe = probe
+    with rec:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        rec.step(loss)
+    return vecs, rec.recording.edges
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual", "dense", "transformer", "cnn"])
+def test_edge_gradients_sum_to_output_gradient(name: str) -> None:
+    """For every producer, its out-edges' gradients add up (as vectors) to dL/d(output)."""
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = batch(name)
+    ref = Reference(model, x, y)
+    rec = gradviz.record(model, path=None)
+    vecs, edges = _edge_vectors(rec, model, x, y)
+    out_edges: dict[str, list[str]] = defaultdict(list)
+    for eid, e in edges.items():
+        out_edges[e["source"]].append(eid)
+    assert out_edges, "no edges recorded"
+    for source, eids in out_edges.items():
+        total = sum(sum(vecs[("edge", eid)]) for eid in eids)
+        kind = rec.recording.nodes[source]["kind"]
+        if kind == "junction":
+            want = vecs[("node", source, "activation_grad_norm")]
+            assert len(want) == 1, source
+            want_vec = want[0]
+        else:
+            (want_vec,) = ref.output_grads(source)  # from torch.autograd.grad
+        assert torch.allclose(total, want_vec, rtol=1e-4, atol=1e-7 * float(want_vec.abs().max()))
+        # ...and each edge's recorded norm is the norm of its own vector.
+        for eid in eids:
+            v = torch.linalg.vector_norm(sum(vecs[("edge", eid)]))
+            assert rel_close(rec.recording.history.last(("edge", eid)), float(v), 1e-5)
+
+
+def test_residual_edges_exact() -> None:
+    """Each block: stream -> fc1 -> fc2 -> add, plus the skip stream -> add; no fold-in."""
+    torch.manual_seed(0)
+    model = demos.DEMOS["residual"].build()
+    run = one_step(model, *batch("residual")).to_run()
+    junction = ["add"] + [f"add#{i}" for i in range(2, 51)]
+    want = set()
+    stream = "inp"
+    for i in range(50):
+        b = f"blocks.{i}"
+        want |= {(stream, f"{b}.fc1"), (f"{b}.fc1", f"{b}.fc2"), (f"{b}.fc2", junction[i]),
+                 (stream, junction[i])}  # the last one is the skip connection
+        stream = junction[i]
+    want.add((stream, "head"))
+    got = {(e["source"], e["target"]) for e in run.edges}
+    assert got == want
+    vias = {(e["source"], e["target"]): e["via"] for e in run.edges}
+    assert vias[("blocks.7.fc1", "blocks.7.fc2")] == ["blocks.7.act"]
+    kinds = {n["id"]: (n["kind"], n["type"]) for n in run.nodes}
+    assert all(kinds[j] == ("junction", "add") for j in junction)
+
+
+def _reach_through_junctions(run: gradviz.Run) -> set[tuple[str, str]]:
+    """Layer pairs (a, b) joined by a path whose inner nodes are all junctions."""
+    kind = {n["id"]: n["kind"] for n in run.nodes}
+    succ = defaultdict(set)
+    for e in run.edges:
+        succ[e["source"]].add(e["target"])
+    pairs = set()
+    for a in (n for n, k in kind.items() if k != "junction"):
+        stack, seen = list(succ[a]), set()
+        while stack:
+            b = stack.pop()
+            if b in seen:
+                continue
+            seen.add(b)
+            if kind[b] == "junction":
+                stack.extend(succ[b])
+            else:
+                pairs.add((a, b))
+    return pairs
+
+
+def test_dense_every_block_reaches_every_later_block() -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS["dense"].build()
+    run = one_step(model, *batch("dense")).to_run()
+    pairs = _reach_through_junctions(run)
+    blocks = [f"blocks.{i}" for i in range(20)] + ["head"]
+    want = {(a, b) for i, a in enumerate(blocks) for b in blocks[i + 1:]}
+    assert pairs == want
+    assert any(n["type"] == "cat" for n in run.nodes if n["kind"] == "junction")
+    # Junctions keep it linear-ish: far fewer edges than the 210 folded layer pairs.
+    assert len(run.edges) < 3 * 20 * 5
+
+
+def test_hooks_removed_after_with_block() -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS["transformer"].build()
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                  "_backward_pre_hooks", "_forward_hooks_with_kwargs")
+
+    def hooks() -> dict:
+        return {(n, d): dict(getattr(m, d)) for n, m in model.named_modules() for d in hook_dicts}
+
+    before = hooks()
+    x, y = batch("transformer")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradviz.record(model, path=None) as rec:
+        assert hooks() != before
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+            opt.step()
+    assert hooks() == before
+    recorded = len(rec.recording.history)
+    out = model(x)
+    assert out._backward_hooks is None  # no tensor hook registered any more
+    nn.functional.cross_entropy(out, y).backward()  # trains on, unchanged
+    opt.step()
+    assert len(rec.recording.history) == recorded == 2
+    with pytest.raises(RecordingError, match="outside"):
+        rec.step()
+
+
+def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
+    torch.manual_seed(0)
+    model = demos.MLP()
+    x, y = batch("mlp")
+    with gradviz.record(model, path=None, every=3) as rec:
+        for _ in range(10):
+            model.zero_grad()
+            with torch.no_grad():
+                model(x)  # an evaluation pass: nothing recorded
+            assert rec._calls == [] and rec._pending == []
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+    assert rec.recording.history.steps == [0, 3, 6, 9]
+
+
+def test_nan_and_absent_are_kept_apart_from_zero() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.used = nn.Linear(4, 3)
+            self.unused = nn.Linear(4, 3)   # never called: no gradient at all
+            self.zeroed = nn.Linear(4, 3)   # called, but its output is multiplied by 0
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(self.frozen(self.first(x))) + 0.0 * self.zeroed(x)
+
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    run = one_step(model, x, y).to_run()
+    by_id = {n["id"]: n for n in run.nodes}
+    assert by_id["unused"]["gradient_norm"] is None
+    assert by_id["zeroed"]["gradient_norm"] == 0.0
+    assert by_id["frozen"]["gradient_norm"] is None
+    assert by_id["frozen"]["params"]["weight"]["trainable"] is False
+    assert by_id["frozen"]["activation_grad_norm"] > 0  # gradient still flows through it
+    assert by_id["first"]["gradient_norm"] > 0  # ...to the trainable layer before it
+    assert {("first", "frozen"), ("frozen", "used")} <= {(e["source"], e["target"])
+                                                         for e in run.edges}
+
+    with torch.no_grad():
+        model.used.weight[0, 0] = math.nan
+    run = one_step(model, x, y).to_run()
+    by_id = {n["id"]: n for n in run.nodes}
+    assert math.isnan(by_id["used"]["gradient_norm"])
+    assert math.isnan(run.loss[-1])
+
+
+def test_recording_to_a_file_and_loading_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = demos.MLP()
+    x, y = batch("mlp")
+    path = tmp_path / "out.json"
+    path.write_text("earlier run")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradviz.record(model, path=path, optimizer=opt, seed=7) as rec:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+    assert (tmp_path / "out.1.json").read_text() == "earlier run"  # kept, not overwritten
+    run = gradviz.load(path)
+    assert run.steps == [0, 1, 2, 3, 4]
+    assert run.meta["optimizer"] == "Adam" and run.meta["lr"] == 1e-3 and run.meta["seed"] == 7
+    assert run.meta["param_count"] == sum(p.numel() for p in model.parameters())
+    assert len(run.node_history("fc1")) == 5
+    assert run.node_history("fc1")[-1] == pytest.approx(
+        float(torch.cat([p.grad.flatten() for p in model.fc1.parameters()]).norm()), rel=1e-5)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(RecordingError, match="torch.nn.Module"):
+        gradviz.record("not a model")  # type: ignore[arg-type]
+    with pytest.raises(RecordingError, match="every"):
+        gradviz.record(nn.Linear(2, 2), every=0)
+    with pytest.raises(RecordingError, match="directory"):
+        gradviz.record(nn.Linear(2, 2), path=tmp_path).start()
+
+
+def test_internal_failure_never_breaks_training(monkeypatch) -> None:
+    from gradviz import dataflow
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dataflow, "analyse", broken)
+    model = demos.MLP()
+    x, y = batch("mlp")
+    with pytest.warns(RuntimeWarning, match="stopped recording"):
+        with gradviz.record(model, path=None) as rec:
+            for _ in range(3):
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                rec.step()
+    assert model.fc1.weight.grad is not None
