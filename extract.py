@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from gradviz import demos
 from gradviz.errors import GradvizError
 from gradviz.store import Run
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; every flag has a default, so no argument is needed."""
     models = "\n".join(f"  {d.name:13} {d.summary}" for d in demos.DEMOS.values())
-    p = argparse.ArgumentParser(
+    p = _Parser(
         description="Train a demo model and record its gradient flow to a JSON file.",
         epilog=f"models:\n{models}",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,0 +1,133 @@
+"""extract.py as a user runs it: defaults, flags, errors, interruptions."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from test_schema import validate_against_schema
+
+import gradviz
+from gradviz import demos, train
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTRACT = str(ROOT / "extract.py")
+
+
+def run_extract(*args: str, cwd: Path | None = None, timeout: float = 300):
+    return subprocess.run([sys.executable, EXTRACT, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_models_and_flags() -> None:
+    out = run_extract("--help")
+    assert out.returncode == 0
+    for word in ["--model", "--steps", "--batch-size", "--lr", "--optimizer", "--seed",
+                 "--every", "--output", "--device", "--all-modules", *demos.DEMOS]:
+        assert word in out.stdout, word
+
+
+def test_default_demo_learns_and_reports_in_the_original_words(tmp_path) -> None:
+    out = run_extract("--steps", "150", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "training_output.json"
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert [n["id"] for n in run.nodes] == ["fc1", "fc2", "fc3"]
+    assert len(run.steps) == 150
+    losses = run.loss
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.7 * first, (first, last)  # the model really learns
+    for name in ["fc1.weight", "fc1.bias", "fc2.weight", "fc3.bias"]:
+        assert re.search(rf"^{re.escape(name)} gradient norm: \d+\.\d{{4}}$", out.stdout, re.M)
+    assert "training_output.json" in out.stdout
+    # Running again keeps the first file instead of overwriting it.
+    again = run_extract("--steps", "2", cwd=tmp_path)
+    assert again.returncode == 0
+    assert "training_output.1.json" in again.stderr
+    assert len(gradviz.load(tmp_path / "training_output.1.json").steps) == 150
+
+
+@pytest.mark.parametrize("name", list(demos.DEMOS))
+def test_every_demo_writes_a_valid_file(tmp_path, name: str) -> None:
+    path = tmp_path / f"{name}.json"
+    result = train.train(name, steps=3, batch_size=8, output=path, device="cpu")
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert run.steps == [0, 1, 2] and result.steps == 3
+    assert run.meta["demo"] == name and run.meta["optimizer"] == "Adam"
+    assert run.edges, "a demo model without edges"
+    layer_norms = [n["gradient_norm"] for n in run.nodes if n["kind"] == "layer"]
+    assert all(v is not None for v in layer_norms)
+
+
+def test_all_modules_makes_activations_nodes(tmp_path) -> None:
+    result = train.train("cnn", steps=1, output=None, device="cpu", all_modules=True)
+    kinds = {n["id"]: n["kind"] for n in result.run.nodes}
+    assert kinds["pool"] == "module" and kinds["act"] == "module" and kinds["conv1"] == "layer"
+    edges = {(e["source"], e["target"]) for e in result.run.edges}
+    assert ("conv1", "act") in edges and ("flatten", "fc") in edges
+
+
+def test_same_seed_same_numbers(tmp_path) -> None:
+    docs = []
+    for i in range(2):
+        path = tmp_path / f"r{i}.json"
+        train.train("residual", steps=4, seed=3, output=path, device="cpu")
+        doc = orjson.loads(path.read_bytes())
+        doc["meta"].pop("started")
+        docs.append(doc)
+    assert docs[0] == docs[1]
+    path = tmp_path / "other.json"
+    train.train("residual", steps=4, seed=4, output=path, device="cpu")
+    assert orjson.loads(path.read_bytes())["history"] != docs[0]["history"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--model", "nope"], "invalid choice: 'nope'"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--every", "abc"], "invalid int value"),
+    (["--output", "."], "is a directory"),
+    (["--device", "tpu9"], "is not a device"),
+])
+def test_bad_flags_get_one_clear_line(tmp_path, args: list[str], message: str) -> None:
+    out = run_extract(*args, "--steps" if "--steps" not in args else "--seed", "2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_run_stopped_mid_way_leaves_a_valid_file(tmp_path, sig: int) -> None:
+    path = tmp_path / "training_output.json"
+    proc = subprocess.Popen([sys.executable, EXTRACT, "--steps", "1000000", "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert path.exists(), "no file written while training"
+        time.sleep(3)  # past the first periodic flush
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert len(run.steps) >= 2
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written temporary file left
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        done = int(re.search(r"interrupted after (\d+) steps", err).group(1))
+        assert run.steps[-1] + 1 >= done  # every completed step is in the file

@@ -1,0 +1,146 @@
+"""training_output.json: values survive a round trip, files match schema.json, bad files fail."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+
+import gradviz
+from gradviz import store
+from gradviz.errors import FileFormatError, UnknownVersionError
+
+SCHEMA = json.loads(resources.files("gradviz").joinpath("schema.json").read_text())
+
+
+def validate_against_schema(path) -> None:
+    """Every file the project writes must match the published JSON Schema."""
+    jsonschema.Draft202012Validator(SCHEMA).validate(orjson.loads(path.read_bytes()))
+
+
+def _recording(values: list[float | None]) -> store.Recording:
+    rec = store.Recording(meta={"model": "Toy"})
+    rec.nodes["a"] = {"kind": "layer", "type": "Linear", "param_count": 2,
+                      "params": {"weight": {"shape": [2], "numel": 2, "trainable": True}}}
+    rec.nodes["b"] = {"kind": "layer", "type": "Linear", "param_count": 0, "params": {}}
+    rec.edges["a->b"] = {"source": "a", "target": "b", "via": ["relu"]}
+    h = rec.history
+    cols = [h.column(("node", "a", "gradient_norm")), h.column(("param", "a", "weight")),
+            h.column(("edge", "a->b")), h.column(("loss",))]
+    for step, v in enumerate(values):
+        present = [(c, v) for c in cols if v is not None]
+        h.append(step, [c for c, _ in present], [x for _, x in present])
+    return rec
+
+
+SPECIAL = [0.0, 1.5e-30, 3.25, math.nan, math.inf, None, 1e38, None]
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_nan_inf_zero_and_absent_round_trip(tmp_path) -> None:
+    path = tmp_path / "t.json"
+    store.write_atomic(path, store.dumps(_recording(SPECIAL).to_document()))
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    want = [None if v is None else float(np.float32(v)) for v in SPECIAL]
+    for got_series in (run.node_history("a"), run.param_history("a", "weight"),
+                       run.edge_history("a->b"), run.loss):
+        assert all(_same(g, w) for g, w in zip(got_series, want, strict=True)), got_series
+    # The latest step is absent: top-level values say null, not 0.
+    assert run.nodes[0]["gradient_norm"] is None and run.edges[0]["gradient_norm"] is None
+    assert run.nodes[1]["gradient_norm"] is None  # never had a value at all
+
+
+def test_top_level_special_values_are_spelled_out(tmp_path) -> None:
+    for value, spelled in ((math.nan, "NaN"), (math.inf, "Infinity")):
+        doc = _recording([1.0, value]).to_document()
+        assert doc["nodes"][0]["gradient_norm"] == spelled
+        assert doc["edges"][0]["gradient_norm"] == spelled
+        path = tmp_path / "s.json"
+        path.write_bytes(store.dumps(doc))
+        validate_against_schema(path)
+        got = gradviz.load(path).nodes[0]["gradient_norm"]
+        assert _same(got, value)
+
+
+def test_original_minimal_format_is_a_valid_subset(tmp_path) -> None:
+    path = tmp_path / "orig.json"
+    path.write_text(json.dumps({
+        "nodes": [{"id": "fc1", "gradient_norm": 0.8044}, {"id": "fc2", "gradient_norm": 0.5383}],
+        "edges": [{"source": "fc1", "target": "fc2", "gradient_norm": 2.9235}],
+    }))
+    run = gradviz.load(path)
+    assert run.version == 0 and run.edges[0]["gradient_norm"] == 2.9235
+    # ...and gradviz's own files keep the original keys at top level.
+    doc = _recording([0.5]).to_document()
+    assert {"id", "gradient_norm"} <= set(doc["nodes"][0])
+    assert {"source", "target", "gradient_norm"} <= set(doc["edges"][0])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"{not json", "not valid JSON"),
+    (b"[]", "expected an object"),
+    (b'{"edges": []}', 'no "nodes"'),
+    (b'{"format": "gradviz", "version": 99, "nodes": []}', "newer than this gradviz"),
+    (b'{"nodes": [{"id": "a", "gradient_norm": -1}], "edges": []}', "cannot be negative"),
+    (b'{"nodes": [{"id": "a", "gradient_norm": 1}], '
+     b'"edges": [{"source": "a", "target": "zz", "gradient_norm": 1}]}', "'zz' is not a node id"),
+    (b'{"nodes": [{"id": "a", "gradient_norm": 1}, {"id": "a", "gradient_norm": 2}]}',
+     "duplicate node id"),
+])
+def test_bad_files_name_the_problem(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError, match=message) as info:
+        gradviz.load(path)
+    assert "\n" not in str(info.value)
+    if b"99" in content:
+        assert isinstance(info.value, UnknownVersionError)
+
+
+def test_cut_short_history_is_detected(tmp_path) -> None:
+    doc = _recording([1.0, 2.0, 3.0]).to_document()
+    doc["history"]["steps"] = [0, 1]
+    path = tmp_path / "cut.json"
+    path.write_bytes(store.dumps(doc))
+    with pytest.raises(FileFormatError, match="cut short"):
+        gradviz.load(path)
+
+
+def test_missing_file_says_how_to_make_one(tmp_path) -> None:
+    with pytest.raises(FileFormatError, match="python extract.py"):
+        gradviz.load(tmp_path / "nope.json")
+
+
+def test_history_is_compact() -> None:
+    """10,000 steps x 500 layers (+1,000 edges) stays small: about 5.3 bytes a value."""
+    rec = store.Recording()
+    n_steps, n_layers, n_edges = 10_000, 500, 1_000
+    for i in range(n_layers):
+        rec.nodes[f"l{i}"] = {"kind": "layer", "type": "Linear", "param_count": 1, "params": {}}
+    for i in range(n_edges):
+        rec.edges[f"e{i}"] = {"source": f"l{i % n_layers}", "target": f"l{(i + 1) % n_layers}",
+                              "via": []}
+    keys = [("node", f"l{i}", "gradient_norm") for i in range(n_layers)]
+    keys += [("edge", f"e{i}") for i in range(n_edges)]
+    cols = [rec.history.column(k) for k in keys]
+    rng = np.random.default_rng(0)
+    for step in range(n_steps):
+        rec.history.append(step, cols, rng.random(len(cols), dtype=np.float32))
+    data = store.dumps(rec.to_document())
+    values = n_steps * len(cols)
+    assert len(data) < 5.6 * values  # per-series base64 arrays, not a dict per value
+    run = store.parse(data)
+    assert len(run.steps) == n_steps
+    assert run.edge_history("e7")[1234] == pytest.approx(float(rec.history.series(("edge", "e7"))[1234]))
