@@ -1,0 +1,636 @@
+/* gradviz page: draws the graph with vis-network and wires the controls.
+ *
+ * Plain JS, no other library. All data comes from JSON (the <script type="application/json">
+ * blocks, or the server's api/ endpoints); every string from the file reaches the DOM
+ * through textContent or canvas text, never innerHTML. The encoding below mirrors
+ * gradviz/render.py; its scales and palette come from the page data, so they agree.
+ */
+(function () {
+  "use strict";
+
+  var ABSENT_BITS = 0xffffffff;
+
+  function $(id) { return document.getElementById(id); }
+  function readJSON(id) { return JSON.parse($(id).textContent); }
+  function el(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (cls) e.className = cls;
+    return e;
+  }
+
+  // Values travel as numbers, "NaN"/"Infinity"/"-Infinity" strings, or null (absent).
+  function dec(v) {
+    if (typeof v === "number") return v;
+    if (v === "NaN") return NaN;
+    if (v === "Infinity") return Infinity;
+    if (v === "-Infinity") return -Infinity;
+    return null;
+  }
+  function decList(a) { return (a || []).map(dec); }
+
+  function fmt(x) {
+    if (x === null || x === undefined) return "absent";
+    if (Number.isNaN(x)) return "NaN";
+    if (!Number.isFinite(x)) return x > 0 ? "Infinity" : "-Infinity";
+    if (x === 0) return "0";
+    var a = Math.abs(x);
+    if (a >= 1e-3 && a < 1e4) return String(Number(x.toPrecision(3)));
+    return x.toExponential(2);
+  }
+  function fmtCount(n) { return Number(n).toLocaleString("en-US"); }
+
+  function valueStatus(x) {
+    if (x === null || x === undefined) return "absent";
+    return Number.isFinite(x) ? "ok" : "nonfinite";
+  }
+  function nodeStatus(hasParams, g, a) {
+    if (valueStatus(g) === "nonfinite" || valueStatus(a) === "nonfinite") return "nonfinite";
+    return valueStatus(hasParams ? g : a);
+  }
+  function logScale(s) {
+    return function (x) {
+      if (x <= 0) return s.out_lo;
+      var t = (Math.log10(x) - s.lo) / (s.hi - s.lo);
+      return s.out_lo + Math.min(Math.max(t, 0), 1) * (s.out_hi - s.out_lo);
+    };
+  }
+  function round3(x) { return Math.round(x * 1000) / 1000; }
+
+  // ---- state ---------------------------------------------------------------------------
+
+  var data = readJSON("gv-data");
+  var state = {
+    mode: data.mode,
+    live: data.live,
+    payload: data,
+    run: data.run,
+    revision: data.run.revision,
+    threshold: data.threshold,
+    index: data.run.steps.length - 1,
+    shown: null,          // the values drawn now: {step, gradient_norm, activation_grad_norm, edges}
+    shownStep: null,
+    follow: true,         // at the last step: live updates move the view along
+    selected: null,
+    layers: {},           // layer id -> history, fetched on demand
+    token: 0,
+    ready: false,
+    errors: [],
+  };
+
+  var nodes = new vis.DataSet(readJSON("gv-nodes"));
+  var edges = new vis.DataSet(readJSON("gv-edges"));
+  var network = new vis.Network($("gv-network"), { nodes: nodes, edges: edges },
+                                readJSON("gv-options"));
+
+  function latestValues(run) {
+    return {
+      step: run.latest.step,
+      gradient_norm: decList(run.latest.gradient_norm),
+      activation_grad_norm: decList(run.latest.activation_grad_norm),
+      edges: decList(run.latest.edges),
+    };
+  }
+
+  // ---- encoding (mirrors gradviz/render.py) --------------------------------------------
+
+  function severities() {
+    var out = {};
+    state.run.findings.forEach(function (f) {
+      f.layers.forEach(function (id) { if (!(id in out)) out[id] = f.severity; });
+    });
+    return out;
+  }
+
+  function nodeStyle(info, g, a, severity) {
+    var P = state.payload.palette, small = state.payload.sizes.small;
+    var scale = state.payload.scales.node, size = logScale(scale);
+    var status = nodeStatus(info.has_params, g, a);
+    var shape, sz, fill, border;
+    if (!info.has_params) {
+      shape = "diamond"; sz = small; fill = P.junction; border = "junction_border";
+    } else {
+      shape = "dot"; fill = P.layer; border = "layer_border";
+      sz = (status === "ok" && g !== null) ? size(g) : scale.out_hi;
+    }
+    if (status === "absent") { sz = small; fill = P.absent_fill; border = "absent"; }
+    else if (status === "nonfinite") { fill = P.nonfinite; border = "nonfinite_border"; }
+    var bc = severity ? P[severity] : P[border];
+    return {
+      shape: shape,
+      size: round3(sz),
+      borderWidth: severity ? 4 : status === "nonfinite" ? 3 : 1.5,
+      color: { background: fill, border: bc, highlight: { background: fill, border: "#000000" },
+               hover: { background: fill, border: "#000000" } },
+      shapeProperties: { borderDashes: status === "absent" ? [4, 3] : false },
+    };
+  }
+
+  function edgeStyle(x) {
+    var P = state.payload.palette, scale = state.payload.scales.edge;
+    var status = valueStatus(x), colour, width, dashes;
+    if (status === "nonfinite") { colour = P.nonfinite; width = scale.out_hi; dashes = [8, 4]; }
+    else if (status === "absent") { colour = P.absent; width = scale.out_lo; dashes = [2, 4]; }
+    else {
+      colour = x > state.threshold ? P.above : P.below;
+      width = logScale(scale)(x); dashes = false;
+    }
+    return { width: round3(width), dashes: dashes,
+             color: { color: colour, highlight: colour, hover: colour, inherit: false } };
+  }
+
+  function nodeTitle(info, g, a, step) {
+    var lines = [info.id, info.type + " · " + info.kind +
+                 (info.param_count ? " · " + fmtCount(info.param_count) + " parameters" : "")];
+    if (info.has_params) lines.push("gradient norm " + fmt(g));
+    lines.push("activation gradient norm " + fmt(a));
+    if (step !== null && step !== undefined) lines.push("step " + step);
+    return lines.join("\n");
+  }
+
+  function edgeTitle(e, x) {
+    var lines = [e.source + " → " + e.target];
+    if (e.via.length) lines.push("via " + e.via.join(", "));
+    var side = "";
+    if (valueStatus(x) === "ok") {
+      side = x > state.threshold ? " (above threshold)" : " (at or below threshold)";
+    }
+    lines.push("gradient norm " + fmt(x) + side);
+    return lines.join("\n");
+  }
+
+  function restyleNodes() {
+    var v = state.shown, sev = severities();
+    nodes.update(state.run.nodes.map(function (info, i) {
+      var g = v.gradient_norm[i], a = v.activation_grad_norm[i];
+      var item = nodeStyle(info, g, a, sev[info.id]);
+      item.id = info.id;
+      item.title = nodeTitle(info, g, a, v.step);
+      return item;
+    }));
+  }
+
+  function recolourEdges() {
+    var v = state.shown;
+    edges.update(state.run.edges.map(function (e, i) {
+      var item = edgeStyle(v.edges[i]);
+      item.id = e.id;
+      item.title = edgeTitle(e, v.edges[i]);
+      return item;
+    }));
+  }
+
+  // ---- data sources: the server's api/, or the history embedded by --export ------------
+
+  function getJSON(url) {
+    return fetch(url, { cache: "no-store" }).then(function (r) {
+      return r.json().then(function (body) {
+        if (!r.ok) throw new Error(body && body.error ? body.error : "HTTP " + r.status);
+        return body;
+      });
+    });
+  }
+
+  function decodeStep(p) {
+    return { step: p.step, gradient_norm: decList(p.gradient_norm),
+             activation_grad_norm: decList(p.activation_grad_norm), edges: decList(p.edges),
+             revision: p.revision };
+  }
+
+  function decodeLayer(p) {
+    var params = {};
+    Object.keys(p.params).forEach(function (k) { params[k] = decList(p.params[k]); });
+    return { id: p.id, gradient_norm: decList(p.gradient_norm),
+             activation_grad_norm: decList(p.activation_grad_norm), params: params };
+  }
+
+  var serverSource = {
+    step: function (i) {
+      return getJSON("api/step?step=" + encodeURIComponent(state.run.steps[i])).then(decodeStep);
+    },
+    layer: function (id) {
+      return getJSON("api/layer?id=" + encodeURIComponent(id)).then(decodeLayer);
+    },
+  };
+
+  function floats(text) {
+    var bin = atob(text), buf = new ArrayBuffer(bin.length), u8 = new Uint8Array(buf);
+    for (var i = 0; i < bin.length; i++) u8[i] = bin.charCodeAt(i);
+    return { f: new Float32Array(buf), u: new Uint32Array(buf) };
+  }
+  function at(a, k) { return a.u[k] === ABSENT_BITS ? null : a.f[k]; }
+
+  function exportSource(h) {
+    var grad = floats(h.grad), act = floats(h.act), edge = floats(h.edge);
+    var nn = h.n_nodes, ne = h.n_edges;
+    function column(a, n, j) {
+      return state.run.steps.map(function (_, i) { return at(a, i * n + j); });
+    }
+    return {
+      step: function (i) {
+        var out = { step: state.run.steps[i], gradient_norm: [], activation_grad_norm: [],
+                    edges: [] };
+        for (var j = 0; j < nn; j++) {
+          out.gradient_norm.push(at(grad, i * nn + j));
+          out.activation_grad_norm.push(at(act, i * nn + j));
+        }
+        for (var k = 0; k < ne; k++) out.edges.push(at(edge, i * ne + k));
+        return Promise.resolve(out);
+      },
+      layer: function (id) {
+        var j = state.run.nodes.findIndex(function (n) { return n.id === id; });
+        var params = {}, src = h.params[id] || {};
+        Object.keys(src).forEach(function (p) {
+          var a = floats(src[p]);
+          params[p] = state.run.steps.map(function (_, i) { return at(a, i); });
+        });
+        return Promise.resolve({ id: id, gradient_norm: column(grad, nn, j),
+                                 activation_grad_norm: column(act, nn, j), params: params });
+      },
+    };
+  }
+
+  var source = state.mode === "export" ? exportSource(data.history) : serverSource;
+
+  // ---- controls ------------------------------------------------------------------------
+
+  function thresholdRange() {
+    var s = state.payload.scales.edge, t = state.threshold;
+    var lt = t > 0 ? Math.log10(t) : s.lo - 1;
+    return [Math.floor(Math.min(s.lo, lt)) - 1, Math.ceil(Math.max(s.hi, lt)) + 1, lt];
+  }
+
+  function setupThreshold() {
+    var input = $("gv-threshold"), r = thresholdRange();
+    input.min = r[0]; input.max = r[1]; input.value = r[2];
+    $("gv-threshold-value").textContent = fmt(state.threshold);
+  }
+
+  function setThreshold(t) {
+    state.threshold = t;
+    $("gv-threshold-value").textContent = fmt(t);
+    recolourEdges();
+  }
+
+  $("gv-threshold").addEventListener("input", function (ev) {
+    setThreshold(Math.pow(10, Number(ev.target.value)));
+  });
+
+  function setupStepSlider() {
+    var steps = state.run.steps, input = $("gv-step");
+    $("gv-step-control").hidden = steps.length < 2;
+    input.max = Math.max(steps.length - 1, 0);
+    input.value = Math.max(state.index, 0);
+    showStepLabel();
+  }
+
+  function showStepLabel() {
+    var steps = state.run.steps;
+    $("gv-step-value").textContent = steps.length ?
+      steps[state.index] + " (" + (state.index + 1) + "/" + steps.length + ")" : "";
+  }
+
+  function showStep(i) {
+    var steps = state.run.steps;
+    if (!steps.length) return Promise.resolve();
+    i = Math.min(Math.max(i, 0), steps.length - 1);
+    state.index = i;
+    state.follow = i === steps.length - 1;
+    $("gv-step").value = i;
+    showStepLabel();
+    var token = ++state.token;
+    return source.step(i).then(function (v) {
+      if (token !== state.token) return;  // a later move of the slider won
+      if (v.revision !== undefined && v.revision !== state.revision) return reload();
+      state.shown = v;
+      state.shownStep = v.step;
+      restyleNodes();
+      recolourEdges();
+      renderDetails();
+      drawLoss();
+    }).catch(report);
+  }
+
+  $("gv-step").addEventListener("input", function (ev) { showStep(Number(ev.target.value)); });
+
+  function findLayer(q) {
+    var ids = state.run.nodes.map(function (n) { return n.id; });
+    if (ids.indexOf(q) >= 0) return q;
+    var lq = q.toLowerCase();
+    for (var i = 0; i < ids.length; i++) if (ids[i].toLowerCase().indexOf(lq) >= 0) return ids[i];
+    return null;
+  }
+
+  function search() {
+    var q = $("gv-search").value.trim(), status = $("gv-search-status");
+    if (!q) { status.textContent = ""; return; }
+    var id = findLayer(q);
+    if (id === null) { status.textContent = "no layer matches “" + q + "”"; return; }
+    status.textContent = "";
+    select(id, true);
+  }
+  $("gv-search-form").addEventListener("submit", function (ev) { ev.preventDefault(); search(); });
+  $("gv-search").addEventListener("change", search);
+
+  function fillLayerList() {
+    var list = $("gv-layer-list");
+    list.replaceChildren();
+    state.run.nodes.forEach(function (n) {
+      var o = document.createElement("option");
+      o.value = n.id;
+      list.appendChild(o);
+    });
+  }
+
+  // ---- details of one layer ------------------------------------------------------------
+
+  function nodeInfo(id) {
+    for (var i = 0; i < state.run.nodes.length; i++) {
+      if (state.run.nodes[i].id === id) return [state.run.nodes[i], i];
+    }
+    return [null, -1];
+  }
+
+  function select(id, focus) {
+    var found = nodeInfo(id);
+    if (!found[0]) return;
+    state.selected = id;
+    network.selectNodes([id]);
+    if (focus) {
+      network.focus(id, { scale: Math.max(network.getScale(), 1.0),
+                          animation: { duration: 300, easingFunction: "easeInOutQuad" } });
+    }
+    renderDetails();
+    if (!state.run.steps.length || state.layers[id]) return;
+    source.layer(id).then(function (h) {
+      state.layers[id] = h;
+      if (state.selected === id) renderDetails();
+    }).catch(report);
+  }
+
+  network.on("click", function (p) { if (p.nodes.length) select(p.nodes[0], false); });
+
+  function row(tbody, name, value, numeric) {
+    var tr = document.createElement("tr");
+    tr.appendChild(el("th", name));
+    tr.appendChild(el("td", value, numeric ? "gv-num" : ""));
+    tbody.appendChild(tr);
+  }
+
+  function renderDetails() {
+    var id = state.selected;
+    var panel = $("gv-details-panel");
+    if (id === null) { panel.hidden = true; return; }
+    var found = nodeInfo(id), info = found[0], i = found[1];
+    if (!info) { panel.hidden = true; state.selected = null; return; }
+    panel.hidden = false;
+    $("gv-details-title").textContent = id;
+    $("gv-details-sub").textContent = info.type + " · " + info.kind +
+      (info.param_count !== null ? " · " + fmtCount(info.param_count) + " parameters" : "");
+    var tbody = $("gv-details-table").tBodies[0];
+    tbody.replaceChildren();
+    var v = state.shown, h = state.layers[id], k = state.index;
+    if (v.step !== null && v.step !== undefined) row(tbody, "step", v.step, true);
+    if (info.has_params) row(tbody, "gradient norm", fmt(v.gradient_norm[i]), true);
+    row(tbody, "activation gradient norm", fmt(v.activation_grad_norm[i]), true);
+    info.params.forEach(function (p) {
+      var x = h ? (h.params[p.name] || [])[k] : (state.run.steps.length ? undefined : dec(p.gradient_norm));
+      var label = p.name + (p.shape ? " [" + p.shape.join("×") + "]" : "") +
+        (p.trainable === false ? " (frozen)" : "");
+      row(tbody, label, x === undefined ? "…" : fmt(x), true);
+    });
+    var chart = $("gv-layer-chart");
+    chart.hidden = !state.run.steps.length;
+    chart.nextElementSibling.hidden = chart.hidden;
+    if (!chart.hidden) {
+      var series = h ? (info.has_params ? h.gradient_norm : h.activation_grad_norm) : [];
+      drawChart(chart, state.run.steps, series,
+                { log: true, colour: state.payload.palette.layer, height: 140 });
+    }
+  }
+
+  // ---- charts (canvas, drawn by hand) --------------------------------------------------
+
+  function drawChart(canvas, xs, ys, opt) {
+    var dpr = window.devicePixelRatio || 1, W = 320, H = opt.height;
+    canvas.width = W * dpr; canvas.height = H * dpr;
+    var c = canvas.getContext("2d");
+    c.setTransform(dpr, 0, 0, dpr, 0, 0);
+    c.clearRect(0, 0, W, H);
+    c.font = "11px system-ui, sans-serif";
+    c.fillStyle = "#777";
+    var L = 52, R = 8, T = 8, B = 20;
+    var t = function (y) { return opt.log ? Math.log10(y) : y; };
+    var ok = ys.filter(function (y) { return y !== null && Number.isFinite(y) && (!opt.log || y > 0); });
+    if (!xs.length || !ok.length) {
+      c.fillText(ys.length || !xs.length ? "no values to draw" : "loading…", L, H / 2);
+      return;
+    }
+    var lo = Math.min.apply(null, ok.map(t)), hi = Math.max.apply(null, ok.map(t));
+    if (hi - lo < 1e-12) { lo -= opt.log ? 0.5 : Math.abs(lo) * 0.1 + 1e-9; hi += opt.log ? 0.5 : Math.abs(hi) * 0.1 + 1e-9; }
+    var x0 = xs[0], x1 = xs[xs.length - 1] === x0 ? x0 + 1 : xs[xs.length - 1];
+    var px = function (x) { return L + (x - x0) / (x1 - x0) * (W - L - R); };
+    var py = function (y) { return T + (1 - (t(y) - lo) / (hi - lo)) * (H - T - B); };
+    c.strokeStyle = "#ccc"; c.lineWidth = 1;
+    c.beginPath(); c.moveTo(L, T); c.lineTo(L, H - B); c.lineTo(W - R, H - B); c.stroke();
+    var top = opt.log ? Math.pow(10, hi) : hi, bottom = opt.log ? Math.pow(10, lo) : lo;
+    c.textAlign = "right";
+    c.fillText(fmt(top), L - 4, T + 8);
+    c.fillText(fmt(bottom), L - 4, H - B);
+    c.textAlign = "left"; c.fillText(String(xs[0]), L, H - 6);
+    c.textAlign = "right"; c.fillText(String(xs[xs.length - 1]), W - R, H - 6);
+    if (state.index >= 0 && state.index < xs.length) {  // where the step slider is
+      c.strokeStyle = "#999"; c.setLineDash([3, 3]);
+      c.beginPath(); c.moveTo(px(xs[state.index]), T); c.lineTo(px(xs[state.index]), H - B);
+      c.stroke(); c.setLineDash([]);
+    }
+    c.strokeStyle = opt.colour; c.lineWidth = 1.6;
+    c.beginPath();
+    var pen = false;
+    ys.forEach(function (y, i) {
+      if (y === null || !Number.isFinite(y) || (opt.log && y <= 0)) { pen = false; return; }
+      if (pen) c.lineTo(px(xs[i]), py(y)); else c.moveTo(px(xs[i]), py(y));
+      pen = true;
+    });
+    c.stroke();
+    if (ok.length === 1) {
+      var j = ys.indexOf(ok[0]);
+      c.fillStyle = opt.colour; c.fillRect(px(xs[j]) - 2, py(ok[0]) - 2, 4, 4);
+    }
+    c.fillStyle = state.payload.palette.nonfinite;  // NaN/Inf: marks along the top edge
+    ys.forEach(function (y, i) {
+      if (y !== null && !Number.isFinite(y)) c.fillRect(px(xs[i]) - 2, T - 2, 4, 6);
+    });
+  }
+
+  function drawLoss() {
+    var loss = decList(state.run.loss);
+    $("gv-loss-panel").hidden = !state.run.steps.length;
+    if (state.run.steps.length) {
+      drawChart($("gv-loss-chart"), state.run.steps, loss,
+                { log: false, colour: "#444444", height: 120 });
+    }
+  }
+
+  // ---- side panels ---------------------------------------------------------------------
+
+  function renderNotices() {
+    var box = $("gv-notices"), msgs = [];
+    if (!state.run.edges.length) {
+      msgs.push("This file has no edges: the layers are drawn without connections, " +
+                "in forward order.");
+    }
+    if (!state.run.steps.length) {
+      msgs.push(state.run.version === 0 ?
+        "This file is in the original minimal format: one snapshot, no history, " +
+        "so there is no step slider and no charts." :
+        "This file has no recorded steps yet: norms appear once training records one.");
+    }
+    if (!state.run.nodes.length) msgs.push("This file has no layers.");
+    box.replaceChildren();
+    msgs.forEach(function (m) { box.appendChild(el("p", m)); });
+    box.hidden = !msgs.length;
+  }
+
+  function renderLegend() {
+    var s = state.payload.scales;
+    $("gv-legend-size").textContent = "layer: area grows with log10 of its gradient norm, " +
+      fmt(Math.pow(10, s.node.lo)) + " (small) to " + fmt(Math.pow(10, s.node.hi)) +
+      " (large), clamped";
+    $("gv-legend-width").textContent = "edge width: log10 of its norm, " +
+      fmt(Math.pow(10, s.edge.lo)) + " to " + fmt(Math.pow(10, s.edge.hi));
+  }
+
+  function renderFindings() {
+    var list = $("gv-findings"), fs = state.run.findings;
+    list.replaceChildren();
+    $("gv-findings-panel").hidden = !fs.length;
+    fs.forEach(function (f) {
+      var li = el("li", null, "gv-" + f.severity);
+      li.appendChild(el("span", f.severity, "gv-sev"));
+      li.appendChild(el("span", f.message || f.kind));
+      var extra = [];
+      if (f.steps.length) extra.push("steps " + f.steps.join("–"));
+      if (f.layers.length) extra.push("layers: " + f.layers.join(", "));
+      if (extra.length) li.appendChild(el("div", extra.join(" · "), "gv-muted gv-small"));
+      if (f.suggestions.length) {
+        var ul = el("ul", null, "gv-sugg");
+        f.suggestions.forEach(function (s) { ul.appendChild(el("li", s)); });
+        li.appendChild(ul);
+      }
+      li.title = f.layers.length ? "show " + f.layers[0] : "";
+      li.addEventListener("click", function () { if (f.layers.length) select(f.layers[0], true); });
+      list.appendChild(li);
+    });
+  }
+
+  function renderMeta() {
+    var tbody = $("gv-meta").tBodies[0], run = state.run;
+    tbody.replaceChildren();
+    $("gv-source").textContent = run.source;
+    row(tbody, "file", run.source || "(embedded)");
+    row(tbody, "layers", fmtCount(run.nodes.length) + " nodes, " + fmtCount(run.edges.length) +
+        " edges");
+    run.meta.forEach(function (kv) {
+      if (kv[0] === "steps" || kv[0] === "last_step") return;
+      row(tbody, kv[0], kv[1] === null ? "—" : String(kv[1]));
+    });
+    row(tbody, "recorded steps", run.steps.length ?
+        fmtCount(run.steps.length) + " (" + run.steps[0] + "–" + run.steps[run.steps.length - 1] + ")" :
+        "none");
+  }
+
+  function report(err) {
+    state.errors.push(String(err && err.message ? err.message : err));
+    var live = $("gv-live");
+    live.textContent = "error: " + state.errors[state.errors.length - 1];
+    live.classList.add("gv-error");
+  }
+
+  // ---- live updates --------------------------------------------------------------------
+
+  function sameStructure(a, b) {
+    if (a.nodes.length !== b.nodes.length || a.edges.length !== b.edges.length) return false;
+    for (var i = 0; i < a.nodes.length; i++) if (a.nodes[i].id !== b.nodes[i].id) return false;
+    for (var j = 0; j < a.edges.length; j++) if (a.edges[j].id !== b.edges[j].id) return false;
+    return true;
+  }
+
+  function applyPayload(p) {
+    var same = sameStructure(state.run, p.run);
+    var follow = state.follow, index = state.index;
+    state.payload = p;
+    state.run = p.run;
+    state.revision = p.run.revision;
+    state.layers = {};
+    if (!same) {
+      nodes.clear(); edges.clear();
+      nodes.add(p.nodes); edges.add(p.edges);
+      network.setOptions(p.options);
+      network.fit();
+      fillLayerList();
+    }
+    renderAll();
+    setupThreshold();
+    var n = state.run.steps.length;
+    if (follow || index >= n) {
+      state.index = n - 1;
+      state.follow = true;
+      state.shown = latestValues(state.run);
+      state.shownStep = state.shown.step;
+      setupStepSlider();
+      restyleNodes(); recolourEdges(); renderDetails(); drawLoss();
+    } else {
+      setupStepSlider();
+      showStep(index);
+    }
+    if (state.selected !== null) select(state.selected, false);
+  }
+
+  function reload() {
+    return getJSON("api/graph").then(applyPayload).catch(report);
+  }
+
+  function poll() {
+    if (state.polling) return;
+    state.polling = true;
+    getJSON("api/poll").then(function (p) {
+      var live = $("gv-live");
+      if (p.error) {
+        live.textContent = "cannot re-read the file (" + p.error + "); showing the last good version";
+        live.classList.add("gv-error");
+      } else {
+        live.textContent = "live · " + fmtCount(p.steps) + " steps";
+        live.classList.remove("gv-error");
+      }
+      if (p.revision !== state.revision) return reload();
+    }).catch(function () {
+      $("gv-live").textContent = "server not reachable";
+      $("gv-live").classList.add("gv-error");
+    }).then(function () { state.polling = false; });
+  }
+
+  // ---- start ---------------------------------------------------------------------------
+
+  function renderAll() {
+    renderNotices(); renderLegend(); renderFindings(); renderMeta();
+  }
+
+  state.shown = latestValues(state.run);
+  state.shownStep = state.shown.step;
+  fillLayerList();
+  renderAll();
+  setupThreshold();
+  setupStepSlider();
+  restyleNodes();
+  recolourEdges();
+  drawLoss();
+  if (state.live) {
+    $("gv-live").textContent = "live";
+    window.setInterval(poll, 2000);
+  }
+  state.ready = true;
+  window.gradviz = { nodes: nodes, edges: edges, network: network, state: state,
+                     showStep: showStep, setThreshold: setThreshold, select: select,
+                     reload: reload };
+})();

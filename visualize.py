@@ -1,0 +1,139 @@
+"""Show how gradients flow through a recorded model, in the browser.
+
+Usage:
+    python visualize.py                          # serve training_output.json at 127.0.0.1:5000
+    python visualize.py --input run.json --threshold 0.001 --open
+    python visualize.py --port 0                 # any free port (the URL is printed)
+    python visualize.py --export graph.html      # one offline HTML file, then exit
+
+Layers are nodes sized by their gradient norm (log scale); connections are edges, green
+when their gradient norm is above --threshold and red at or below it; NaN/Inf in purple.
+The page follows the file while training still writes it. Never imports torch.
+Exit codes: 0 fine, 2 bad input or flags (one line on stderr says which and how to fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import threading
+import webbrowser
+from pathlib import Path
+from typing import NoReturn
+
+from gradviz.errors import GradvizError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"visualize.py: {message}; see python visualize.py --help\n")
+
+
+def _threshold(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not (t >= 0 and math.isfinite(t)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 such as 0.01, got {text!r}")
+    return t
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number from 0 to 65535 (0 picks a free one), got {text!r}"
+        )
+    return int(text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked."""
+    p = _Parser(description="Serve (or export) the gradient-flow graph of a recorded run.")
+    p.add_argument(
+        "--input",
+        default="training_output.json",
+        type=Path,
+        help="file written by extract.py or gradviz.record (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threshold",
+        default=0.01,
+        type=_threshold,
+        help="edges with a gradient norm above this are green, others red "
+        "(default: %(default)s; the page has a slider)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only)",
+    )
+    p.add_argument("--port", default=5000, type=_port, help="port (default: %(default)s)")
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p.add_argument(
+        "--export",
+        metavar="FILE",
+        type=Path,
+        help="write one self-contained HTML file (works offline) and exit",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = parse_args(argv)
+    # Imported here so that --help stays instant; none of these imports torch.
+    from werkzeug.serving import make_server
+
+    from gradviz.web import create_app, export_html
+
+    try:
+        if args.export:
+            html = export_html(args.input, args.threshold)
+            try:
+                args.export.write_text(html, encoding="utf-8")
+            except OSError as e:
+                raise GradvizError(
+                    f"cannot write {args.export}: {e.strerror}; pick a writable --export path"
+                ) from e
+            print(f"gradviz: wrote {args.export} (open it in a browser; no server needed)")
+            return 0
+        app = create_app({"INPUT": args.input, "THRESHOLD": args.threshold})
+    except GradvizError as e:
+        print(f"visualize.py: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per poll
+    try:
+        server = make_server(args.host, args.port, app, threaded=True)
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        print(
+            f"visualize.py: cannot listen on {args.host}:{args.port} ({reason}); "
+            "pick another --port or --host",
+            file=sys.stderr,
+        )
+        return 2
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{server.server_port}/"
+    print(f"gradviz: serving {args.input} at {url} (Ctrl-C to stop)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"gradviz: listening on {args.host}: other machines can see this page", file=sys.stderr
+        )
+    if args.open:
+        threading.Timer(0.3, webbrowser.open, [url]).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
