@@ -283,7 +283,7 @@ class Recorder:
                 known = rec.edges[eid]["via"]
                 rec.edges[eid]["via"] = list(dict.fromkeys([*known, *e.via]))
             add_group(hist.column(("edge", eid)), e.ports)
-        for name, ports in zip(call_names, flow.input_ports):
+        for name, ports in zip(call_names, flow.input_ports, strict=True):
             if ports:
                 add_group(hist.column(("node", name, "input_grad_norm")), ports)
         for node, slots in by_node.values():
@@ -467,7 +467,7 @@ def _to_host(values: list[torch.Tensor]) -> list[float]:
     out: list[float] = [0.0] * len(values)
     for dev in devices:
         idx = [i for i, v in enumerate(values) if v.device == dev]
-        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
+        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist(), strict=True):
             out[i] = x
     return out
 

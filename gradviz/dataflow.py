@@ -17,12 +17,13 @@ Pure graph logic over autograd nodes: it registers nothing; gradviz.capture does
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 Node = Any  # torch.autograd.graph.Node; kept opaque so this module needs no torch import
 Target = tuple[int, int]  # (id of a producer's autograd node, output index)
+Key = tuple[str, int]  # ("call", call index) | ("glue" | "junction", id(autograd node))
 
 
 @dataclass
@@ -105,7 +106,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
     # 1. Each call's own region: from its outputs back to its inputs.
     owner_call: dict[int, int] = {}  # id(node) -> call index, for nodes inside a call
     boundary: list[tuple[Node, int, Node, int]] = []  # (node, index, target, output_nr)
-    region_of: dict[int, Hashable] = {}  # id(region node) -> consumer key
+    region_of: dict[int, Key] = {}  # id(region node) -> consumer key
     input_ports: list[list[Port]] = [[] for _ in calls]
     for ci, call in enumerate(calls):
         ins = {id(n) for n in call.ins}
@@ -128,7 +129,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
 
     # 2. Discover the glue between calls and who sits directly below each glue node.
     glue: dict[int, Node] = {}
-    down: dict[int, set[Hashable]] = {}  # id(glue) -> {("call", ci) | ("glue", id)}
+    down: dict[int, set[Key]] = {}  # id(glue) -> {("call", ci) | ("glue", id)}
 
     def is_glue(m: Node) -> bool:
         return not _is_leaf(m) and id(m) not in producer and id(m) not in owner_call
@@ -150,7 +151,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                     stack.append(m)
     order = sorted(glue.values(), key=_seq)  # inputs before the ops that read them
 
-    def source_of(m: Node) -> Hashable | None:
+    def source_of(m: Node) -> Key | None:
         if id(m) in producer:
             return ("call", producer[id(m)])
         if id(m) in owner_call:
@@ -159,10 +160,10 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
 
     junction_ids: set[int] = set()
 
-    def upstream() -> dict[int, frozenset[Hashable]]:
-        ups: dict[int, frozenset[Hashable]] = {}
+    def upstream() -> dict[int, frozenset[Key]]:
+        ups: dict[int, frozenset[Key]] = {}
         for g in order:
-            acc: set[Hashable] = set()
+            acc: set[Key] = set()
             for m, _ in g.next_functions:
                 if m is None or _is_leaf(m):
                     continue
@@ -178,7 +179,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
         return ups
 
     # 3. Merges: glue reading two or more distinct producers through different inputs.
-    ups: dict[int, frozenset[Hashable]] = {}
+    ups: dict[int, frozenset[Key]] = {}
     for g in order:
         slots = []
         for m, _ in g.next_functions:
@@ -200,12 +201,12 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
 
     # 4. Fan-outs: glue whose result reaches two or more consumers. Outputs first, so the
     #    junction sits where the paths split, not further up.
-    consumer_of: dict[int, Hashable | None] = {}
+    consumer_of: dict[int, Key | None] = {}
     for g in reversed(order):
         if id(g) in junction_ids:
             consumer_of[id(g)] = ("junction", id(g))
             continue
-        owners = set()
+        owners: set[Key | None] = set()
         for ref in down.get(id(g), ()):
             if ref[0] == "call":
                 owners.add(ref)
@@ -237,8 +238,8 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
         jindex[id(g)] = len(junctions)
         junctions.append(Junction(name, g, op_name(g)))
 
-    def consumer_index(key: Hashable) -> tuple[str, int]:
-        kind, ref = key  # type: ignore[misc]
+    def consumer_index(key: Key) -> tuple[str, int]:
+        kind, ref = key
         if kind == "call":
             return calls[ref].name, ref
         j = jindex[ref]
@@ -248,14 +249,16 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
         if id(m) in junction_ids:
             return junctions[jindex[id(m)]].name
         src = source_of(m)
-        return calls[src[1]].name if src is not None else None  # type: ignore[index]
+        return calls[src[1]].name if src is not None else None
 
     # 6. Ports: every slot of a consumer's region that points at a producer or junction.
     edges: dict[tuple[str, int], Edge] = {}
-    regions: list[tuple[Node, Hashable]] = [(n, region_of[id(n)]) for n, _, _, _ in boundary]
+    regions: list[tuple[Node, Key]] = [(n, region_of[id(n)]) for n, _, _, _ in boundary]
     regions += [(g, ("junction", id(g))) for g in order if id(g) in junction_ids]
-    regions += [(g, consumer_of[id(g)]) for g in order
-                if id(g) not in junction_ids and consumer_of[id(g)] is not None]
+    for g in order:
+        ckey = consumer_of[id(g)]
+        if id(g) not in junction_ids and ckey is not None:
+            regions.append((g, ckey))
     seen: set[tuple[int, int]] = set()
     for n, key in regions:
         cname, cidx = consumer_index(key)
@@ -266,32 +269,32 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                 continue  # not an end of a path yet: glue further up carries it
             if region_of.get(id(n)) == key and id(m) in owner_call and id(m) not in producer:
                 continue  # inside the consumer itself
-            src = source_name(m)
-            if src is None:
+            sname = source_name(m)
+            if sname is None:
                 continue
             seen.add((id(n), i))
-            edge = edges.get((src, cidx))
+            edge = edges.get((sname, cidx))
             if edge is None:
-                edge = edges[(src, cidx)] = Edge(src, cname, cidx)
+                edge = edges[(sname, cidx)] = Edge(sname, cname, cidx)
             edge.ports.append(Port(n, i, (id(m), nr)))
 
     # 7. via: named parameter-free modules on the glue between source and consumer.
-    for (src, cidx), edge in edges.items():
+    for (sname, cidx), edge in edges.items():
         names = []
         for g in order:
             if id(g) in junction_ids or id(g) not in glue_names:
                 continue
-            key = consumer_of[id(g)]
-            if key is None or consumer_index(key)[1] != cidx:
+            ckey = consumer_of[id(g)]
+            if ckey is None or consumer_index(ckey)[1] != cidx:
                 continue
-            if any(_source_label(u, calls, junctions, jindex) == src for u in ups[id(g)]):
+            if any(_source_label(u, calls, junctions, jindex) == sname for u in ups[id(g)]):
                 names.append(glue_names[id(g)])
         edge.via = list(dict.fromkeys(names))
     return Flow(junctions, list(edges.values()), input_ports)
 
 
 def _source_label(
-    key: Hashable, calls: Sequence[Call], junctions: list[Junction], jindex: dict[int, int]
+    key: Key, calls: Sequence[Call], junctions: list[Junction], jindex: dict[int, int]
 ) -> str:
-    kind, ref = key  # type: ignore[misc]
+    kind, ref = key
     return calls[ref].name if kind == "call" else junctions[jindex[ref]].name

@@ -39,7 +39,7 @@ class DeepSigmoid(nn.Module):
     def __init__(self, depth: int = 20, width: int = 100):
         super().__init__()
         dims = [IN_FEATURES] + [width] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False))
         self.act = nn.Sigmoid()
         self.head = nn.Linear(width, N_CLASSES)
 
@@ -55,8 +55,10 @@ class DeepLinear(nn.Module):
     def __init__(self, depth: int = 30, width: int = 100):
         super().__init__()
         dims = [IN_FEATURES] + [width] * (depth - 1) + [N_CLASSES]
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:]))
+        pairs = zip(dims, dims[1:], strict=False)
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in pairs)
         for layer in self.layers:
+            assert isinstance(layer, nn.Linear)  # for the type checker
             nn.init.normal_(layer.weight, std=1.5 / math.sqrt(layer.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

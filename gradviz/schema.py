@@ -98,7 +98,7 @@ def decode_series(text: Any, n: int, where: str) -> np.ndarray:
 def series_to_list(a: np.ndarray) -> list[Value]:
     """A decoded float32 series as Python floats, None where absent."""
     mask = absent_mask(a)
-    return [None if m else float(x) for x, m in zip(a.tolist(), mask.tolist())]
+    return [None if m else float(x) for x, m in zip(a.tolist(), mask.tolist(), strict=True)]
 
 
 # -- checks ------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def _validate_history(h: dict[str, Any], ids: set[str], edge_ids: set[str]) -> N
     steps = _list(h.get("steps"), "history.steps")
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
         raise _fail("history.steps: expected a list of step numbers (integers >= 0)")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         raise _fail("history.steps: step numbers must increase")
     n = len(steps)
     decode_series(h.get("loss"), n, "history.loss")

@@ -40,7 +40,7 @@ class Reference:
         layer_outs = [t for ts in self.outputs.values() for t in ts]
         # dL/d(output) of every module, straight from torch.autograd.grad.
         grads = torch.autograd.grad(self.loss, layer_outs, retain_graph=True, allow_unused=True)
-        self.grad_of = {id(t): g for t, g in zip(layer_outs, grads)}
+        self.grad_of = {id(t): g for t, g in zip(layer_outs, grads, strict=True)}
         self.loss.backward()
         for h in handles:
             h.remove()

@@ -143,4 +143,5 @@ def test_history_is_compact() -> None:
     assert len(data) < 5.6 * values  # per-series base64 arrays, not a dict per value
     run = store.parse(data)
     assert len(run.steps) == n_steps
-    assert run.edge_history("e7")[1234] == pytest.approx(float(rec.history.series(("edge", "e7"))[1234]))
+    want = float(rec.history.series(("edge", "e7"))[1234])
+    assert run.edge_history("e7")[1234] == pytest.approx(want)
