@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import socket
 import sys
 import threading
 import webbrowser
@@ -107,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visualize.py: {e}", file=sys.stderr)
         return 2
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per poll
+    # Bind here rather than in make_server: werkzeug prints two lines and exits 1 itself.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        sock = socket.create_server((args.host, args.port), family=family)
     except (OSError, OverflowError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         print(
@@ -117,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    server = make_server(args.host, args.port, app, threaded=True, fd=sock.fileno())
     host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{host}:{server.server_port}/"
+    url = f"http://{host}:{sock.getsockname()[1]}/"
     print(f"gradviz: serving {args.input} at {url} (Ctrl-C to stop)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.server_close()
+        sock.close()
     return 0
 
 

@@ -1,0 +1,190 @@
+"""visualize.py as a user runs it: exit codes, one-line errors, --export, the server, no torch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "visualize.py"
+
+
+def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def write(tmp_path: Path, content: bytes | object, name: str = "bad.json") -> Path:
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else orjson.dumps(content))
+    return p
+
+
+NODE = {"id": "a", "gradient_norm": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"", ["is empty", "extract.py"]),
+        (b"   \n", ["is empty"]),
+        (b"{not json", ["not valid JSON"]),
+        (b"\xff\xfe", ["not valid JSON"]),
+        ([1, 2, 3], ["top level", "expected an object"]),
+        ({"edges": []}, ['no "nodes" list']),
+        ({"nodes": "x"}, ['"nodes"', "expected a list"]),
+        ({"format": "gradviz", "version": 99, "nodes": []}, ["version 99", "upgrade"]),
+        ({"nodes": [{"id": "a", "gradient_norm": -1}]}, ["cannot be negative", "-1"]),
+        (
+            {"nodes": [NODE], "edges": [{"source": "a", "target": "ghost", "gradient_norm": 1}]},
+            ["'ghost' is not a node id"],
+        ),
+        ({"nodes": [NODE, NODE]}, ["duplicate node id 'a'"]),
+        ({"nodes": [{"id": "a", "gradient_norm": "lots"}]}, ["expected a number"]),
+        ({"nodes": [{"id": "a", "gradient_norm": 1, "params": 5}]}, ["unexpected content"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, content: object, words: list[str]) -> None:
+    p = write(tmp_path, content)
+    assert_one_line_error(run("--input", p, "--export", tmp_path / "out.html"), "bad.json", *words)
+    assert not (tmp_path / "out.html").exists()
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    assert_one_line_error(run("--input", tmp_path / "nope.json"), "does not exist", "extract.py")
+    assert_one_line_error(run("--input", tmp_path), "is a directory")
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--threshold", "-1"], ["--threshold", "'-1'", ">= 0"]),
+        (["--threshold", "abc"], ["--threshold", "'abc'"]),
+        (["--threshold", "nan"], ["--threshold"]),
+        (["--threshold", "inf"], ["--threshold"]),
+        (["--port", "70000"], ["--port", "65535"]),
+        (["--port", "http"], ["--port"]),
+        (["--colour", "red"], ["unrecognized arguments"]),
+        (["--export"], ["--export"]),
+    ],
+)
+def test_bad_flags_are_one_line_exit_2(flags: list[str], words: list[str]) -> None:
+    assert_one_line_error(run(*flags), *words, "--help")
+
+
+def test_help() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for flag in ("--input", "--threshold", "--host", "--port", "--open", "--export"):
+        assert flag in r.stdout
+
+
+def test_export(residual_file: Path, minimal_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "graph.html"
+    r = run("--input", residual_file, "--export", out, "--threshold", "0.002")
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+    html = out.read_text(encoding="utf-8")
+    assert '"mode":"export"' in html and '"threshold":0.002' in html
+    r = run("--input", minimal_file, "--export", tmp_path / "minimal.html")
+    assert r.returncode == 0, r.stderr
+
+
+def test_export_to_unwritable_place(residual_file: Path, tmp_path: Path) -> None:
+    r = run("--input", residual_file, "--export", tmp_path / "no" / "such" / "dir.html")
+    assert_one_line_error(r, "cannot write", "--export")
+
+
+def test_never_imports_torch(residual_file: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "x.html")
+    code = f"""
+import runpy, sys
+sys.argv = ["visualize.py", "--input", {str(residual_file)!r}, "--export", {out!r}]
+try:
+    runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+except SystemExit as e:
+    assert e.code == 0, e.code
+import gradviz, gradviz.web, gradviz.render, gradviz.graph, gradviz.store
+gradviz.web.create_app({{"INPUT": {str(residual_file)!r}}}).test_client().get("/")
+print("torch" in sys.modules)
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+def start(*args: str | Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
+    return proc, line.split(" at ")[1].split()[0]
+
+
+def test_serves_on_a_free_port(residual_file: Path) -> None:
+    proc, url = start("--input", residual_file, "--port", "0")
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200
+            assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+        with urllib.request.urlopen(url + "api/poll", timeout=10) as resp:
+            assert orjson.loads(resp.read())["steps"] == 30
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_port_in_use(residual_file: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("--input", residual_file, "--port", str(port))
+    assert_one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_ctrl_c_exits_cleanly(residual_file: Path) -> None:
+    import signal
+
+    proc, _ = start("--input", residual_file, "--port", "0")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+
+
+def test_prints_clear_url(make_file: Callable[..., Path]) -> None:
+    proc, url = start("--input", make_file("chain"), "--port", "0")
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/")
