@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cpu, cuda, cuda:1 or auto (default: auto, CUDA when available)")
     p.add_argument("--all-modules", action="store_true",
                    help="make every leaf module a node, not only layers with parameters")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: autocast (bfloat16 on CPU, float16 on CUDA) with a "
+                        "GradScaler; recorded norms are unscaled")
+    p.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="gradient accumulation: K micro-batches per optimizer step "
+                        "(default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train.train(
             args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, seed=args.seed, every=args.every, output=args.output,
-            device=args.device, all_modules=args.all_modules,
+            device=args.device, all_modules=args.all_modules, amp=args.amp,
+            accumulate=args.accumulate,
             progress=False if args.no_progress else None,
         )
     except GradvizError as e:

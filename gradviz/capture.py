@@ -20,6 +20,7 @@ micro-batches) combine as the norm of their concatenation: sqrt of the sum of sq
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -52,11 +53,14 @@ def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name), depth + 1)
 
 
-def _norm(t: torch.Tensor) -> torch.Tensor:
+def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """L2 norm reduced in float32 (a half-precision norm overflows although no element does)."""
-    return torch.linalg.vector_norm(t, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, dtype=dtype)
 
 
 class Recorder:
@@ -70,6 +74,7 @@ class Recorder:
         every: int = 1,
         all_modules: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         seed: int | None = None,
         flush_seconds: float = 2.0,
         meta: Mapping[str, Any] | None = None,
@@ -79,6 +84,14 @@ class Recorder:
                 f"gradviz.record needs a torch.nn.Module, got {type(model).__name__}; "
                 "pass the model itself"
             )
+        if type(model).__name__ == "OptimizedModule" or getattr(
+            model, "_compiled_call_impl", None
+        ) is not None:
+            raise RecordingError(
+                "this model is already compiled (torch.compile), and hooks added after "
+                "compiling are ignored; attach gradviz first: "
+                "with gradviz.record(model) as rec: compiled = torch.compile(model)"
+            )
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise RecordingError(f"every must be a whole number >= 1, got {every!r}")
         self.model = model
@@ -86,6 +99,11 @@ class Recorder:
         self.every = every
         self.all_modules = all_modules
         self.optimizer = optimizer
+        self.scaler = scaler
+        # Loss-scaled gradients can be so large that their float32 norm overflows while every
+        # element is finite; in float64 no float32 tensor's norm can, so inf means inf.
+        self._dtype = torch.float64 if scaler is not None and scaler.is_enabled() else (
+            torch.float32)
         self.recording = store.Recording()
         self.step_count = 0  # rec.step() calls so far
         self._writer = store.Writer(self.path, flush_seconds) if self.path else None
@@ -103,6 +121,8 @@ class Recorder:
         # Tests set this to see each measured gradient before it becomes a norm.
         self._probe: Any = None
         self._order = 0
+        self._calls_seen = 0  # layer calls recorded this step
+        self._warned: set[str] = set()
         self._nodes: dict[str, nn.Module] = {}
         self._params: list[tuple[str, str, nn.Parameter]] = []  # (node, param name, param)
         self._describe(meta or {}, seed)
@@ -195,6 +215,9 @@ class Recorder:
             and not self._failed
             and self.step_count % self.every == 0
             and torch.is_grad_enabled()
+            # Not while backward runs: activation checkpointing re-runs forwards there,
+            # and recording them again would count those layers twice.
+            and torch._C._current_graph_task_id() == -1
         )
 
     def _call_hook(self, name: str) -> Any:
@@ -217,6 +240,7 @@ class Recorder:
                     return
                 ins = [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
                 self._calls.append(dataflow.Call(name, outs, ins))
+                self._calls_seen += 1
                 info = self.recording.nodes[name]
                 if "order" not in info:
                     info["order"] = self._order
@@ -293,7 +317,7 @@ class Recorder:
 
     def _emit(self, col: int, g: torch.Tensor) -> None:
         """One measured gradient for a series: keep its norm (on device) until step()."""
-        self._pending.append((col, _norm(g)))
+        self._pending.append((col, _norm(g, self._dtype)))
         if self._probe is not None:
             self._probe(col, g)
 
@@ -378,7 +402,7 @@ class Recorder:
             order.append((g.device, len(lst)))
             lst.append(g)
         norms_by_dev = {
-            dev: torch._foreach_norm(gs, 2, dtype=torch.float32)  # type: ignore[call-arg]
+            dev: torch._foreach_norm(gs, 2, dtype=self._dtype)  # type: ignore[call-arg]
             for dev, gs in grads_by_dev.items()
         }
         param_cols = []
@@ -394,35 +418,65 @@ class Recorder:
             cols.append(col)
             values.append(t)
         self._pending.clear()
+        n_params, n_grads = len(param_cols), len(values)
+        scaled = self.scaler is not None and self.scaler.is_enabled()
+        scale_tensor = getattr(self.scaler, "_scale", None) if scaled else None
+        if scale_tensor is not None:  # travels with the norms: no extra sync
+            values.append(scale_tensor.detach().reshape(()).to(self._dtype))
         if isinstance(loss, torch.Tensor):
-            cols.append(hist.column(("loss",)))
-            values.append(loss.detach().reshape(()).to(torch.float32))
+            values.append(loss.detach().reshape(()).to(self._dtype))
         host = _to_host(values)
-        if loss is not None and not isinstance(loss, torch.Tensor):
-            cols.append(hist.column(("loss",)))
-            host.append(float(loss))
+        grads, extra = host[:n_grads], host[n_grads:]
+        if scale_tensor is not None:
+            self._unscale(grads, n_params, extra.pop(0), step)
+        loss_value = extra.pop(0) if isinstance(loss, torch.Tensor) else loss
+        if self._calls_seen == 0 and n_params:
+            self._warn_once(
+                "no-calls",
+                "gradviz saw gradients but no layer calls this step, so it records "
+                "parameter norms only: was the model compiled (torch.compile) before "
+                "gradviz.record attached, or called outside the recorded module?",
+            )
+        self._calls_seen = 0
         # Combine on the host in float64: squares of float32 norms can overflow float32.
         width = len(hist.columns)
         sq = np.zeros(width, dtype=np.float64)
         present = np.zeros(width, dtype=bool)
         col_arr = np.asarray(cols, dtype=np.intp)
-        val_arr = np.asarray(host, dtype=np.float64)
-        loss_col = hist.columns.get(("loss",))
+        val_arr = np.asarray(grads, dtype=np.float64)
         present[col_arr] = True
         np.add.at(sq, col_arr, val_arr * val_arr)
         out = np.sqrt(sq)
-        if loss_col is not None and loss is not None:
-            out[loss_col] = host[-1]
+        row_cols = [int(c) for c in np.flatnonzero(present)]
+        row_vals = [float(out[c]) for c in row_cols]
         # A layer's gradient_norm: all its parameters' gradients together.
         node_sq: dict[str, float] = {}
         for node, col in param_cols:
             node_sq[node] = node_sq.get(node, 0.0) + sq[col]
-        row_cols = [int(c) for c in np.flatnonzero(present)]
-        row_vals = [float(out[c]) for c in row_cols]
         for node, s in node_sq.items():
             row_cols.append(hist.column(("node", node, "gradient_norm")))
             row_vals.append(math.sqrt(s))
+        if loss_value is not None:
+            row_cols.append(hist.column(("loss",)))
+            row_vals.append(float(loss_value))
         hist.append(step, row_cols, row_vals)
+
+    def _unscale(self, grads: list[float], n_params: int, scale: float, step: int) -> None:
+        """Undo GradScaler's loss scale, and mark steps the scaler is going to skip."""
+        # Parameter gradients are already unscaled if the user called scaler.unscale_.
+        states = getattr(self.scaler, "_per_optimizer_states", {}).values()
+        params_unscaled = any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states)
+        for i in range(n_params if params_unscaled else 0, len(grads)):
+            grads[i] /= scale
+        if not all(math.isfinite(v) for v in grads[:n_params]):
+            # GradScaler skips the optimizer step when it finds inf/NaN: say so, keep them.
+            self.recording.meta = {**self.recording.meta, "skipped_steps": [
+                *self.recording.meta.get("skipped_steps", []), step]}
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _fail(self, e: BaseException) -> None:
         """Stop recording, keep training: gradviz must never break the user's loop."""

@@ -134,6 +134,53 @@ class CNN(nn.Module):
         return self.fc(self.flatten(x))
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: in-place ReLU and ``out += identity``."""
+
+    def __init__(self, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        c_in = channels // stride
+        self.conv1 = nn.Conv2d(c_in, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplace = True  # `out += identity`, as torchvision does
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample: nn.Module | None = None
+        if stride != 1:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.inplace:
+            out += identity
+        else:
+            out = out + identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A small ResNet of BasicBlocks for 1x16x16 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(16), BasicBlock(16))
+        self.layer2 = nn.Sequential(BasicBlock(32, stride=2), BasicBlock(32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 class LSTMNet(nn.Module):
     """An LSTM over a sequence, classified from its last hidden state."""
 
@@ -263,6 +310,8 @@ DEMOS: dict[str, Demo] = {
         Demo("dense", "DenseNet-style: each block reads all earlier outputs (torch.cat)",
              Dense, lambda n, g: vectors(n, 784, g)),
         Demo("cnn", "two conv layers on 16x16 images", CNN, images),
+        Demo("resnet", "ResNet BasicBlocks with in-place ReLU and out += identity", ResNet,
+             images),
         Demo("lstm", "an LSTM over sequences (nested tuple outputs)", LSTMNet, sequences),
         Demo("transformer", "a 2-block pre-norm transformer encoder", Transformer, tokens),
     ]

@@ -84,9 +84,15 @@ def train(
     output: str | Path | None = "training_output.json",
     device: str = "auto",
     all_modules: bool = False,
+    amp: bool = False,
+    accumulate: int = 1,
     progress: bool | None = None,
 ) -> Result:
-    """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``."""
+    """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``.
+
+    ``amp`` trains under autocast (bfloat16 on CPU, float16 on CUDA) with a GradScaler;
+    ``accumulate`` sums the gradients of that many micro-batches per optimizer step.
+    """
     if model_name not in demos.DEMOS:
         raise RecordingError(
             f"unknown model {model_name!r}; choose one of: {', '.join(demos.DEMOS)}"
@@ -95,7 +101,8 @@ def train(
         raise RecordingError(
             f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
         )
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every),
+                        ("--accumulate", accumulate)):
         if value < 1:
             raise RecordingError(f"{flag} must be at least 1, got {value}")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
@@ -109,25 +116,34 @@ def train(
     model = demo.build().to(dev)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
+    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
     bar = Progress(steps, progress)
     first = last = math.nan
     done = 0
     interrupted = False
     rec = capture.record(
         model, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
-        meta={"demo": model_name, "batch_size": batch_size},
+        scaler=scaler if amp else None,
+        meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
+              "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
     )
     with rec:
         try:
             for step in range(steps):
-                idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
-                x, y = x_all[idx].to(dev), y_all[idx].to(dev)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                rec.step(loss)
-                opt.step()
-                last = float(loss.detach())
+                total = torch.zeros((), device=dev)
+                for _ in range(accumulate):  # micro-batches: one optimizer step, one record
+                    idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
+                    x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+                        loss = loss_fn(model(x), y) / accumulate
+                    scaler.scale(loss).backward()
+                    total += loss.detach().float()
+                rec.step(total)
+                scaler.step(opt)
+                scaler.update()
+                last = float(total)
                 first = last if step == 0 else first
                 done = step + 1
                 bar.update(done, last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,13 +21,22 @@ def flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from flat_tensors(v)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from flat_tensors(getattr(obj, f.name))
 
 
 class Reference:
     """One forward/backward of a copy of the model, with every module's output kept."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, x: Any = None, y: Any = None,
+                 loss_fn: Any = None, autograd_grad: bool = True) -> None:
         self.model = copy.deepcopy(model)
+        # The same function without in-place ops: retain_grad on a tensor that is later
+        # modified in place would report the gradient of its last version instead.
+        for m in self.model.modules():
+            if getattr(m, "inplace", False):
+                m.inplace = False
         self.outputs: dict[str, list[torch.Tensor]] = {}
         handles = []
         for name, m in self.model.named_modules():
@@ -36,14 +46,20 @@ class Reference:
                         t.retain_grad()
                         self.outputs.setdefault(name, []).append(t)
             handles.append(m.register_forward_hook(keep))
-        self.loss = nn.functional.cross_entropy(self.model(x), y)
-        layer_outs = [t for ts in self.outputs.values() for t in ts]
-        # dL/d(output) of every module, straight from torch.autograd.grad.
-        grads = torch.autograd.grad(self.loss, layer_outs, retain_graph=True, allow_unused=True)
-        self.grad_of = {id(t): g for t, g in zip(layer_outs, grads, strict=True)}
-        self.loss.backward()
-        for h in handles:
+        if loss_fn is None:
+            self.loss = nn.functional.cross_entropy(self.model(x), y)
+        else:
+            self.loss = loss_fn(self.model)
+        for h in handles:  # checkpointing re-runs forwards during backward: keep the first
             h.remove()
+        layer_outs = [t for ts in self.outputs.values() for t in ts]
+        if autograd_grad:  # dL/d(output) of every module, straight from torch.autograd.grad
+            grads = torch.autograd.grad(self.loss, layer_outs, retain_graph=True,
+                                        allow_unused=True)
+        self.loss.backward()
+        if not autograd_grad:  # for reentrant checkpointing, which forbids autograd.grad
+            grads = tuple(t.grad for t in layer_outs)
+        self.grad_of = {id(t): g for t, g in zip(layer_outs, grads, strict=True)}
 
     def output_grads(self, name: str) -> list[torch.Tensor]:
         """dL/d(each output of module `name`) that received a gradient."""

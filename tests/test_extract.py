@@ -30,7 +30,8 @@ def test_help_lists_models_and_flags() -> None:
     out = run_extract("--help")
     assert out.returncode == 0
     for word in ["--model", "--steps", "--batch-size", "--lr", "--optimizer", "--seed",
-                 "--every", "--output", "--device", "--all-modules", *demos.DEMOS]:
+                 "--every", "--output", "--device", "--all-modules", "--amp", "--accumulate",
+                 *demos.DEMOS]:
         assert word in out.stdout, word
 
 
@@ -66,6 +67,17 @@ def test_every_demo_writes_a_valid_file(tmp_path, name: str) -> None:
     assert run.edges, "a demo model without edges"
     layer_norms = [n["gradient_norm"] for n in run.nodes if n["kind"] == "layer"]
     assert all(v is not None for v in layer_norms)
+
+
+def test_amp_and_accumulation(tmp_path) -> None:
+    path = tmp_path / "amp.json"
+    train.train("resnet", steps=3, batch_size=8, output=path, device="cpu", amp=True,
+                accumulate=2)
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert run.steps == [0, 1, 2]  # one record per optimizer step, not per micro-batch
+    assert run.meta["amp"] == "bfloat16" and run.meta["accumulate"] == 2
+    assert all(n["gradient_norm"] < 100 for n in run.nodes if n["kind"] == "layer")
 
 
 def test_all_modules_makes_activations_nodes(tmp_path) -> None:
