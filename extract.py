@@ -14,7 +14,9 @@ import argparse
 import sys
 from typing import NoReturn
 
-from gradviz import demos
+from gradviz import demos, store
+from gradviz.analyses import COST
+from gradviz.diagnose import Thresholds, diagnose, format_report
 from gradviz.errors import GradvizError
 from gradviz.store import Run
 
@@ -56,7 +58,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accumulate", type=int, default=1, metavar="K",
                    help="gradient accumulation: K micro-batches per optimizer step "
                         "(default: 1)")
+    p.add_argument("--no-stats", action="store_true",
+                   help="skip forward statistics (activation mean/std/min/max, dead ReLU and "
+                        "saturated fractions), which dead-ReLU and saturation checks need")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = Thresholds()
+    t = p.add_argument_group("diagnosis thresholds")
+    t.add_argument("--vanish-below", type=float, default=d.vanishing, metavar="X",
+                   help=f"a layer's gradient norm below X has vanished (default: {d.vanishing:g})")
+    t.add_argument("--explode-above", type=float, default=d.exploding, metavar="X",
+                   help=f"...above X is exploding (default: {d.exploding:g})")
+    t.add_argument("--dead-above", type=float, default=d.dead, metavar="F",
+                   help=f"fraction of always-zero ReLU units that counts as dead "
+                        f"(default: {d.dead:g})")
+    t.add_argument("--saturated-above", type=float, default=d.saturated, metavar="F",
+                   help=f"fraction of sigmoid/tanh outputs at their bounds "
+                        f"(default: {d.saturated:g})")
+    t.add_argument("--jump-above", type=float, default=d.jump, metavar="K",
+                   help=f"a layer's norm changing K-fold in one step is unstable "
+                        f"(default: {d.jump:g})")
+    a = p.add_argument_group("deeper analyses (off by default; run once, after training)")
+    a.add_argument("--noise-scale", action="store_true",
+                   help="gradient noise scale B_simple (McCandlish et al. 2018). "
+                        f"Cost: {COST['noise_scale']}")
+    a.add_argument("--hessian", action="store_true",
+                   help=f"top Hessian eigenvalue by power iteration. Cost: {COST['hessian']}")
+    a.add_argument("--covariance", action="store_true",
+                   help="per-layer gradient variance and correlation across batches. "
+                        f"Cost: {COST['covariance']}")
     return p.parse_args(argv)
 
 
@@ -76,28 +105,61 @@ def summary(run: Run) -> list[str]:
     return lines
 
 
+def analysis_line(name: str, value: dict) -> str:
+    """One line for a deeper analysis' headline number."""
+    if name == "noise_scale":
+        return f"B_simple = {value['model']['noise_scale']:.4g} (batch {value['b_small']})"
+    if name == "hessian":
+        return (f"top eigenvalue {value['eigenvalue']:.4g} after {value['iterations']} "
+                f"iterations{'' if value['converged'] else ' (not converged)'}")
+    return f"mean gradient variance {value['model']['variance']:.4g}, correlation " \
+           f"{value['model']['correlation']:.3g} over {value['batches']} batches"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit code."""
     args = parse_args(argv)
-    from gradviz import train  # imports torch: after --help, which needs none
+    from gradviz import train
 
+    thresholds = Thresholds(vanishing=args.vanish_below, exploding=args.explode_above,
+                            dead=args.dead_above, saturated=args.saturated_above,
+                            jump=args.jump_above)
+    chosen = tuple(name for name, on in (("noise_scale", args.noise_scale),
+                                         ("hessian", args.hessian),
+                                         ("covariance", args.covariance)) if on)
+    for flag, value, top in (("--vanish-below", args.vanish_below, None),
+                             ("--explode-above", args.explode_above, None),
+                             ("--dead-above", args.dead_above, 1.0),
+                             ("--saturated-above", args.saturated_above, 1.0),
+                             ("--jump-above", args.jump_above, None)):
+        if not value > 0 or (top is not None and value > top):
+            limit = f" and at most {top:g}" if top else ""
+            print(f"extract.py: {flag} must be above 0{limit}, got {value:g}", file=sys.stderr)
+            return 2
     try:
         result = train.train(
             args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, seed=args.seed, every=args.every, output=args.output,
             device=args.device, all_modules=args.all_modules, amp=args.amp,
-            accumulate=args.accumulate,
+            accumulate=args.accumulate, activation_stats=not args.no_stats, analyses=chosen,
             progress=False if args.no_progress else None,
         )
     except GradvizError as e:
         print(f"extract.py: {e}", file=sys.stderr)
         return 2
     run = result.run
+    findings = diagnose(run, thresholds)
+    result.recording.findings = findings
+    if result.path is not None:
+        store.save(result.path, result.recording)  # the file keeps the findings too
     print("\n".join(summary(run)))
     layers = sum(1 for n in run.nodes if n.get("kind") != "junction")
     print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} over {result.steps} steps")
     print(f"wrote {result.path}: {len(run.steps)} recorded steps, {layers} layers, "
           f"{len(run.nodes) - layers} junctions, {len(run.edges)} edges")
+    for name, value in run.meta.get("analyses", {}).items():
+        print(f"{name}: {analysis_line(name, value)}")
+    print(format_report(findings))
     print(f"view it with: python visualize.py --input {result.path}")
     if result.interrupted:
         print(f"interrupted after {result.steps} steps; every recorded step was kept",

@@ -58,6 +58,33 @@ def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _tensors(getattr(obj, f.name), depth + 1)
 
 
+# Activation functions whose outputs say something on their own: exact zeros for every
+# sample mean a dead unit; values pinned near a bound mean saturation (derivative near 0).
+DEAD_AT_ZERO = ("ReLU", "ReLU6")
+BOUNDS = {"Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0), "Hardtanh": (-1.0, 1.0),
+          "Hardsigmoid": (0.0, 1.0), "Softsign": (-1.0, 1.0)}
+LAYER_STATS = ("act_mean", "act_std", "act_min", "act_max", "act_zero_frac")
+
+
+def _layer_stats(t: torch.Tensor) -> torch.Tensor:
+    """Mean, std, min, max and fraction of exact zeros of a layer's output, in float32."""
+    x = t.detach().float()
+    lo, hi = torch.aminmax(x)
+    std = x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
+    return torch.stack([x.mean(), std, lo, hi, (x == 0).float().mean()])
+
+
+def _unit_stat(module: nn.Module, out: torch.Tensor, margin: float) -> torch.Tensor:
+    """ReLU: fraction of units zero for every sample; sigmoid/tanh: fraction near a bound."""
+    x = out.detach()
+    name = type(module).__name__
+    if name in DEAD_AT_ZERO:
+        units = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+        return (units == 0).all(dim=0).float().mean()
+    lo, hi = BOUNDS[name]
+    return ((x <= lo + margin) | (x >= hi - margin)).float().mean()
+
+
 def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """L2 norm reduced in float32 (a half-precision norm overflows although no element does)."""
     return torch.linalg.vector_norm(t, dtype=dtype)
@@ -73,6 +100,8 @@ class Recorder:
         *,
         every: int = 1,
         all_modules: bool = False,
+        activation_stats: bool = False,
+        saturation_margin: float = 0.01,
         optimizer: torch.optim.Optimizer | None = None,
         scaler: torch.amp.GradScaler | None = None,
         seed: int | None = None,
@@ -98,6 +127,8 @@ class Recorder:
         self.path = Path(path) if path is not None else None
         self.every = every
         self.all_modules = all_modules
+        self.activation_stats = activation_stats
+        self.saturation_margin = saturation_margin
         self.optimizer = optimizer
         self.scaler = scaler
         # Loss-scaled gradients can be so large that their float32 norm overflows while every
@@ -122,6 +153,10 @@ class Recorder:
         self._probe: Any = None
         self._order = 0
         self._calls_seen = 0  # layer calls recorded this step
+        # Forward statistics: (columns, values) to average per column at step(), and which
+        # layer produced each output node in this pass (to credit an activation's stats).
+        self._stats: list[tuple[list[int], torch.Tensor]] = []
+        self._made_by: dict[int, str] = {}
         self._warned: set[str] = set()
         self._nodes: dict[str, nn.Module] = {}
         self._params: list[tuple[str, str, nn.Parameter]] = []  # (node, param name, param)
@@ -168,6 +203,7 @@ class Recorder:
             "seed": seed,
             "every": self.every,
             "all_modules": self.all_modules,
+            "activation_stats": self.activation_stats,
             "device": str(next(iter(unique)).device) if unique else "cpu",
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -222,6 +258,7 @@ class Recorder:
 
     def _call_hook(self, name: str) -> Any:
         col = self.recording.history.column(("node", name, "activation_grad_norm"))
+        stat_cols = [self.recording.history.column(("node", name, k)) for k in LAYER_STATS]
 
         def on_grad(g: torch.Tensor) -> None:
             self._emit(col, g)
@@ -241,6 +278,12 @@ class Recorder:
                 ins = [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
                 self._calls.append(dataflow.Call(name, outs, ins))
                 self._calls_seen += 1
+                if self.activation_stats:
+                    first = next(t for t in _tensors(output) if t.grad_fn is not None)
+                    if first.is_floating_point() and first.numel():
+                        self._stats.append((stat_cols, _layer_stats(first)))
+                    for node, _ in outs:
+                        self._made_by[id(node)] = name
                 info = self.recording.nodes[name]
                 if "order" not in info:
                     info["order"] = self._order
@@ -251,19 +294,42 @@ class Recorder:
         return hook
 
     def _glue_hook(self, name: str) -> Any:
+        kind = _activation_kind(self.model.get_submodule(name))
+
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if not self._armed():
                 return
             for t in _tensors(output):
                 if t.grad_fn is not None:
                     self._glue.setdefault(id(t.grad_fn), name)
+            if kind and self.activation_stats and isinstance(output, torch.Tensor):
+                try:
+                    self._activation_stat(kind, module, args, output)
+                except Exception as e:  # never break the user's forward
+                    self._fail(e)
 
         return hook
+
+    def _activation_stat(self, kind: str, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        """Credit an activation function's dead/saturated fraction to the layer feeding it."""
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        node = src.grad_fn if src is not None else None
+        if node is not None and id(node) not in self._made_by and src is out:
+            # In place (ReLU(inplace=True)): the tensor's node is now the ReLU's own.
+            node = node.next_functions[0][0] if node.next_functions else None
+        layer = self._made_by.get(id(node)) if node is not None else None
+        if layer is None or out.numel() == 0:
+            return  # fed by a junction or by data: nothing to credit
+        info = self.recording.nodes[layer]
+        info.setdefault("activation", type(module).__name__)
+        col = self.recording.history.column(("node", layer, kind))
+        self._stats.append(([col], _unit_stat(module, out, self.saturation_margin).reshape(1)))
 
     def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The root's forward returned: find this pass's edges and hook their gradients."""
         calls, glue = self._calls, self._glue
         self._calls, self._glue = [], {}
+        self._made_by.clear()
         if not calls or not self._armed():
             return
         try:
@@ -371,6 +437,7 @@ class Recorder:
         if step % self.every or self._failed:
             self._pending.clear()
             self._parts.clear()
+            self._stats.clear()
             return
         try:
             self._record(step, loss)
@@ -419,6 +486,12 @@ class Recorder:
             values.append(t)
         self._pending.clear()
         n_params, n_grads = len(param_cols), len(values)
+        stat_cols: list[int] = []
+        for scols, t in self._stats:  # forward statistics ride along in the same transfer
+            stat_cols.extend(scols)
+            values.extend(t.to(self._dtype).unbind())
+        self._stats.clear()
+        n_stats = len(stat_cols)
         scaled = self.scaler is not None and self.scaler.is_enabled()
         scale_tensor = getattr(self.scaler, "_scale", None) if scaled else None
         if scale_tensor is not None:  # travels with the norms: no extra sync
@@ -426,7 +499,8 @@ class Recorder:
         if isinstance(loss, torch.Tensor):
             values.append(loss.detach().reshape(()).to(self._dtype))
         host = _to_host(values)
-        grads, extra = host[:n_grads], host[n_grads:]
+        grads, stats = host[:n_grads], host[n_grads:n_grads + n_stats]
+        extra = host[n_grads + n_stats:]
         if scale_tensor is not None:
             self._unscale(grads, n_params, extra.pop(0), step)
         loss_value = extra.pop(0) if isinstance(loss, torch.Tensor) else loss
@@ -456,6 +530,14 @@ class Recorder:
         for node, s in node_sq.items():
             row_cols.append(hist.column(("node", node, "gradient_norm")))
             row_vals.append(math.sqrt(s))
+        if stat_cols:  # a layer called several times: the mean over its calls
+            total = np.zeros(width, dtype=np.float64)
+            count = np.zeros(width, dtype=np.int64)
+            np.add.at(total, np.asarray(stat_cols, dtype=np.intp), np.asarray(stats))
+            np.add.at(count, np.asarray(stat_cols, dtype=np.intp), 1)
+            for c in np.flatnonzero(count):
+                row_cols.append(int(c))
+                row_vals.append(float(total[c] / count[c]))
         if loss_value is not None:
             row_cols.append(hist.column(("loss",)))
             row_vals.append(float(loss_value))
@@ -502,6 +584,8 @@ class Recorder:
         self._calls, self._glue = [], {}
         self._pending.clear()
         self._parts.clear()
+        self._stats.clear()
+        self._made_by.clear()
         if self._writer is not None:
             self._writer.flush(self.recording, wait=True)
 
@@ -509,6 +593,16 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+def _activation_kind(module: nn.Module) -> str | None:
+    """Which unit statistic an activation module gets: dead_frac, saturated_frac or none."""
+    name = type(module).__name__
+    if name in DEAD_AT_ZERO:
+        return "dead_frac"
+    if name in BOUNDS:
+        return "saturated_frac"
+    return None
 
 
 def _to_host(values: list[torch.Tensor]) -> list[float]:

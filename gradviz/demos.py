@@ -33,6 +33,39 @@ class MLP(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
 
 
+class DeadReLU(MLP):
+    """The MLP with large negative biases: most ReLU units never fire (dead ReLUs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for layer in (self.fc1, self.fc2):
+            nn.init.constant_(layer.bias, -3.0)
+
+
+class Saturating(nn.Module):
+    """A sigmoid MLP with large weights: its units sit at 0 or 1 (saturation)."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, N_CLASSES)
+        self.act = nn.Sigmoid()
+        for layer in (self.fc1, self.fc2):
+            nn.init.normal_(layer.weight, std=8.0 / math.sqrt(layer.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class Unused(MLP):
+    """The MLP plus a layer that is never called: it never gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(IN_FEATURES, N_CLASSES)
+
+
 class DeepSigmoid(nn.Module):
     """20 Linear+Sigmoid layers of width 100: gradients vanish towards the input."""
 
@@ -298,6 +331,12 @@ DEMOS: dict[str, Demo] = {
     d.name: d
     for d in [
         Demo("mlp", "MLP fc1-fc2-fc3 with ReLU: healthy flow", MLP,
+             lambda n, g: vectors(n, IN_FEATURES, g)),
+        Demo("dead-relu", "the MLP with large negative biases: dead ReLUs", DeadReLU,
+             lambda n, g: vectors(n, IN_FEATURES, g)),
+        Demo("saturating", "a sigmoid MLP with large weights: saturation", Saturating,
+             lambda n, g: vectors(n, IN_FEATURES, g)),
+        Demo("unused", "the MLP plus a layer that is never called: no gradient", Unused,
              lambda n, g: vectors(n, IN_FEATURES, g)),
         Demo("deep-sigmoid", "20 Linear+Sigmoid layers: vanishing gradients", DeepSigmoid,
              lambda n, g: vectors(n, IN_FEATURES, g)),

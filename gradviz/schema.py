@@ -30,6 +30,11 @@ ABSENT_BITS = 0xFFFFFFFF
 
 NODE_KINDS = ("layer", "module", "junction")
 NODE_SERIES = ("gradient_norm", "activation_grad_norm", "input_grad_norm")
+# Forward statistics (recorded with activation_stats=True): layer output mean, std, min,
+# max, fraction of exact zeros; and, credited to the layer feeding an activation function,
+# the fraction of dead ReLU units and of saturated sigmoid/tanh values.
+STAT_SERIES = ("act_mean", "act_std", "act_min", "act_max", "act_zero_frac", "dead_frac",
+               "saturated_frac")
 
 Value = float | None
 
@@ -169,6 +174,10 @@ def validate(doc: Any) -> int:
         for key in NODE_SERIES:
             if key in node:
                 _norm(node[key], f"{where} ({nid}).{key}")
+        for key, v in _obj(node.get("stats", {}), f"{where} ({nid}).stats").items():
+            if key not in STAT_SERIES:
+                raise _fail(f"{where} ({nid}).stats: unknown statistic {key!r}")
+            decode_value(v, f"{where} ({nid}).stats.{key}")
         if version >= 1:
             if node.get("kind") not in NODE_KINDS:
                 raise _fail(f"{where} ({nid}).kind: expected one of {NODE_KINDS}, "
@@ -220,7 +229,7 @@ def _validate_history(h: dict[str, Any], ids: set[str], edge_ids: set[str]) -> N
             if key == "params":
                 for pname, ptext in _obj(text, f"history.nodes[{nid!r}].params").items():
                     decode_series(ptext, n, f"history.nodes[{nid!r}].params.{pname}")
-            elif key in NODE_SERIES:
+            elif key in NODE_SERIES or key in STAT_SERIES:
                 decode_series(text, n, f"history.nodes[{nid!r}].{key}")
             else:
                 raise _fail(f"history.nodes[{nid!r}]: unknown series {key!r}")

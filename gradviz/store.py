@@ -121,6 +121,13 @@ class Recording:
                 node[key] = enc(h.last(("node", nid, key)))
                 if ("node", nid, key) in h.columns:
                     series[key] = schema.encode_series(h.series(("node", nid, key)))
+            stats = {}
+            for key in schema.STAT_SERIES:
+                if ("node", nid, key) in h.columns:
+                    stats[key] = enc(h.last(("node", nid, key)))
+                    series[key] = schema.encode_series(h.series(("node", nid, key)))
+            if stats:
+                node["stats"] = stats
             if params:
                 series["params"] = {
                     p: schema.encode_series(h.series(("param", nid, p))) for p in params
@@ -167,6 +174,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save(path: Path, rec: Recording) -> None:
+    """Write a whole Recording now (atomically)."""
+    write_atomic(path, dumps(rec.to_document()))
 
 
 def backup_existing(path: Path) -> Path | None:
@@ -261,6 +273,7 @@ class Run:
                 p: {**info, "gradient_norm": dv(info.get("gradient_norm"))}
                 for p, info in node["params"].items()
             }
+            node["stats"] = {k: dv(v) for k, v in node.get("stats", {}).items()}
             self.nodes.append(node)
         self.edges: list[dict[str, Any]] = []
         for i, edge in enumerate(doc.get("edges", [])):

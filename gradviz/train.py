@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import capture, demos
+from . import analyses as deep
+from . import capture, demos, store
 from .errors import RecordingError
-from .store import Run
+from .store import Recording, Run
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05}
@@ -25,6 +26,7 @@ class Result:
     """What a training run produced."""
 
     run: Run
+    recording: Recording
     path: Path | None
     first_loss: float
     last_loss: float
@@ -86,12 +88,16 @@ def train(
     all_modules: bool = False,
     amp: bool = False,
     accumulate: int = 1,
+    activation_stats: bool = True,
+    analyses: tuple[str, ...] = (),
     progress: bool | None = None,
 ) -> Result:
     """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``.
 
     ``amp`` trains under autocast (bfloat16 on CPU, float16 on CUDA) with a GradScaler;
     ``accumulate`` sums the gradients of that many micro-batches per optimizer step.
+    ``analyses`` names deeper analyses (``noise_scale``, ``hessian``, ``covariance``) run on
+    the trained model at the end; their results go to the file's ``meta.analyses``.
     """
     if model_name not in demos.DEMOS:
         raise RecordingError(
@@ -106,6 +112,9 @@ def train(
         if value < 1:
             raise RecordingError(f"{flag} must be at least 1, got {value}")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
+    unknown = [a for a in analyses if a not in deep.COST]
+    if unknown:
+        raise RecordingError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(deep.COST)}")
     if not (lr > 0 and math.isfinite(lr)):
         raise RecordingError(f"--lr must be a positive number, got {lr}")
     dev = resolve_device(device)
@@ -124,7 +133,7 @@ def train(
     interrupted = False
     rec = capture.record(
         model, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
-        scaler=scaler if amp else None,
+        scaler=scaler if amp else None, activation_stats=activation_stats,
         meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
               "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
     )
@@ -149,4 +158,30 @@ def train(
                 bar.update(done, last)
         except KeyboardInterrupt:
             interrupted = True  # leaving the with block writes every step recorded so far
-    return Result(rec.to_run(), rec.path, first, last, done, interrupted)
+    if analyses and not interrupted:
+        results = run_analyses(model, loss_fn, x_all, y_all, batch_size, analyses, g, dev)
+        rec.recording.meta = {**rec.recording.meta, "analyses": results}
+        if rec.path is not None:
+            store.save(rec.path, rec.recording)
+    return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
+
+
+def run_analyses(model: nn.Module, loss_fn: nn.Module, x_all: torch.Tensor,
+                 y_all: torch.Tensor, batch_size: int, names: tuple[str, ...],
+                 g: torch.Generator, dev: torch.device) -> dict[str, object]:
+    """The deeper analyses on the trained model, on 8 fresh batches (outside the recorder)."""
+    def fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(m(x), y)
+
+    batches = []
+    for _ in range(8):
+        idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
+        batches.append((x_all[idx].to(dev), y_all[idx].to(dev)))
+    out: dict[str, object] = {}
+    if "noise_scale" in names:
+        out["noise_scale"] = deep.gradient_noise_scale(model, fn, batches)
+    if "hessian" in names:
+        out["hessian"] = deep.top_hessian_eigenvalue(model, fn, *batches[0])
+    if "covariance" in names:
+        out["covariance"] = deep.gradient_covariance(model, fn, batches)
+    return out

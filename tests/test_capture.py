@@ -47,7 +47,8 @@ def test_norms_equal_plain_autograd(name: str) -> None:
             assert rel_close(node["params"][pname]["gradient_norm"], want), f"{nid}.{pname}"
         assert rel_close(node["activation_grad_norm"], ref.activation_norm(nid)), nid
         checked += node["activation_grad_norm"] is not None
-    assert checked == len(layers)  # every layer's dL/d(output) was seen
+    # every layer's dL/d(output) was seen (all but the unused demo's never-called layer)
+    assert checked == sum(ref.activation_norm(n["id"]) is not None for n in layers) > 0
     assert rel_close(run.loss[0], float(ref.loss.detach()))
 
 

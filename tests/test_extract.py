@@ -65,8 +65,28 @@ def test_every_demo_writes_a_valid_file(tmp_path, name: str) -> None:
     assert run.steps == [0, 1, 2] and result.steps == 3
     assert run.meta["demo"] == name and run.meta["optimizer"] == "Adam"
     assert run.edges, "a demo model without edges"
-    layer_norms = [n["gradient_norm"] for n in run.nodes if n["kind"] == "layer"]
+    layer_norms = [n["gradient_norm"] for n in run.nodes
+                   if n["kind"] == "layer" and n["id"] != "aux"]  # aux: the unused layer
     assert all(v is not None for v in layer_norms)
+
+
+def test_findings_are_printed_and_written_into_the_file(tmp_path) -> None:
+    out = run_extract("--model", "deep-sigmoid", "--steps", "40", "--noise-scale", "--hessian",
+                      "--covariance", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^CRITICAL vanishing +layers\.0", out.stdout, re.M)
+    assert "try: " in out.stdout
+    path = tmp_path / "training_output.json"
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert run.findings[0]["kind"] == "vanishing" and run.findings[0]["layers"][0] == "layers.0"
+    analyses = run.meta["analyses"]
+    assert set(analyses) == {"noise_scale", "hessian", "covariance"}
+    assert "B_simple" in out.stdout and "top eigenvalue" in out.stdout
+    healthy = run_extract("--steps", "30", "--output", "h.json", "--no-stats", cwd=tmp_path)
+    assert "gradient flow looks healthy" in healthy.stdout
+    history = orjson.loads((tmp_path / "h.json").read_bytes())["history"]
+    assert "dead_frac" not in history["nodes"]["fc1"]
 
 
 def test_amp_and_accumulation(tmp_path) -> None:
@@ -109,6 +129,7 @@ def test_same_seed_same_numbers(tmp_path) -> None:
     (["--every", "abc"], "invalid int value"),
     (["--output", "."], "is a directory"),
     (["--device", "tpu9"], "is not a device"),
+    (["--dead-above", "1.5"], "--dead-above must be above 0 and at most 1"),
 ])
 def test_bad_flags_get_one_clear_line(tmp_path, args: list[str], message: str) -> None:
     out = run_extract(*args, "--steps" if "--steps" not in args else "--seed", "2", cwd=tmp_path)
