@@ -357,8 +357,10 @@
     state.selected = id;
     network.selectNodes([id]);
     if (focus) {
-      network.focus(id, { scale: Math.max(network.getScale(), 1.0),
-                          animation: { duration: 300, easingFunction: "easeInOutQuad" } });
+      // no animation: vis-network 9 leaves an interrupted animation running, which later
+      // drags the view back when a second focus starts before the first one ends
+      network.focus(id, { scale: Math.max(network.getScale(), 1.0), locked: false,
+                          animation: false });
     }
     renderDetails();
     if (!state.run.steps.length || state.layers[id]) return;

@@ -1,0 +1,395 @@
+"""The page in headless Chromium, against a real server (and the --export file).
+
+Every test routes every request: anything not for 127.0.0.1 (or, for the export, not the
+file itself) is aborted and recorded, and the list must stay empty. Console errors
+(Content-Security-Policy violations among them) and dialogs fail the test too.
+Without /usr/bin/chromium these tests skip, unless CI is set: then they fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from gradviz import render, store
+from gradviz.graph import build_graph, node_status
+from gradviz.web import create_app, export_html
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path(os.environ.get("GRADVIZ_CHROMIUM", "/usr/bin/chromium"))
+ARGS = ["--no-sandbox", "--disable-gpu", "--headless"]
+READY = "window.gradviz && gradviz.state.ready"
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so browser tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("playwright is not installed: pip install playwright")
+    if not CHROMIUM.exists():
+        unavailable(f"{CHROMIUM} not found: apt-get install chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., str]]:
+    """serve(path, **config) starts a real threaded server on a free port; returns its URL."""
+    from werkzeug.serving import make_server
+
+    servers = []
+
+    def start(path: Path, **config: Any) -> str:
+        srv = make_server("127.0.0.1", 0, create_app({"INPUT": path, **config}), threaded=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_port}/"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@dataclass
+class Session:
+    """One page, with everything it tried that it should not have."""
+
+    page: Any
+    outside: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def js(self, expr: str, arg: Any = None) -> Any:
+        return self.page.evaluate(expr, arg)
+
+    def check(self) -> None:
+        assert self.outside == [], f"requests left 127.0.0.1: {self.outside}"
+        assert self.dialogs == [], f"a dialog opened: {self.dialogs}"
+        assert self.errors == [], f"console errors: {self.errors}"
+
+
+@pytest.fixture
+def open_page(browser: Any) -> Iterator[Callable[..., Session]]:
+    contexts = []
+    sessions: list[Session] = []
+
+    def open_(url: str, offline: bool = False, width: int = 1400, height: int = 800) -> Session:
+        ctx = browser.new_context(viewport={"width": width, "height": height})
+        contexts.append(ctx)
+        page = ctx.new_page()
+        s = Session(page)
+        sessions.append(s)
+
+        def route(r: Any) -> None:
+            u = urlsplit(r.request.url)
+            local = u.scheme == "http" and u.hostname == "127.0.0.1" and not offline
+            if local or r.request.url == url or u.scheme == "data":
+                r.continue_()
+            else:
+                s.outside.append(r.request.url)
+                r.abort()
+
+        def request(req: Any) -> None:  # file:// and data: may bypass routing: watch them too
+            u = urlsplit(req.url)
+            if u.scheme not in ("http", "data") and req.url != url:
+                s.outside.append(req.url)
+
+        ctx.route("**/*", route)
+        if offline:
+            ctx.set_offline(True)
+        page.on("request", request)
+        page.on("console", lambda m: s.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: s.errors.append(str(e)))
+        page.on("dialog", lambda d: (s.dialogs.append(d.message), d.dismiss()))
+        page.goto(url)
+        page.wait_for_function(f"() => ({READY})", timeout=20000)
+        return s
+
+    yield open_
+    for ctx in contexts:
+        ctx.close()
+    for s in sessions:
+        s.check()
+
+
+def wait(s: Session, condition: str, timeout: float = 10000) -> None:
+    """Wait until a JS condition holds (as a function: the page's CSP forbids eval)."""
+    s.page.wait_for_function(f"() => ({condition})", timeout=timeout)
+
+
+def edge_colours(s: Session) -> dict[str, str]:
+    return dict(s.js("gradviz.edges.get().map(e => [e.id, e.color.color])"))
+
+
+def node_sizes(s: Session) -> dict[str, float]:
+    return dict(s.js("gradviz.nodes.get().map(n => [n.id, n.size])"))
+
+
+def expected_colour(x: float | None, threshold: float) -> str:
+    if x is None:
+        return render.PALETTE["absent"]
+    if not math.isfinite(x):
+        return render.PALETTE["nonfinite"]
+    return render.PALETTE["above"] if x > threshold else render.PALETTE["below"]
+
+
+def node_xy(s: Session, node_id: str) -> tuple[float, float]:
+    """Where a node is drawn, in page coordinates."""
+    xy = s.js("id => gradviz.network.canvasToDOM(gradviz.network.getPositions([id])[id])", node_id)
+    box = s.page.locator("#gv-network").bounding_box()
+    return box["x"] + xy["x"], box["y"] + xy["y"]
+
+
+def click_node(s: Session, node_id: str) -> None:
+    s.page.mouse.click(*node_xy(s, node_id))
+
+
+def hover_tooltip(s: Session, node_id: str) -> Any:
+    """Move the mouse onto a node the way a hand does, and return the visible tooltip."""
+    s.js("gradviz.network.fit({animation: false})")
+    check = """id => { const t = document.querySelector('div.vis-tooltip');
+        return !!t && t.style.visibility === 'visible' && t.textContent.startsWith(id); }"""
+    for _ in range(3):  # a slow machine may miss the first pass; a hand would try again
+        x, y = node_xy(s, node_id)
+        s.page.mouse.move(x - 30, y - 30)
+        s.page.mouse.move(x, y, steps=6)
+        try:
+            s.page.wait_for_function(check, arg=node_id, timeout=2000)
+            break
+        except Exception:
+            continue
+    assert s.js(check, node_id), f"no tooltip for {node_id}"
+    return s.page.locator("div.vis-tooltip")
+
+
+# -- tests -------------------------------------------------------------------------------
+
+
+def test_page_draws_the_file(serve, open_page, residual_file: Path) -> None:
+    run = store.load(residual_file)
+    s = open_page(serve(residual_file))
+    assert s.js("gradviz.nodes.length") == len(run.nodes)
+    assert s.js("gradviz.edges.length") == len(run.edges)
+    assert s.js("gradviz.network.physics.options.enabled") is False
+    # the page re-styled every node and edge in JS: it must agree with render.py
+    first = s.js("JSON.parse(document.getElementById('gv-nodes').textContent)")
+    now = {n["id"]: n for n in s.js("gradviz.nodes.get()")}
+    for n in first:
+        assert now[n["id"]]["size"] == pytest.approx(n["size"], abs=1e-3)
+        assert now[n["id"]]["color"] == n["color"]
+        assert now[n["id"]]["title"] == n["title"]
+    first = s.js("JSON.parse(document.getElementById('gv-edges').textContent)")
+    now = {e["id"]: e for e in s.js("gradviz.edges.get()")}
+    for e in first:
+        assert now[e["id"]]["width"] == pytest.approx(e["width"], abs=1e-3)
+        assert now[e["id"]]["color"] == e["color"] and now[e["id"]]["title"] == e["title"]
+    assert s.page.locator("#gv-threshold-value").text_content() == "0.01"
+    assert s.page.locator("#gv-notices").is_hidden()
+    assert "ResidualMLP" in s.page.locator("#gv-meta").text_content()
+
+
+def test_threshold_slider_recolours_exactly(serve, open_page, residual_file: Path) -> None:
+    run = store.load(residual_file)
+    latest = {e["id"]: e["gradient_norm"] for e in run.edges}
+    s = open_page(serve(residual_file))
+    seen = set()
+    for log_t in ("-2", "-2.5", "-1.3", "-3.2", "-0.8"):
+        s.page.locator("#gv-threshold").fill(log_t)
+        t = s.js("gradviz.state.threshold")
+        assert t == pytest.approx(10 ** float(log_t))
+        colours = edge_colours(s)
+        assert colours == {eid: expected_colour(x, t) for eid, x in latest.items()}
+        seen.add(tuple(sorted(colours.items())))
+        label = s.page.locator("#gv-threshold-value").text_content()
+        assert label == render.fmt(t)
+    assert len(seen) >= 3  # the thresholds above really split the edges differently
+
+
+def test_step_slider_changes_sizes(serve, open_page, residual_file: Path) -> None:
+    run = store.load(residual_file)
+    g = build_graph(run)
+    node_scale, _ = render.scales(g)
+    s = open_page(serve(residual_file))
+    before = node_sizes(s)
+    s.page.locator("#gv-step").fill("0")
+    wait(s, f"gradviz.state.shownStep === {run.steps[0]}")
+    after = node_sizes(s)
+    changed = [n for n in before if before[n] != pytest.approx(after[n], abs=1e-6)]
+    assert len(changed) >= 5
+    for nid, d in g.nodes(data=True):  # sizes are those of step 0, not just different
+        grad, act = run.node_history(nid)[0], run.node_history(nid, "activation_grad_norm")[0]
+        attrs = {**d, "gradient_norm": grad, "status": node_status(d["has_params"], grad, act)}
+        want = render.node_style(attrs, node_scale)["size"]
+        assert after[nid] == pytest.approx(want, abs=1e-3), nid
+    assert s.page.locator("#gv-step-value").text_content().startswith("0 (1/30)")
+    colours = edge_colours(s)
+    for e in run.edges:
+        assert colours[e["id"]] == expected_colour(run.edge_history(e["id"])[0], 0.01)
+
+
+def test_details_search_findings_tooltip(serve, open_page, residual_file: Path) -> None:
+    s = open_page(serve(residual_file))
+    click_node(s, "blocks.1.fc2")
+    wait(s, "gradviz.state.layers['blocks.1.fc2'] !== undefined")
+    assert s.page.locator("#gv-details-title").text_content() == "blocks.1.fc2"
+    assert "Linear · layer · 16,512 parameters" in s.page.locator("#gv-details-sub").text_content()
+    table = s.page.locator("#gv-details-table").text_content()
+    assert "weight [128×128]" in table and "bias [128]" in table and "…" not in table
+    inked = s.js(
+        """() => { const c = document.getElementById('gv-layer-chart');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }"""
+    )
+    assert inked > 200  # the chart drew something
+    s.page.locator("#gv-search").fill("blocks.3.FC2")
+    s.page.locator("#gv-search").press("Enter")
+    assert s.js("gradviz.state.selected") == "blocks.3.fc2"
+    s.page.locator("#gv-search").fill("no-such-layer")
+    s.page.locator("#gv-search").press("Enter")
+    assert "no layer matches" in s.page.locator("#gv-search-status").text_content()
+    s.page.locator("#gv-findings > li").first.click()
+    assert s.js("gradviz.state.selected") == "blocks.0.fc1"
+    tip = hover_tooltip(s, "head")
+    assert "head" in tip.text_content() and "gradient norm" in tip.text_content()
+
+
+def test_nonfinite_and_absent_styles(serve, open_page, nonfinite_file: Path) -> None:
+    s = open_page(serve(nonfinite_file))
+    colours = edge_colours(s)
+    assert colours["e1"] == render.PALETTE["absent"]
+    assert colours["e3"] == colours["e4"] == render.PALETTE["nonfinite"]
+    fills = dict(s.js("gradviz.nodes.get().map(n => [n.id, n.color.background])"))
+    assert fills["fc_nan"] == fills["fc_inf"] == render.PALETTE["nonfinite"]
+    assert fills["embed"] == render.PALETTE["absent_fill"]
+    assert s.js("gradviz.nodes.get('cat#1').shape") == "diamond"
+
+
+def test_minimal_and_edgeless_files_say_so(serve, open_page, make_file) -> None:
+    s = open_page(serve(make_file("minimal")))
+    assert s.js("gradviz.nodes.length") == 3 and s.js("gradviz.edges.length") == 2
+    assert "original minimal format" in s.page.locator("#gv-notices").text_content()
+    assert s.page.locator("#gv-step-control").is_hidden()
+    s = open_page(serve(make_file("no_edges")))
+    assert "no edges" in s.page.locator("#gv-notices").text_content()
+    s = open_page(serve(make_file("no_history")))
+    assert "no recorded steps" in s.page.locator("#gv-notices").text_content()
+
+
+def test_data_never_runs(serve, open_page, evil_file: Path) -> None:
+    from conftest import EVIL_NAMES
+
+    s = open_page(serve(evil_file))
+    assert sorted(s.js("gradviz.nodes.getIds()")) == sorted(EVIL_NAMES)
+    assert s.js("document.querySelectorAll('img, svg, b, i, iframe').length") == 0
+    assert s.js("document.scripts.length") == 6  # four JSON blocks and our two scripts
+    for name in EVIL_NAMES:
+        s.page.locator("#gv-search").fill(name)
+        s.page.locator("#gv-search").press("Enter")
+        assert s.page.locator("#gv-details-title").text_content() == name
+        if name == "{{ 7*7 }}":
+            assert "<b>Bold</b>" in s.page.locator("#gv-details-sub").text_content()
+    assert "<b>Bold</b>" not in s.page.locator("#gv-details-sub").text_content()
+    meta = s.page.locator("#gv-meta").text_content()
+    assert "<script>alert(4)</script>" in meta and "{{ config }}" in meta
+    findings = s.page.locator("#gv-findings").text_content()
+    assert "<img src=y onerror=alert(5)>" in findings and "{{ 7*7 }}" in findings
+    tip = hover_tooltip(s, EVIL_NAMES[0])
+    assert EVIL_NAMES[0] in tip.text_content()
+    assert s.js("document.querySelectorAll('div.vis-tooltip *:not(br)').length") == 0
+    s.page.wait_for_timeout(300)  # give any injected handler a chance to fire
+    assert s.dialogs == []
+
+
+def test_export_works_offline(open_page, residual_file: Path, tmp_path: Path) -> None:
+    run = store.load(residual_file)
+    out = tmp_path / "graph.html"
+    out.write_text(export_html(residual_file), encoding="utf-8")
+    s = open_page(out.as_uri(), offline=True)
+    assert s.js("gradviz.state.mode") == "export"
+    assert s.js("gradviz.nodes.length") == len(run.nodes)
+    assert s.js("gradviz.edges.length") == len(run.edges)
+    before = node_sizes(s)
+    s.page.locator("#gv-step").fill("0")
+    wait(s, f"gradviz.state.shownStep === {run.steps[0]}")
+    assert node_sizes(s) != before
+    s.page.locator("#gv-threshold").fill("-3")
+    t = s.js("gradviz.state.threshold")
+    colours = edge_colours(s)
+    assert colours == {e["id"]: expected_colour(run.edge_history(e["id"])[0], t) for e in run.edges}
+    click_node(s, "blocks.2.fc1")
+    wait(s, "gradviz.state.layers['blocks.2.fc1'] !== undefined")
+    table = s.page.locator("#gv-details-table").text_content()
+    want = render.fmt(run.param_history("blocks.2.fc1", "weight")[0])
+    assert want in table and "…" not in table
+
+
+def test_live_updates_without_reload(serve, open_page, make_file) -> None:
+    path = make_file("residual", name="live.json")
+    s = open_page(serve(path))
+    s.js("window.__sameDocument = true")
+
+    def replace(**options: Any) -> None:
+        new = make_file("residual", name="next.json", **options)
+        mtime = path.stat().st_mtime_ns
+        os.replace(new, path)  # as the recorder does: temp file, then rename
+        os.utime(path, ns=(mtime + 10**6, mtime + 10**6))
+
+    replace(n_steps=33)
+    wait(s, "gradviz.state.run.steps.length === 33")
+    assert s.js("gradviz.state.shownStep") == 320  # it was at the last step: it follows
+    assert s.page.locator("#gv-step").get_attribute("max") == "32"
+    replace(n_steps=34, n_blocks=7)  # new layers appear: the graph is rebuilt
+    wait(s, "gradviz.nodes.length === 23")
+    assert s.js("gradviz.edges.length") == 29
+    path.write_bytes(b'{"nodes": [')  # a broken write: the last good version stays
+    wait(s, "document.getElementById('gv-live').textContent.includes('last good')")
+    assert s.js("gradviz.nodes.length") == 23
+    assert s.js("window.__sameDocument") is True  # never reloaded
+
+
+def test_big_graph_draws_fast(serve, open_page, big_file: Path) -> None:
+    run = store.load(big_file)
+    url = serve(big_file)
+    t = time.perf_counter()
+    s = open_page(url)
+    elapsed = time.perf_counter() - t
+    assert s.js("gradviz.nodes.length") == len(run.nodes) > 1000
+    assert s.js("gradviz.edges.length") == len(run.edges)
+    assert elapsed < 20  # a few seconds at most; physics on would take minutes
+    s.page.locator("#gv-threshold").fill("-1")
+    assert set(edge_colours(s).values()) <= {render.PALETTE["above"], render.PALETTE["below"]}
+
+
+def test_screenshot(serve, open_page, make_file) -> None:
+    """The README's picture: a residual net with a finding, one layer selected."""
+    path = make_file("residual", name="training_output.json", n_blocks=5, n_steps=40)
+    s = open_page(serve(path), width=1500, height=860)
+    click_node(s, "blocks.1.fc2")
+    wait(s, "gradviz.state.layers['blocks.1.fc2'] !== undefined")
+    s.page.mouse.move(5, 300)
+    s.page.wait_for_timeout(200)
+    out = ROOT / "docs" / "screenshot.png"
+    out.parent.mkdir(exist_ok=True)
+    s.page.screenshot(path=str(out))
+    assert out.stat().st_size > 20000
