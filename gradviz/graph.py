@@ -47,8 +47,9 @@ def build_graph(run: Run) -> nx.DiGraph:
 
     Node attributes: kind, type, order, has_params, param_count, params (name -> shape,
     numel, trainable, gradient_norm, status), gradient_norm, activation_grad_norm,
-    input_grad_norm, status. Edge attributes: id, gradient_norm, status, via; a second
-    file edge between the same two nodes goes into the first one's ``parallel`` list.
+    input_grad_norm, stats (forward statistics, when recorded), status. Edge attributes:
+    id, gradient_norm, status, via; a second file edge between the same two nodes goes
+    into the first one's ``parallel`` list.
     Graph attributes: version, steps, loss, meta, findings, edge_ids, norm_range, edge_range.
     """
     g = nx.DiGraph()
@@ -73,6 +74,11 @@ def build_graph(run: Run) -> nx.DiGraph:
             gradient_norm=grad,
             activation_grad_norm=act,
             input_grad_norm=node.get("input_grad_norm"),
+            stats={
+                k: v
+                for k, v in _dict(node.get("stats")).items()
+                if k in schema.STAT_SERIES and (v is None or isinstance(v, float))
+            },
             status=node_status(has_params, grad, act),
         )
     edge_ids: list[str] = []

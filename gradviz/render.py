@@ -423,7 +423,13 @@ def layer_payload(run: Run, g: nx.DiGraph, node_id: str) -> dict[str, Any]:
         "gradient_norm": _values(run.array(("node", node_id, "gradient_norm"))),
         "activation_grad_norm": _values(run.array(("node", node_id, "activation_grad_norm"))),
         "params": {p: _values(run.array(("param", node_id, p))) for p in params},
+        "stats": {k: _values(run.array(("node", node_id, k))) for k in _stat_keys(run, node_id)},
     }
+
+
+def _stat_keys(run: Run, node_id: str) -> list[str]:
+    keys = set(run.keys())
+    return [k for k in schema.STAT_SERIES if ("node", node_id, k) in keys]
 
 
 def graph_payload(
@@ -443,6 +449,7 @@ def graph_payload(
                 "has_params": d["has_params"],
                 "param_count": d["param_count"],
                 "order": d["order"],
+                "stats": {k: enc(v) for k, v in d.get("stats", {}).items()},
                 "params": [
                     {
                         "name": p,
@@ -504,6 +511,9 @@ def history_payload(run: Run, g: nx.DiGraph, fr: Frames | None = None) -> dict[s
         "params": {
             n: {p: b64(run.array(("param", n, p))) for p in g.nodes[n]["params"]}
             for n in fr.node_ids
+        },
+        "stats": {
+            n: {k: b64(run.array(("node", n, k))) for k in _stat_keys(run, n)} for n in fr.node_ids
         },
     }
 

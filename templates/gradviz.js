@@ -9,6 +9,11 @@
   "use strict";
 
   var ABSENT_BITS = 0xffffffff;
+  var STATS = {  // gradviz.schema.STAT_SERIES, as the detail panel words them
+    act_mean: "output mean", act_std: "output std", act_min: "output min",
+    act_max: "output max", act_zero_frac: "zeros in output", dead_frac: "dead ReLU units",
+    saturated_frac: "saturated units",
+  };
 
   function $(id) { return document.getElementById(id); }
   function readJSON(id) { return JSON.parse($(id).textContent); }
@@ -198,10 +203,12 @@
   }
 
   function decodeLayer(p) {
-    var params = {};
+    var params = {}, stats = {};
     Object.keys(p.params).forEach(function (k) { params[k] = decList(p.params[k]); });
+    Object.keys(p.stats || {}).forEach(function (k) { stats[k] = decList(p.stats[k]); });
     return { id: p.id, gradient_norm: decList(p.gradient_norm),
-             activation_grad_norm: decList(p.activation_grad_norm), params: params };
+             activation_grad_norm: decList(p.activation_grad_norm), params: params,
+             stats: stats };
   }
 
   var serverSource = {
@@ -239,13 +246,17 @@
       },
       layer: function (id) {
         var j = state.run.nodes.findIndex(function (n) { return n.id === id; });
-        var params = {}, src = h.params[id] || {};
-        Object.keys(src).forEach(function (p) {
-          var a = floats(src[p]);
-          params[p] = state.run.steps.map(function (_, i) { return at(a, i); });
-        });
+        function series(src) {
+          var out = {};
+          Object.keys(src || {}).forEach(function (k) {
+            var a = floats(src[k]);
+            out[k] = state.run.steps.map(function (_, i) { return at(a, i); });
+          });
+          return out;
+        }
         return Promise.resolve({ id: id, gradient_norm: column(grad, nn, j),
-                                 activation_grad_norm: column(act, nn, j), params: params });
+                                 activation_grad_norm: column(act, nn, j),
+                                 params: series(h.params[id]), stats: series(h.stats[id]) });
       },
     };
   }
@@ -400,6 +411,15 @@
       var label = p.name + (p.shape ? " [" + p.shape.join("×") + "]" : "") +
         (p.trainable === false ? " (frozen)" : "");
       row(tbody, label, x === undefined ? "…" : fmt(x), true);
+    });
+    // forward statistics, when the run recorded them (activation_stats=True)
+    var stats = h ? h.stats : (state.run.steps.length ? {} : info.stats || {});
+    Object.keys(STATS).forEach(function (key) {
+      if (!(key in stats)) return;
+      var x = h ? stats[key][k] : dec(stats[key]);
+      var pct = key.slice(-5) === "_frac";
+      row(tbody, STATS[key], x === null || x === undefined ? "absent" :
+          pct && Number.isFinite(x) ? (100 * x).toFixed(1) + " %" : fmt(x), true);
     });
     var chart = $("gv-layer-chart");
     chart.hidden = !state.run.steps.length;

@@ -31,8 +31,12 @@ def write_recording(
     value: Callable[[tuple[str, ...], int], Value],
     meta: dict[str, Any] | None = None,
     findings: list[dict[str, Any]] | None = None,
+    stats: tuple[str, ...] = (),
 ) -> Path:
-    """Write a version-1 file; value(key, step) gives each series' value (None = absent)."""
+    """Write a version-1 file; value(key, step) gives each series' value (None = absent).
+
+    stats names forward statistics (gradviz.schema.STAT_SERIES) to record for every layer.
+    """
     rec = store.Recording(
         meta=dict(meta or {}), nodes=nodes, edges=edges, findings=list(findings or [])
     )
@@ -42,6 +46,8 @@ def write_recording(
             keys.append(("node", nid, "gradient_norm"))
         keys.append(("node", nid, "activation_grad_norm"))
         keys.extend(("param", nid, p) for p in info.get("params", {}))
+        if info["kind"] == "layer":
+            keys.extend(("node", nid, k) for k in stats)
     keys.extend(("edge", eid) for eid in edges)
     if not steps:  # History.series() fails on columns that were never appended to
         keys = []
@@ -97,7 +103,12 @@ def chain(path: Path, n_steps: int = 20) -> Path:
 
 
 def residual(
-    path: Path, n_blocks: int = 6, n_steps: int = 30, every: int = 10, findings: bool = True
+    path: Path,
+    n_blocks: int = 6,
+    n_steps: int = 30,
+    every: int = 10,
+    findings: bool = True,
+    stats: bool = True,
 ) -> Path:
     """A residual MLP: stem, n blocks of fc1 -> fc2 joined by add junctions, and a head."""
     rng = np.random.default_rng(0)
@@ -126,6 +137,10 @@ def residual(
         if key == ("loss",):
             return 2.3 * math.exp(-4 * t) + 0.05 + 0.02 * math.sin(step)
         name = key[1]
+        if key[-1] == "dead_frac":
+            return 0.05 + 0.4 * t * scale[name] / 3
+        if key[-1] == "act_mean":
+            return 0.1 * scale[name]
         # the blocks' first layers learn slowly: their edges dip under the threshold late on
         base = 0.004 if ".fc1" in name else 0.05
         v = base * scale[name] * (1.5 - t) * (1 + 0.2 * math.sin(step / 7 + scale[name]))
@@ -149,7 +164,16 @@ def residual(
             "suggestions": ["raise the learning rate of early blocks", "check the init"],
         },
     ]
-    return write_recording(path, nodes, edges, steps, value, meta, found if findings else [])
+    return write_recording(
+        path,
+        nodes,
+        edges,
+        steps,
+        value,
+        meta,
+        found if findings else [],
+        ("act_mean", "dead_frac") if stats else (),
+    )
 
 
 def nonfinite(path: Path) -> Path:

@@ -256,6 +256,7 @@ def test_details_search_findings_tooltip(serve, open_page, residual_file: Path) 
     assert "Linear · layer · 16,512 parameters" in s.page.locator("#gv-details-sub").text_content()
     table = s.page.locator("#gv-details-table").text_content()
     assert "weight [128×128]" in table and "bias [128]" in table and "…" not in table
+    assert "dead ReLU units" in table and "%" in table  # forward statistics, when recorded
     inked = s.js(
         """() => { const c = document.getElementById('gv-layer-chart');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -342,6 +343,8 @@ def test_export_works_offline(open_page, residual_file: Path, tmp_path: Path) ->
     table = s.page.locator("#gv-details-table").text_content()
     want = render.fmt(run.param_history("blocks.2.fc1", "weight")[0])
     assert want in table and "…" not in table
+    dead = run.node_history("blocks.2.fc1", "dead_frac")[0]
+    assert f"{100 * dead:.1f} %" in table
 
 
 def test_live_updates_without_reload(serve, open_page, make_file) -> None:

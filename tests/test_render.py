@@ -219,6 +219,19 @@ def test_payloads_encode_nonfinite(nonfinite_file: Path) -> None:
     layer = render.layer_payload(run, g, "embed")
     assert layer["gradient_norm"] == [None, None, None]
     assert layer["params"] == {"weight": [None, None, None]}
+    assert layer["stats"] == {}
+
+
+def test_forward_statistics_reach_the_page(residual_file: Path) -> None:
+    run, g = load(residual_file)
+    assert set(g.nodes["stem"]["stats"]) == {"act_mean", "dead_frac"}
+    assert g.nodes["add#0"]["stats"] == {}
+    layer = render.layer_payload(run, g, "stem")
+    assert layer["stats"]["dead_frac"][0] == pytest.approx(0.05)
+    h = render.history_payload(run, g)
+    assert set(h["stats"]["stem"]) == {"act_mean", "dead_frac"} and h["stats"]["add#0"] == {}
+    info = render.graph_payload(g, 0.01)["run"]["nodes"][0]
+    assert info["stats"]["dead_frac"] == pytest.approx(g.nodes["stem"]["stats"]["dead_frac"])
 
 
 def test_graph_payload_is_consistent(residual_file: Path) -> None:
