@@ -31,6 +31,7 @@ from markupsafe import Markup
 from pyvis.network import Network
 
 from . import schema
+from .errors import GradvizError
 from .graph import ABSENT, NONFINITE, iter_edges
 from .store import Run
 
@@ -528,20 +529,28 @@ def json_script(value: Any) -> Markup:
     return Markup(text)
 
 
-def _environment() -> jinja2.Environment:
-    if not (TEMPLATES / PAGE).is_file():
-        raise FileNotFoundError(
-            f"{TEMPLATES / PAGE} is missing; reinstall gradviz from a "
-            "checkout that has the templates/ folder"
-        )
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
-    )
-    env.filters["json_script"] = json_script
-    return env
-
-
 _ENV: jinja2.Environment | None = None
+
+
+def environment() -> jinja2.Environment:
+    """Our template environment (autoescape on); GradvizError if templates/ is missing."""
+    global _ENV
+    if _ENV is None:
+        missing = [n for n in (PAGE, *ASSETS) if not (TEMPLATES / n).is_file()]
+        if missing or not VIS_JS.is_file():
+            where = TEMPLATES / missing[0] if missing else VIS_JS
+            raise GradvizError(
+                f"{where} is missing; install gradviz from a checkout with its templates/ "
+                "folder (pip install -e .) and pyvis==0.3.2"
+            )
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATES),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        env.filters["json_script"] = json_script
+        _ENV = env
+    return _ENV
 
 
 class _BoundEnvironment:
@@ -583,9 +592,7 @@ def render_page(
     works from file:// with no network. Without it the page loads assets/ and api/ from
     the server that serves it.
     """
-    global _ENV
-    if _ENV is None:
-        _ENV = _environment()
+    env = environment()
     data = {k: v for k, v in payload.items() if k not in ("nodes", "edges", "options")}
     data["mode"] = "export" if history is not None else "server"
     data["live"] = live and history is None
@@ -611,6 +618,6 @@ def render_page(
     net.nodes = payload["nodes"]
     net.edges = payload["edges"]
     net.options = payload["options"]
-    net.templateEnv = _BoundEnvironment(_ENV, extra)  # type: ignore[assignment]
+    net.templateEnv = _BoundEnvironment(env, extra)  # type: ignore[assignment]
     net.path = PAGE
     return net.generate_html(name="gradviz.html")

@@ -148,6 +148,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config.update(config or {})
     threshold = check_threshold(app.config["THRESHOLD"])
+    render.environment()  # fail now, not on the first request, if templates/ is missing
     app.extensions["gradviz"] = RunSource(
         Path(app.config["INPUT"]), threshold, bool(app.config["LIVE"])
     )

@@ -516,7 +516,7 @@
 
   function renderLegend() {
     var s = state.payload.scales;
-    $("gv-legend-size").textContent = "layer: area grows with log10 of its gradient norm, " +
+    $("gv-legend-size").textContent = "layer: size grows with log10 of its gradient norm, " +
       fmt(Math.pow(10, s.node.lo)) + " (small) to " + fmt(Math.pow(10, s.node.hi)) +
       " (large), clamped";
     $("gv-legend-width").textContent = "edge width: log10 of its norm, " +

@@ -235,3 +235,14 @@ def test_export_html(residual_file: Path) -> None:
     assert '"mode":"export"' in html and '"threshold":0.05' in html
     with pytest.raises(GradvizError):
         export_html(residual_file, -1)
+
+
+def test_missing_templates_fail_early(
+    residual_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradviz import render
+
+    monkeypatch.setattr(render, "TEMPLATES", tmp_path / "nowhere")
+    monkeypatch.setattr(render, "_ENV", None)
+    with pytest.raises(GradvizError, match="page.html is missing"):
+        create_app({"INPUT": residual_file})
