@@ -139,6 +139,7 @@ class Recorder:
         self.step_count = 0  # rec.step() calls so far
         self._writer = store.Writer(self.path, flush_seconds) if self.path else None
         self._handles: list[Any] = []
+        self._hooks: list[tuple[nn.Module, Any]] = []  # (module, forward hook) to attach
         self._open = False
         self._failed = False
         # Per forward pass: calls seen so far and names of parameter-free module outputs.
@@ -223,19 +224,31 @@ class Recorder:
             if moved is not None:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
         node_modules = {id(m) for m in self._nodes.values()}
+        self._hooks = []
         for name, module in self.model.named_modules():
             node_name = name or type(module).__name__
             if id(module) in node_modules and self._nodes.get(node_name) is module:
-                hook = self._call_hook(node_name)
+                self._hooks.append((module, self._call_hook(node_name)))
             elif next(iter(module.children()), None) is None and name:
-                hook = self._glue_hook(name)
-            else:
-                continue
+                self._hooks.append((module, self._glue_hook(name)))
+        self._open = True
+        self._attach()
+        return self
+
+    def _attach(self) -> None:
+        """Register the forward hooks (for a step that will be recorded)."""
+        if self._handles:
+            return
+        for module, hook in self._hooks:
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
         self._handles.append(self.model.register_forward_hook(self._on_pass_end))
-        self._open = True
-        return self
+
+    def _detach(self) -> None:
+        """Remove the forward hooks: steps that are not recorded then cost nothing at all."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
     def __enter__(self) -> Recorder:
         return self.start()
@@ -434,7 +447,15 @@ class Recorder:
         step = self.step_count
         self.step_count += 1
         self._calls, self._glue = [], {}  # a forward without a root call leaves these
-        if step % self.every or self._failed:
+        if self._failed:
+            self._detach()
+            return
+        # Hooks only around the steps that are recorded (with every=N, 1 in N).
+        if self.step_count % self.every == 0:
+            self._attach()
+        else:
+            self._detach()
+        if step % self.every:
             self._pending.clear()
             self._parts.clear()
             self._stats.clear()
@@ -577,9 +598,7 @@ class Recorder:
         """Remove every hook gradviz added and write the file one last time."""
         if not self._open:
             return
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._detach()
         self._open = False
         self._calls, self._glue = [], {}
         self._pending.clear()

@@ -214,7 +214,9 @@ def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
     model = demos.MLP()
     x, y = batch("mlp")
     with gradviz.record(model, path=None, every=3) as rec:
-        for _ in range(10):
+        for i in range(10):
+            # hooks are attached only for the steps that are recorded
+            assert bool(model.fc1._forward_hooks) == (i % 3 == 0)
             model.zero_grad()
             with torch.no_grad():
                 model(x)  # an evaluation pass: nothing recorded
