@@ -300,8 +300,14 @@ def options(g: nx.DiGraph) -> dict[str, Any]:
 def vis_data(
     g: nx.DiGraph, threshold: float, pos: dict[Hashable, tuple[float, float]] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The vis-network node and edge dicts: Python floats and str ids only."""
+    """The vis-network node and edge dicts: Python floats and str ids only.
+
+    vis ids are positions ("n0", "e0"), not the file's names: vis-network keeps nodes in
+    plain objects, and a layer called "__proto__" would break it. The name travels as
+    ``name`` (and as the label).
+    """
     pos = pos if pos is not None else layered_layout(g)
+    vis_id = {n: f"n{i}" for i, n in enumerate(g.nodes)}
     node_scale, edge_scale = scales(g)
     severity = finding_severity(g)
     steps = g.graph.get("steps") or []
@@ -311,7 +317,8 @@ def vis_data(
         x, y = pos[n]
         nodes.append(
             {
-                "id": str(n),
+                "id": vis_id[n],
+                "name": str(n),
                 "label": str(n),
                 "x": float(x),
                 "y": float(y),
@@ -321,11 +328,12 @@ def vis_data(
         )
     edges = []
     seen: dict[tuple[str, str], int] = {}
-    for u, v, d in iter_edges(g):
+    for i, (u, v, d) in enumerate(iter_edges(g)):
         e: dict[str, Any] = {
-            "id": d["id"],
-            "from": str(u),
-            "to": str(v),
+            "id": f"e{i}",
+            "name": d["id"],
+            "from": vis_id[u],
+            "to": vis_id[v],
             "title": edge_title(str(u), str(v), d, threshold),
             **edge_style(d, threshold, edge_scale),
         }

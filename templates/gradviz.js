@@ -77,7 +77,7 @@
     shownStep: null,
     follow: true,         // at the last step: live updates move the view along
     selected: null,
-    layers: {},           // layer id -> history, fetched on demand
+    layers: Object.create(null),  // layer id -> history, fetched on demand
     token: 0,
     ready: false,
     errors: [],
@@ -100,7 +100,7 @@
   // ---- encoding (mirrors gradviz/render.py) --------------------------------------------
 
   function severities() {
-    var out = {};
+    var out = Object.create(null);  // keys are layer names: "__proto__" is a fine name
     state.run.findings.forEach(function (f) {
       f.layers.forEach(function (id) { if (!(id in out)) out[id] = f.severity; });
     });
@@ -169,7 +169,7 @@
     nodes.update(state.run.nodes.map(function (info, i) {
       var g = v.gradient_norm[i], a = v.activation_grad_norm[i];
       var item = nodeStyle(info, g, a, sev[info.id]);
-      item.id = info.id;
+      item.id = "n" + i;
       item.title = nodeTitle(info, g, a, v.step);
       return item;
     }));
@@ -179,7 +179,7 @@
     var v = state.shown;
     edges.update(state.run.edges.map(function (e, i) {
       var item = edgeStyle(v.edges[i]);
-      item.id = e.id;
+      item.id = "e" + i;
       item.title = edgeTitle(e, v.edges[i]);
       return item;
     }));
@@ -203,7 +203,7 @@
   }
 
   function decodeLayer(p) {
-    var params = {}, stats = {};
+    var params = Object.create(null), stats = Object.create(null);
     Object.keys(p.params).forEach(function (k) { params[k] = decList(p.params[k]); });
     Object.keys(p.stats || {}).forEach(function (k) { stats[k] = decList(p.stats[k]); });
     return { id: p.id, gradient_norm: decList(p.gradient_norm),
@@ -247,7 +247,7 @@
       layer: function (id) {
         var j = state.run.nodes.findIndex(function (n) { return n.id === id; });
         function series(src) {
-          var out = {};
+          var out = Object.create(null);
           Object.keys(src || {}).forEach(function (k) {
             var a = floats(src[k]);
             out[k] = state.run.steps.map(function (_, i) { return at(a, i); });
@@ -362,15 +362,22 @@
     return [null, -1];
   }
 
+  // vis ids are positions ("n3"): names from the file stay out of vis-network's objects
+  function visId(id) { var i = nodeInfo(id)[1]; return i < 0 ? null : "n" + i; }
+  function nameOf(vid) {
+    var n = state.run.nodes[Number(String(vid).slice(1))];
+    return n ? n.id : null;
+  }
+
   function select(id, focus) {
     var found = nodeInfo(id);
     if (!found[0]) return;
     state.selected = id;
-    network.selectNodes([id]);
+    network.selectNodes(["n" + found[1]]);
     if (focus) {
       // no animation: vis-network 9 leaves an interrupted animation running, which later
       // drags the view back when a second focus starts before the first one ends
-      network.focus(id, { scale: Math.max(network.getScale(), 1.0), locked: false,
+      network.focus("n" + found[1], { scale: Math.max(network.getScale(), 1.0), locked: false,
                           animation: false });
     }
     renderDetails();
@@ -381,7 +388,7 @@
     }).catch(report);
   }
 
-  network.on("click", function (p) { if (p.nodes.length) select(p.nodes[0], false); });
+  network.on("click", function (p) { if (p.nodes.length) select(nameOf(p.nodes[0]), false); });
 
   function row(tbody, name, value, numeric) {
     var tr = document.createElement("tr");
@@ -584,7 +591,7 @@
     state.payload = p;
     state.run = p.run;
     state.revision = p.run.revision;
-    state.layers = {};
+    state.layers = Object.create(null);
     if (!same) {
       nodes.clear(); edges.clear();
       nodes.add(p.nodes); edges.add(p.edges);
@@ -654,5 +661,5 @@
   state.ready = true;
   window.gradviz = { nodes: nodes, edges: edges, network: network, state: state,
                      showStep: showStep, setThreshold: setThreshold, select: select,
-                     reload: reload };
+                     reload: reload, visId: visId, nameOf: nameOf };
 })();

@@ -20,6 +20,7 @@ EVIL_NAMES = (
     "<img src=x onerror=alert(1)>",
     "{{ 7*7 }}",
     "</script><script>alert(2)</script>",
+    "__proto__",
 )
 
 
@@ -216,13 +217,18 @@ def nonfinite(path: Path) -> Path:
 
 def evil(path: Path) -> Path:
     """Layer names, types, metadata and findings that try to run script or template code."""
-    a, b, c = EVIL_NAMES
+    a, b, c, d = EVIL_NAMES
     nodes = {
         a: linear(a, 0, 4, 4),
         b: {**linear(b, 1, 4, 4), "type": "<b>Bold</b>"},
         c: linear(c, 2, 4, 4),
+        d: {**linear(d, 3, 4, 4), "params": {"__proto__": {"shape": [4], "numel": 4}}},
     }
-    edges = {f"{a}->{b}": _edge(a, b, ["<svg onload=alert(3)>"]), f"{b}->{c}": _edge(b, c)}
+    edges = {
+        f"{a}->{b}": _edge(a, b, ["<svg onload=alert(3)>"]),
+        f"{b}->{c}": _edge(b, c),
+        "constructor": _edge(c, d),
+    }
 
     def value(key: tuple[str, ...], step: int) -> Value:
         return 0.5 + step

@@ -139,11 +139,11 @@ def wait(s: Session, condition: str, timeout: float = 10000) -> None:
 
 
 def edge_colours(s: Session) -> dict[str, str]:
-    return dict(s.js("gradviz.edges.get().map(e => [e.id, e.color.color])"))
+    return dict(s.js("gradviz.edges.get().map(e => [e.name, e.color.color])"))
 
 
 def node_sizes(s: Session) -> dict[str, float]:
-    return dict(s.js("gradviz.nodes.get().map(n => [n.id, n.size])"))
+    return dict(s.js("gradviz.nodes.get().map(n => [n.name, n.size])"))
 
 
 def expected_colour(x: float | None, threshold: float) -> str:
@@ -156,7 +156,11 @@ def expected_colour(x: float | None, threshold: float) -> str:
 
 def node_xy(s: Session, node_id: str) -> tuple[float, float]:
     """Where a node is drawn, in page coordinates."""
-    xy = s.js("id => gradviz.network.canvasToDOM(gradviz.network.getPositions([id])[id])", node_id)
+    xy = s.js(
+        """name => { const id = gradviz.visId(name);
+        return gradviz.network.canvasToDOM(gradviz.network.getPositions([id])[id]); }""",
+        node_id,
+    )
     box = s.page.locator("#gv-network").bounding_box()
     return box["x"] + xy["x"], box["y"] + xy["y"]
 
@@ -280,10 +284,10 @@ def test_nonfinite_and_absent_styles(serve, open_page, nonfinite_file: Path) -> 
     colours = edge_colours(s)
     assert colours["e1"] == render.PALETTE["absent"]
     assert colours["e3"] == colours["e4"] == render.PALETTE["nonfinite"]
-    fills = dict(s.js("gradviz.nodes.get().map(n => [n.id, n.color.background])"))
+    fills = dict(s.js("gradviz.nodes.get().map(n => [n.name, n.color.background])"))
     assert fills["fc_nan"] == fills["fc_inf"] == render.PALETTE["nonfinite"]
     assert fills["embed"] == render.PALETTE["absent_fill"]
-    assert s.js("gradviz.nodes.get('cat#1').shape") == "diamond"
+    assert s.js("gradviz.nodes.get(gradviz.visId('cat#1')).shape") == "diamond"
 
 
 def test_minimal_and_edgeless_files_say_so(serve, open_page, make_file) -> None:
@@ -301,7 +305,7 @@ def test_data_never_runs(serve, open_page, evil_file: Path) -> None:
     from conftest import EVIL_NAMES
 
     s = open_page(serve(evil_file))
-    assert sorted(s.js("gradviz.nodes.getIds()")) == sorted(EVIL_NAMES)
+    assert sorted(s.js("gradviz.nodes.get().map(n => n.name)")) == sorted(EVIL_NAMES)
     assert s.js("document.querySelectorAll('img, svg, b, i, iframe').length") == 0
     assert s.js("document.scripts.length") == 6  # four JSON blocks and our two scripts
     for name in EVIL_NAMES:
@@ -310,6 +314,8 @@ def test_data_never_runs(serve, open_page, evil_file: Path) -> None:
         assert s.page.locator("#gv-details-title").text_content() == name
         if name == "{{ 7*7 }}":
             assert "<b>Bold</b>" in s.page.locator("#gv-details-sub").text_content()
+    wait(s, "gradviz.state.layers['__proto__'] && gradviz.state.layers['__proto__'].params")
+    assert "__proto__ [4]" in s.page.locator("#gv-details-table").text_content()
     assert "<b>Bold</b>" not in s.page.locator("#gv-details-sub").text_content()
     meta = s.page.locator("#gv-meta").text_content()
     assert "<script>alert(4)</script>" in meta and "{{ config }}" in meta

@@ -185,7 +185,7 @@ def test_options_keep_physics_off(residual_file: Path) -> None:
 def test_skip_edges_bend(residual_file: Path) -> None:
     _, g = load(residual_file)
     _, edges = render.vis_data(g, 0.01)
-    by_id = {e["id"]: e for e in edges}
+    by_id = {e["name"]: e for e in edges}
     assert "smooth" in by_id["stem->add#0"]  # along the row, past two layers
     assert "smooth" not in by_id["stem->blocks.0.fc1"]
 
@@ -237,8 +237,10 @@ def test_forward_statistics_reach_the_page(residual_file: Path) -> None:
 def test_graph_payload_is_consistent(residual_file: Path) -> None:
     run, g = load(residual_file)
     p = render.graph_payload(g, 0.02, source="r.json", revision=4)
-    assert [n["id"] for n in p["nodes"]] == [n["id"] for n in p["run"]["nodes"]]
-    assert [e["id"] for e in p["edges"]] == [e["id"] for e in p["run"]["edges"]]
+    assert [n["name"] for n in p["nodes"]] == [n["id"] for n in p["run"]["nodes"]]
+    assert [e["name"] for e in p["edges"]] == [e["id"] for e in p["run"]["edges"]]
+    assert [n["id"] for n in p["nodes"]] == [f"n{i}" for i in range(len(p["nodes"]))]
+    assert p["edges"][0]["from"] == "n0"
     assert p["threshold"] == 0.02 and p["run"]["revision"] == 4
     assert p["run"]["steps"] == run.steps
     assert len(p["run"]["latest"]["edges"]) == len(p["edges"])
@@ -319,5 +321,5 @@ def test_evil_names_stay_data(evil_file: Path) -> None:
     assert "<title>gradviz · &lt;i&gt;evil&lt;/i&gt;.json</title>" in html
     assert "{{ 7*7 }}" in html and "49" not in html  # never evaluated as a template
     assert html.count("</script>") == 6  # four JSON blocks, two script tags: none from data
-    ids = [n["id"] for n in page_data(html, "gv-nodes")]
+    ids = [n["name"] for n in page_data(html, "gv-nodes")]
     assert ids == list(g.nodes)
