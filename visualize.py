@@ -9,7 +9,9 @@ Usage:
 Layers are nodes sized by their gradient norm (log scale); connections are edges, green
 when their gradient norm is above --threshold and red at or below it; NaN/Inf in purple.
 The page follows the file while training still writes it. Never imports torch.
-Exit codes: 0 fine, 2 bad input or flags (one line on stderr says which and how to fix it).
+`--report` prints the diagnosis as text instead (for CI: exit code 1 on a critical finding).
+Exit codes: 0 fine, 1 --report found something critical, 2 bad input or flags (one line
+on stderr says which and how to fix it).
 """
 
 from __future__ import annotations
@@ -81,7 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="write one self-contained HTML file (works offline) and exit",
     )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print the findings (diagnosis) as text and exit: 1 if any is critical, else 0",
+    )
     return p.parse_args(argv)
+
+
+def report(path: Path) -> int:
+    """Print a file's findings (diagnosing it if it has none); 1 on any critical one."""
+    from gradviz import store
+    from gradviz.diagnose import diagnose, format_report, worst
+
+    run = store.load(path)
+    findings = run.findings or diagnose(run)
+    print(format_report(findings))
+    return 1 if worst(findings) == "critical" else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradviz.web import create_app, export_html
 
     try:
+        if args.report:
+            return report(args.input)
         if args.export:
             html = export_html(args.input, args.threshold)
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .diagnose import Thresholds, diagnose, format_report
 from .errors import FileFormatError, GradvizError, RecordingError, UnknownVersionError
 from .store import Run, load
 
@@ -29,7 +30,10 @@ __all__ = [
     "Recorder",
     "RecordingError",
     "Run",
+    "Thresholds",
     "UnknownVersionError",
+    "diagnose",
+    "format_report",
     "load",
     "record",
 ]

@@ -227,7 +227,7 @@ class Recorder:
         self._hooks = []
         for name, module in self.model.named_modules():
             node_name = name or type(module).__name__
-            if id(module) in node_modules and self._nodes.get(node_name) is module:
+            if id(module) in node_modules and id(self._nodes.get(node_name)) == id(module):
                 self._hooks.append((module, self._call_hook(node_name)))
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))

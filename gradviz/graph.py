@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 
 from . import schema
+from .diagnose import diagnose
 from .store import Run
 
 OK, NONFINITE, ABSENT = "ok", "nonfinite", "absent"
@@ -104,7 +105,8 @@ def build_graph(run: Run) -> nx.DiGraph:
         steps=list(run.steps),
         loss=run.loss,
         meta=clean_meta(run.meta),
-        findings=clean_findings(run.findings, set(g.nodes)),
+        # A file written by gradviz.record alone has no findings yet: diagnose it here.
+        findings=clean_findings(run.findings or diagnose(run), set(g.nodes)),
         edge_ids=edge_ids,
         norm_range=positive_range(node_vals),
         edge_range=positive_range(edge_vals),

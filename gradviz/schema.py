@@ -100,6 +100,13 @@ def decode_series(text: Any, n: int, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").copy()
 
 
+def check_norm_series(a: np.ndarray, where: str) -> None:
+    """A norm series holds no negative value (absent and NaN are fine)."""
+    finite = a[~absent_mask(a) & ~np.isnan(a)]
+    if finite.size and float(finite.min()) < 0:
+        raise FileFormatError(f"{where}: gradient norms cannot be negative, got {finite.min()}")
+
+
 def series_to_list(a: np.ndarray) -> list[Value]:
     """A decoded float32 series as Python floats, None where absent."""
     mask = absent_mask(a)
@@ -228,13 +235,18 @@ def _validate_history(h: dict[str, Any], ids: set[str], edge_ids: set[str]) -> N
         for key, text in _obj(series, f"history.nodes[{nid!r}]").items():
             if key == "params":
                 for pname, ptext in _obj(text, f"history.nodes[{nid!r}].params").items():
-                    decode_series(ptext, n, f"history.nodes[{nid!r}].params.{pname}")
-            elif key in NODE_SERIES or key in STAT_SERIES:
+                    where = f"history.nodes[{nid!r}].params.{pname}"
+                    check_norm_series(decode_series(ptext, n, where), where)
+            elif key in NODE_SERIES:
+                where = f"history.nodes[{nid!r}].{key}"
+                check_norm_series(decode_series(text, n, where), where)
+            elif key in STAT_SERIES:
                 decode_series(text, n, f"history.nodes[{nid!r}].{key}")
             else:
                 raise _fail(f"history.nodes[{nid!r}]: unknown series {key!r}")
     for eid, series in _obj(h.get("edges"), "history.edges").items():
         if eid not in edge_ids:
             raise _fail(f"history.edges: {eid!r} is not an edge id")
-        decode_series(_obj(series, f"history.edges[{eid!r}]").get("gradient_norm"), n,
-                      f"history.edges[{eid!r}].gradient_norm")
+        text = _obj(series, f"history.edges[{eid!r}]").get("gradient_norm")
+        where = f"history.edges[{eid!r}].gradient_norm"
+        check_norm_series(decode_series(text, n, where), where)

@@ -63,14 +63,14 @@ class History:
     def series(self, key: SeriesKey) -> np.ndarray:
         """A copy of one series over all recorded steps (absent marker where missing)."""
         col = self.columns.get(key)
-        if col is None:
+        if col is None or col >= self._buf.shape[1]:  # no step has a value for it yet
             return schema.absent_array(len(self.steps))
         return self._buf[: len(self.steps), col].copy()
 
     def last(self, key: SeriesKey) -> float | None:
         """The latest recorded value of a series, None if absent."""
         col = self.columns.get(key)
-        if col is None or not self.steps:
+        if col is None or not self.steps or col >= self._buf.shape[1]:
             return None
         v = self._buf[len(self.steps) - 1 : len(self.steps), col]
         return None if bool(schema.absent_mask(v)[0]) else float(v[0])
@@ -341,6 +341,10 @@ def parse(data: bytes, path: Path | None = None) -> Run:
         return Run(doc, version, path)
     except FileFormatError as e:
         raise type(e)(f"{name}: {e}") from e
+    except (AttributeError, TypeError, KeyError, ValueError) as e:  # a shape validate missed
+        raise FileFormatError(
+            f"{name}: unexpected content ({type(e).__name__}: {e}); is it a gradviz file?"
+        ) from e
 
 
 def load(path: str | os.PathLike[str] = "training_output.json") -> Run:

@@ -145,3 +145,27 @@ def test_history_is_compact() -> None:
     assert len(run.steps) == n_steps
     want = float(rec.history.series(("edge", "e7"))[1234])
     assert run.edge_history("e7")[1234] == pytest.approx(want)
+
+
+def test_negative_norm_inside_a_history_series_is_refused(tmp_path) -> None:
+    rec = _recording([1.0, -2.0])
+    path = tmp_path / "neg.json"
+    path.write_bytes(store.dumps(rec.to_document()))
+    with pytest.raises(FileFormatError, match="cannot be negative"):
+        gradviz.load(path)
+
+
+def test_odd_content_is_a_file_format_error(tmp_path) -> None:
+    path = tmp_path / "odd.json"
+    path.write_text('{"nodes": [{"id": "a", "gradient_norm": 1, "params": 5}]}')
+    with pytest.raises(FileFormatError):
+        gradviz.load(path)
+
+
+def test_recording_without_steps_writes_a_valid_file(tmp_path) -> None:
+    rec = _recording([])
+    rec.history.column(("node", "b", "gradient_norm"))
+    path = tmp_path / "empty.json"
+    path.write_bytes(store.dumps(rec.to_document()))
+    validate_against_schema(path)
+    assert gradviz.load(path).steps == []
