@@ -11,7 +11,9 @@ Then view it with: python visualize.py --input training_output.json
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from gradviz import demos, store
@@ -58,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accumulate", type=int, default=1, metavar="K",
                    help="gradient accumulation: K micro-batches per optimizer step "
                         "(default: 1)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine with DistributedDataParallel, "
+                        "started by torch.distributed's launcher (gloo on CPU, nccl on GPU); "
+                        "--batch-size is the global batch (default: 1)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: shard the model with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--no-stats", action="store_true",
                    help="skip forward statistics (activation mean/std/min/max, dead ReLU and "
                         "saturated fractions), which dead-ReLU and saturation checks need")
@@ -116,11 +124,41 @@ def analysis_line(name: str, value: dict) -> str:
            f"{value['model']['correlation']:.3g} over {value['batches']} batches"
 
 
+def launch(nproc: int, mode: str, argv: list[str] | None) -> int:
+    """Re-run this script as nproc ranks under torch.distributed's own launcher (torchrun)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in (sys.argv[1:] if argv is None else argv):
+        # torchrun would take --nproc for its own --nproc-per-node; the ranks need neither
+        # (the world size says it, and the mode travels in GRADVIZ_DISTRIBUTED).
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith(("--nproc=", "--fsdp")):
+            args.append(a)
+    env = {**os.environ, "GRADVIZ_DISTRIBUTED": mode}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(Path(__file__).resolve()), *args]
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit code."""
     args = parse_args(argv)
     from gradviz import train
 
+    if args.nproc < 1:
+        print(f"extract.py: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "GRADVIZ_DISTRIBUTED" not in os.environ:
+        return launch(args.nproc, "fsdp" if args.fsdp else "ddp", argv)
+    distributed = os.environ.get("GRADVIZ_DISTRIBUTED")
+    rank = int(os.environ.get("RANK", "0"))
     thresholds = Thresholds(vanishing=args.vanish_below, exploding=args.explode_above,
                             dead=args.dead_above, saturated=args.saturated_above,
                             jump=args.jump_above)
@@ -142,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             optimizer=args.optimizer, seed=args.seed, every=args.every, output=args.output,
             device=args.device, all_modules=args.all_modules, amp=args.amp,
             accumulate=args.accumulate, activation_stats=not args.no_stats, analyses=chosen,
+            distributed=distributed,
             progress=False if args.no_progress else None,
         )
     except GradvizError as e:
         print(f"extract.py: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0  # rank 0 writes the file and reports
     run = result.run
     findings = diagnose(run, thresholds)
     result.recording.findings = findings

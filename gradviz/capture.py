@@ -107,6 +107,7 @@ class Recorder:
         seed: int | None = None,
         flush_seconds: float = 2.0,
         meta: Mapping[str, Any] | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RecordingError(
@@ -121,6 +122,8 @@ class Recorder:
                 "compiling are ignored; attach gradviz first: "
                 "with gradviz.record(model) as rec: compiled = torch.compile(model)"
             )
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # record the model inside; its names carry no "module."
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise RecordingError(f"every must be a whole number >= 1, got {every!r}")
         self.model = model
@@ -135,9 +138,20 @@ class Recorder:
         # element is finite; in float64 no float32 tensor's norm can, so inf means inf.
         self._dtype = torch.float64 if scaler is not None and scaler.is_enabled() else (
             torch.float32)
+        # torch.distributed: combine ranks with one all-reduce per recorded step; only rank
+        # 0 writes the file.
+        dist = torch.distributed
+        self._world, self._rank = 1, 0
+        if distributed is not False and dist.is_available() and dist.is_initialized():
+            self._world, self._rank = dist.get_world_size(), dist.get_rank()
+        self._sharded = any(hasattr(p, "to_local") for p in model.parameters())  # FSDP2
+        self._local: list[tuple[int, torch.Tensor]] = []  # DDP: each rank's own param grads
+        self._passes = 0  # forwards of the root module this step, and their batch sizes
+        self._batch = 0
         self.recording = store.Recording()
         self.step_count = 0  # rec.step() calls so far
-        self._writer = store.Writer(self.path, flush_seconds) if self.path else None
+        self._writer = (store.Writer(self.path, flush_seconds)
+                        if self.path and self._rank == 0 else None)
         self._handles: list[Any] = []
         self._hooks: list[tuple[nn.Module, Any]] = []  # (module, forward hook) to attach
         self._open = False
@@ -205,6 +219,8 @@ class Recorder:
             "every": self.every,
             "all_modules": self.all_modules,
             "activation_stats": self.activation_stats,
+            "world_size": self._world,
+            "distributed": (None if self._world == 1 else "fsdp2" if self._sharded else "ddp"),
             "device": str(next(iter(unique)).device) if unique else "cpu",
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -217,7 +233,7 @@ class Recorder:
         """Attach the hooks (and move an older file at path aside, saying so)."""
         if self._open:
             raise RecordingError("this recorder is already attached; use one `with` block")
-        if self.path is not None:
+        if self.path is not None and self._rank == 0:
             if self.path.is_dir():
                 raise RecordingError(f"{self.path} is a directory; pass a file path to record to")
             moved = store.backup_existing(self.path)
@@ -243,6 +259,21 @@ class Recorder:
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
         self._handles.append(self.model.register_forward_hook(self._on_pass_end))
+        if self._world > 1 and not self._sharded:
+            # Under DDP .grad ends up averaged over ranks; a tensor hook on the parameter
+            # still sees this rank's own gradient: with both, the noise scale comes free.
+            seen: set[int] = set()
+            for node, pname, p in self._params:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    col = self.recording.history.column(("param", node, pname))
+                    self._handles.append(p.register_hook(self._local_hook(col)))
+
+    def _local_hook(self, col: int) -> Any:
+        def hook(g: torch.Tensor) -> None:
+            self._local.append((col, _norm(g, self._dtype)))
+
+        return hook
 
     def _detach(self) -> None:
         """Remove the forward hooks: steps that are not recorded then cost nothing at all."""
@@ -343,6 +374,10 @@ class Recorder:
         calls, glue = self._calls, self._glue
         self._calls, self._glue = [], {}
         self._made_by.clear()
+        if self._armed():
+            self._passes += 1
+            first = next(_tensors(args), None)
+            self._batch += int(first.shape[0]) if first is not None and first.dim() else 0
         if not calls or not self._armed():
             return
         try:
@@ -459,6 +494,8 @@ class Recorder:
             self._pending.clear()
             self._parts.clear()
             self._stats.clear()
+            self._local.clear()
+            self._passes = self._batch = 0
             return
         try:
             self._record(step, loss)
@@ -475,57 +512,81 @@ class Recorder:
                 self._emit(col, acc)
         self._parts.clear()
         hist = self.recording.history
-        cols: list[int] = []
-        values: list[torch.Tensor] = []
-        # Parameter gradients, final now: one fused norm per device over unique tensors.
-        seen: dict[int, int] = {}  # id(param) -> index into param_norms
-        grads_by_dev: dict[torch.device, list[torch.Tensor]] = {}
-        order: list[tuple[torch.device, int]] = []
-        for _, _, p in self._params:
-            if p.grad is None or id(p) in seen:
-                continue
-            g = p.grad
-            lst = grads_by_dev.setdefault(g.device, [])
-            seen[id(p)] = len(order)
-            order.append((g.device, len(lst)))
-            lst.append(g)
-        norms_by_dev = {
-            dev: torch._foreach_norm(gs, 2, dtype=self._dtype)  # type: ignore[call-arg]
-            for dev, gs in grads_by_dev.items()
-        }
-        param_cols = []
+        # Parameter gradients, final now: one fused norm per device over unique tensors
+        # (of an FSDP2 DTensor gradient, this rank's shard).
+        grads = {id(p): _local(p.grad) for _, _, p in self._params if p.grad is not None}
+        norm_of = _fused_norms(grads, self._dtype)
+        sq_cols: list[int] = []
+        sq_vals: list[torch.Tensor] = []
+        param_cols: list[tuple[str, int]] = []
         for node, pname, p in self._params:
-            i = seen.get(id(p))
-            if i is None:
-                continue
-            dev, j = order[i]
-            param_cols.append((node, hist.column(("param", node, pname))))
-            cols.append(param_cols[-1][1])
-            values.append(norms_by_dev[dev][j])
+            if id(p) in norm_of:
+                param_cols.append((node, hist.column(("param", node, pname))))
+                sq_cols.append(param_cols[-1][1])
+                sq_vals.append(norm_of[id(p)])
         for col, t in self._pending:
-            cols.append(col)
-            values.append(t)
+            sq_cols.append(col)
+            sq_vals.append(t)
         self._pending.clear()
-        n_params, n_grads = len(param_cols), len(values)
         stat_cols: list[int] = []
-        for scols, t in self._stats:  # forward statistics ride along in the same transfer
+        stat_vals: list[torch.Tensor] = []
+        for scols, t in self._stats:
             stat_cols.extend(scols)
-            values.extend(t.to(self._dtype).unbind())
+            stat_vals.append(t)
         self._stats.clear()
-        n_stats = len(stat_cols)
-        scaled = self.scaler is not None and self.scaler.is_enabled()
-        scale_tensor = getattr(self.scaler, "_scale", None) if scaled else None
-        if scale_tensor is not None:  # travels with the norms: no extra sync
-            values.append(scale_tensor.detach().reshape(()).to(self._dtype))
-        if isinstance(loss, torch.Tensor):
-            values.append(loss.detach().reshape(()).to(self._dtype))
-        host = _to_host(values)
-        grads, stats = host[:n_grads], host[n_grads:n_grads + n_stats]
-        extra = host[n_grads + n_stats:]
-        if scale_tensor is not None:
-            self._unscale(grads, n_params, extra.pop(0), step)
-        loss_value = extra.pop(0) if isinstance(loss, torch.Tensor) else loss
-        if self._calls_seen == 0 and n_params:
+        local_cols = [c for c, _ in self._local]
+        local_vals = [t for _, t in self._local]
+        self._local.clear()
+        passes, batch = self._passes, self._batch
+        self._passes = self._batch = 0
+
+        # Everything goes into one float64 vector on the device: squared norms per series,
+        # how many values each series got, forward-statistic sums and counts, local squared
+        # norms (noise scale), then scale, loss and batch size. Under torch.distributed it
+        # is summed over ranks with one all-reduce; then it moves to the host once.
+        width = len(hist.columns)
+        first = (sq_vals or stat_vals or [torch.zeros(())])[0]
+        dev = first.device
+        scale_t = None
+        if self.scaler is not None and self.scaler.is_enabled():
+            scale_t = getattr(self.scaler, "_scale", None)
+        extras = [
+            scale_t.reshape(()) if scale_t is not None else torch.ones((), device=dev),
+            loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else
+            torch.tensor(math.nan if loss is None else float(loss), device=dev),
+            torch.tensor(float(batch), device=dev),
+        ]
+        vec = torch.cat([
+            _dense(width, sq_cols, sq_vals, dev, square=True),
+            _dense(width, sq_cols, None, dev),
+            _dense(width, stat_cols, stat_vals, dev),
+            _dense(width, stat_cols, None, dev),
+            _dense(width, local_cols, local_vals, dev, square=True),
+            torch.stack([e.to(dev, torch.float64) for e in extras]),
+        ])
+        if self._world > 1:
+            torch.distributed.all_reduce(vec)
+        host = np.asarray(vec.tolist(), dtype=np.float64)
+        sq, count, stat_sum, stat_cnt, local_sq = (host[i * width:(i + 1) * width]
+                                                   for i in range(5))
+        n = self._world
+        # The extras are the same on every rank (the loss: averaged over them).
+        scale, loss_value, b_small = (host[5 * width:] / n).tolist()
+
+        # Back to this run's terms. Activation and edge gradients are each rank's own: the
+        # global-batch mean loss weights every sample 1/n as much, so their squares sum to
+        # n^2 times the single-process value. DDP parameter gradients are the same on every
+        # rank (summed n times); FSDP2 shards sum to the whole.
+        pcols = np.asarray(sorted({c for _, c in param_cols}), dtype=np.intp)
+        is_param = np.zeros(width, dtype=bool)
+        is_param[pcols] = True
+        sq = np.where(is_param, sq / (1 if self._sharded else n), sq / (n * n))
+        if scale_t is not None:
+            # Already unscaled parameter gradients (the user called scaler.unscale_) stay.
+            states = getattr(self.scaler, "_per_optimizer_states", {}).values()
+            unscaled = any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states)
+            sq = np.where(is_param & unscaled, sq, sq / (scale * scale))
+        if self._calls_seen == 0 and param_cols:
             self._warn_once(
                 "no-calls",
                 "gradviz saw gradients but no layer calls this step, so it records "
@@ -533,48 +594,32 @@ class Recorder:
                 "gradviz.record attached, or called outside the recorded module?",
             )
         self._calls_seen = 0
-        # Combine on the host in float64: squares of float32 norms can overflow float32.
-        width = len(hist.columns)
-        sq = np.zeros(width, dtype=np.float64)
-        present = np.zeros(width, dtype=bool)
-        col_arr = np.asarray(cols, dtype=np.intp)
-        val_arr = np.asarray(grads, dtype=np.float64)
-        present[col_arr] = True
-        np.add.at(sq, col_arr, val_arr * val_arr)
-        out = np.sqrt(sq)
-        row_cols = [int(c) for c in np.flatnonzero(present)]
-        row_vals = [float(out[c]) for c in row_cols]
-        # A layer's gradient_norm: all its parameters' gradients together.
-        node_sq: dict[str, float] = {}
+        row_cols = [int(c) for c in np.flatnonzero(count > 0)]
+        row_vals = [float(math.sqrt(sq[c])) for c in row_cols]
+        node_sq: dict[str, float] = {}  # a layer's gradient_norm: all its parameters together
+        node_local: dict[str, float] = {}
         for node, col in param_cols:
-            node_sq[node] = node_sq.get(node, 0.0) + sq[col]
-        for node, s in node_sq.items():
+            node_sq[node] = node_sq.get(node, 0.0) + float(sq[col])
+            node_local[node] = node_local.get(node, 0.0) + float(local_sq[col]) / n
+        for node, total in node_sq.items():
             row_cols.append(hist.column(("node", node, "gradient_norm")))
-            row_vals.append(math.sqrt(s))
-        if stat_cols:  # a layer called several times: the mean over its calls
-            total = np.zeros(width, dtype=np.float64)
-            count = np.zeros(width, dtype=np.int64)
-            np.add.at(total, np.asarray(stat_cols, dtype=np.intp), np.asarray(stats))
-            np.add.at(count, np.asarray(stat_cols, dtype=np.intp), 1)
-            for c in np.flatnonzero(count):
-                row_cols.append(int(c))
-                row_vals.append(float(total[c] / count[c]))
-        if loss_value is not None:
+            row_vals.append(math.sqrt(total))
+        for c in np.flatnonzero(stat_cnt > 0):  # a layer called several times: the mean
+            row_cols.append(int(c))
+            row_vals.append(float(stat_sum[c] / stat_cnt[c]))
+        if local_cols and passes == 1 and n > 1:
+            for node, big in node_sq.items():
+                if node in node_local and b_small > 0:
+                    row_cols.append(hist.column(("node", node, "noise_scale")))
+                    row_vals.append(noise_scale(node_local[node], big, b_small, n * b_small))
+        if loss is not None:
             row_cols.append(hist.column(("loss",)))
-            row_vals.append(float(loss_value))
-        hist.append(step, row_cols, row_vals)
-
-    def _unscale(self, grads: list[float], n_params: int, scale: float, step: int) -> None:
-        """Undo GradScaler's loss scale, and mark steps the scaler is going to skip."""
-        # Parameter gradients are already unscaled if the user called scaler.unscale_.
-        states = getattr(self.scaler, "_per_optimizer_states", {}).values()
-        params_unscaled = any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states)
-        for i in range(n_params if params_unscaled else 0, len(grads)):
-            grads[i] /= scale
-        if not all(math.isfinite(v) for v in grads[:n_params]):
+            row_vals.append(loss_value)
+        if any(not math.isfinite(v) for v in node_sq.values()) and scale_t is not None:
             # GradScaler skips the optimizer step when it finds inf/NaN: say so, keep them.
             self.recording.meta = {**self.recording.meta, "skipped_steps": [
                 *self.recording.meta.get("skipped_steps", []), step]}
+        hist.append(step, row_cols, row_vals)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -604,6 +649,7 @@ class Recorder:
         self._pending.clear()
         self._parts.clear()
         self._stats.clear()
+        self._local.clear()
         self._made_by.clear()
         if self._writer is not None:
             self._writer.flush(self.recording, wait=True)
@@ -612,6 +658,51 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+def _local(g: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient: the local shard of an FSDP2 DTensor, else itself."""
+    to_local = getattr(g, "to_local", None)
+    return to_local() if callable(to_local) else g
+
+
+def _fused_norms(grads: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """One torch._foreach_norm per device over the gradients: id(param) -> 0-d norm."""
+    by_dev: dict[torch.device, list[int]] = {}
+    for key, g in grads.items():
+        by_dev.setdefault(g.device, []).append(key)
+    out: dict[int, torch.Tensor] = {}
+    for keys in by_dev.values():
+        norms = torch._foreach_norm([grads[k] for k in keys], 2, dtype=dtype)  # type: ignore[call-arg]
+        out.update(zip(keys, norms, strict=True))
+    return out
+
+
+def _dense(width: int, cols: list[int], vals: list[torch.Tensor] | None, dev: torch.device,
+           square: bool = False) -> torch.Tensor:
+    """A float64 vector over all columns: the values (or 1 for each, with vals None) summed."""
+    out = torch.zeros(width, dtype=torch.float64, device=dev)
+    if cols:
+        idx = torch.as_tensor(cols, dtype=torch.long).to(dev, non_blocking=True)
+        if vals is None:
+            v = torch.ones(len(cols), dtype=torch.float64, device=dev)
+        else:
+            v = torch.cat([x.reshape(-1).to(dev, torch.float64) for x in vals])
+            v = v * v if square else v
+        out.index_add_(0, idx, v)
+    return out
+
+
+def noise_scale(g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> float:
+    """B_simple = tr(Sigma)/|G|^2 from mean squared norms at two batch sizes.
+
+    McCandlish et al. 2018, appendix A: unbiased |G|^2 and tr(Sigma) from |G_small|^2 (each
+    rank's own gradient) and |G_big|^2 (the gradient averaged over ranks). NaN when the
+    |G|^2 estimate is not positive (too noisy to say).
+    """
+    g2 = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+    trace = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
+    return trace / g2 if g2 > 0 else math.nan
 
 
 def _activation_kind(module: nn.Module) -> str | None:

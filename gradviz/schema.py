@@ -34,7 +34,7 @@ NODE_SERIES = ("gradient_norm", "activation_grad_norm", "input_grad_norm")
 # max, fraction of exact zeros; and, credited to the layer feeding an activation function,
 # the fraction of dead ReLU units and of saturated sigmoid/tanh values.
 STAT_SERIES = ("act_mean", "act_std", "act_min", "act_max", "act_zero_frac", "dead_frac",
-               "saturated_frac")
+               "saturated_frac", "noise_scale")  # noise_scale: per layer, under DDP
 
 Value = float | None
 

@@ -90,12 +90,15 @@ def train(
     accumulate: int = 1,
     activation_stats: bool = True,
     analyses: tuple[str, ...] = (),
+    distributed: str | None = None,
     progress: bool | None = None,
 ) -> Result:
     """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``.
 
     ``amp`` trains under autocast (bfloat16 on CPU, float16 on CUDA) with a GradScaler;
     ``accumulate`` sums the gradients of that many micro-batches per optimizer step.
+    ``distributed`` ("ddp" or "fsdp") trains this process as one rank of a job started by
+    torch.distributed's launcher: each rank takes its slice of the same global batch.
     ``analyses`` names deeper analyses (``noise_scale``, ``hessian``, ``covariance``) run on
     the trained model at the end; their results go to the file's ``meta.analyses``.
     """
@@ -117,12 +120,31 @@ def train(
         raise RecordingError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(deep.COST)}")
     if not (lr > 0 and math.isfinite(lr)):
         raise RecordingError(f"--lr must be a positive number, got {lr}")
-    dev = resolve_device(device)
+    world, rank = 1, 0
+    if distributed:
+        dev, world, rank = _join(distributed, device)
+        if batch_size % world:
+            raise RecordingError(f"--batch-size {batch_size} does not split over {world} "
+                                 f"processes; use a multiple of {world}")
+        progress = progress if rank == 0 else False
+    else:
+        dev = resolve_device(device)
     demo = demos.DEMOS[model_name]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_all, y_all = demo.data(DATASET_SIZE, g)
     model = demo.build().to(dev)
+    trained: nn.Module = model
+    if distributed == "ddp":
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev] if dev.type == "cuda" else None)
+    elif distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for m in model.modules():  # shard every layer, then the rest at the root
+            if m is not model and any(True for _ in m.parameters(recurse=False)):
+                fully_shard(m)
+        fully_shard(model)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
@@ -132,7 +154,7 @@ def train(
     done = 0
     interrupted = False
     rec = capture.record(
-        model, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
+        trained, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
         scaler=scaler if amp else None, activation_stats=activation_stats,
         meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
               "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
@@ -144,9 +166,10 @@ def train(
                 total = torch.zeros((), device=dev)
                 for _ in range(accumulate):  # micro-batches: one optimizer step, one record
                     idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
+                    idx = idx.chunk(world)[rank]  # every rank its slice of one global batch
                     x, y = x_all[idx].to(dev), y_all[idx].to(dev)
                     with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                        loss = loss_fn(model(x), y) / accumulate
+                        loss = loss_fn(trained(x), y) / accumulate
                     scaler.scale(loss).backward()
                     total += loss.detach().float()
                 rec.step(total)
@@ -158,12 +181,33 @@ def train(
                 bar.update(done, last)
         except KeyboardInterrupt:
             interrupted = True  # leaving the with block writes every step recorded so far
-    if analyses and not interrupted:
+    if analyses and not interrupted and world == 1:
         results = run_analyses(model, loss_fn, x_all, y_all, batch_size, analyses, g, dev)
         rec.recording.meta = {**rec.recording.meta, "analyses": results}
         if rec.path is not None:
             store.save(rec.path, rec.recording)
     return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
+
+
+def _join(mode: str, device: str) -> tuple[torch.device, int, int]:
+    """Join the process group torch.distributed's launcher set up (gloo on CPU, nccl on GPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if mode not in ("ddp", "fsdp"):
+        raise RecordingError(f"unknown distributed mode {mode!r}; use ddp or fsdp")
+    if "RANK" not in os.environ:
+        raise RecordingError("not started by torch.distributed's launcher; "
+                             "use python extract.py --nproc N")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev, dist.get_world_size(), dist.get_rank()
 
 
 def run_analyses(model: nn.Module, loss_fn: nn.Module, x_all: torch.Tensor,

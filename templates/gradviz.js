@@ -12,7 +12,7 @@
   var STATS = {  // gradviz.schema.STAT_SERIES, as the detail panel words them
     act_mean: "output mean", act_std: "output std", act_min: "output min",
     act_max: "output max", act_zero_frac: "zeros in output", dead_frac: "dead ReLU units",
-    saturated_frac: "saturated units",
+    saturated_frac: "saturated units", noise_scale: "gradient noise scale (DDP)",
   };
 
   function $(id) { return document.getElementById(id); }

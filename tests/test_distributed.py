@@ -1,0 +1,174 @@
+"""Recording under torch.distributed: 2 processes on gloo (CPU), started by torchrun through
+extract.py --nproc 2, against a single-process run on the same global batch."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_browser import browser, click_node, open_page, serve, wait  # noqa: F401 (fixtures)
+from test_schema import validate_against_schema
+
+import gradviz
+from gradviz import analyses, demos, train
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTRACT = str(ROOT / "extract.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed not built in")
+
+
+def run_ranks(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, EXTRACT, "--nproc", "2", "--no-progress", *args],
+                         cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def close(a: float | None, b: float | None, tol: float = 1e-5) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= tol * max(abs(a), abs(b), 1e-30)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> gradviz.Run:
+    path = tmp_path_factory.mktemp("single") / "single.json"
+    train.train("mlp", steps=3, batch_size=16, output=path, device="cpu", progress=False)
+    return gradviz.load(path)
+
+
+def assert_same_as_single(run: gradviz.Run, single: gradviz.Run) -> None:
+    assert run.steps == single.steps == [0, 1, 2]
+    for node in single.nodes:
+        for key in ("gradient_norm", "activation_grad_norm", "input_grad_norm"):
+            for a, b in zip(run.node_history(node["id"], key),
+                            single.node_history(node["id"], key), strict=True):
+                assert close(a, b), (node["id"], key, a, b)
+        for p in node["params"]:
+            for a, b in zip(run.param_history(node["id"], p),
+                            single.param_history(node["id"], p), strict=True):
+                assert close(a, b), (node["id"], p)
+    for e in single.edges:
+        assert all(close(a, b) for a, b in zip(run.edge_history(e["id"]),
+                                               single.edge_history(e["id"]), strict=True))
+    assert all(close(a, b) for a, b in zip(run.loss, single.loss, strict=True))
+
+
+def test_ddp_norms_equal_a_single_process_run(tmp_path, single) -> None:
+    (tmp_path / "training_output.json").write_text("an earlier run")
+    out = run_ranks(tmp_path, "--steps", "3", "--batch-size", "16")
+    assert out.stdout.count("wrote ") == 1  # rank 0 reports
+    # Only rank 0 writes: one backup of the earlier file, one new file, nothing else.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "training_output.1.json", "training_output.json"]
+    path = tmp_path / "training_output.json"
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert run.meta["distributed"] == "ddp" and run.meta["world_size"] == 2
+    assert_same_as_single(run, single)
+
+
+def test_fsdp2_norms_equal_a_single_process_run(tmp_path, single) -> None:
+    run_ranks(tmp_path, "--fsdp", "--steps", "3", "--batch-size", "16")
+    run = gradviz.load(tmp_path / "training_output.json")
+    assert run.meta["distributed"] == "fsdp2"
+    assert_same_as_single(run, single)
+
+
+def test_fsdp2_with_empty_local_shards(tmp_path) -> None:
+    """fc3's bias has 4 values; over 8 ranks some hold none. Here: 2 ranks, a 1-row layer."""
+    run_ranks(tmp_path, "--fsdp", "--model", "lstm", "--steps", "2", "--batch-size", "8")
+    run = gradviz.load(tmp_path / "training_output.json")
+    single = train.train("lstm", steps=2, batch_size=8, output=None, device="cpu",
+                         progress=False).run
+    for node in single.nodes:
+        for a, b in zip(run.node_history(node["id"]), single.node_history(node["id"]),
+                        strict=True):
+            assert close(a, b, 1e-4), node["id"]
+
+
+def test_ddp_noise_scale_per_layer_matches_the_direct_estimate(tmp_path) -> None:
+    run_ranks(tmp_path, "--steps", "1", "--batch-size", "16")
+    run = gradviz.load(tmp_path / "training_output.json")
+    # The same step by hand: the model at step 0, each rank's half of the global batch.
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = demos.DEMOS["mlp"].data(train.DATASET_SIZE, g)
+    model = demos.DEMOS["mlp"].build()
+    idx = torch.randint(0, train.DATASET_SIZE, (16,), generator=g)
+    halves = [(x_all[i], y_all[i]) for i in idx.chunk(2)]
+
+    def loss_fn(m, x, y):
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    want = analyses.gradient_noise_scale(model, loss_fn, halves)
+    finite = 0
+    for layer in ("fc1", "fc2", "fc3"):
+        got = run.node_history(layer, "noise_scale")[0]
+        expected = want["layers"][layer]["noise_scale"]
+        if math.isnan(expected):  # |G|^2 estimate not positive: both must say so
+            assert math.isnan(got), layer
+            continue
+        finite += 1
+        assert close(got, expected, 1e-3), (layer, got, expected)
+    assert finite >= 1
+
+
+@pytest.mark.browser
+def test_noise_scale_shows_in_the_page(tmp_path, serve, open_page) -> None:  # noqa: F811
+    """The detail panel of a layer recorded under DDP lists its noise scale."""
+    run_ranks(tmp_path, "--steps", "2", "--batch-size", "16")
+    path = tmp_path / "training_output.json"
+    assert gradviz.load(path).node_history("fc1", "noise_scale")[-1] is not None
+    s = open_page(serve(path))
+    click_node(s, "fc1")
+    wait(s, "gradviz.state.layers['fc1'] !== undefined")
+    assert "gradient noise scale" in s.page.locator("#gv-details-table").text_content()
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        launcher = b"torch.distributed.run" in cmd
+        if marker.encode() in cmd and f"RANK={rank}".encode() in env and not launcher:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the rank through /proc")
+def test_a_rank_that_dies_leaves_the_last_flushed_file_valid(tmp_path) -> None:
+    out_path = tmp_path / "dying.json"
+    proc = subprocess.Popen([sys.executable, EXTRACT, "--nproc", "2", "--no-progress",
+                             "--steps", "1000000", "--output", str(out_path)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not out_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert out_path.exists(), "rank 0 wrote nothing"
+        time.sleep(3)  # past a periodic flush
+        pid = _rank_pid(str(out_path), 1)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=120)  # torchrun stops the other rank and exits
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    validate_against_schema(out_path)
+    assert len(gradviz.load(out_path).steps) >= 2
