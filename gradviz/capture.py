@@ -540,38 +540,53 @@ class Recorder:
         passes, batch = self._passes, self._batch
         self._passes = self._batch = 0
 
-        # Everything goes into one float64 vector on the device: squared norms per series,
-        # how many values each series got, forward-statistic sums and counts, local squared
-        # norms (noise scale), then scale, loss and batch size. Under torch.distributed it
-        # is summed over ranks with one all-reduce; then it moves to the host once.
+        # Everything goes into one float64 vector: squared norms per series, how many values
+        # each series got, forward-statistic sums and counts, local squared norms (noise
+        # scale), then scale, loss and batch size. Under torch.distributed it is summed over
+        # ranks with one all-reduce on the device; it moves to the host once.
         width = len(hist.columns)
         first = (sq_vals or stat_vals or [torch.zeros(())])[0]
         dev = first.device
         scale_t = None
         if self.scaler is not None and self.scaler.is_enabled():
             scale_t = getattr(self.scaler, "_scale", None)
-        extras = [
-            scale_t.reshape(()) if scale_t is not None else torch.ones((), device=dev),
-            loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else
-            torch.tensor(math.nan if loss is None else float(loss), device=dev),
-            torch.tensor(float(batch), device=dev),
-        ]
-        vec = torch.cat([
-            _dense(width, sq_cols, sq_vals, dev, square=True),
-            _dense(width, sq_cols, None, dev),
-            _dense(width, stat_cols, stat_vals, dev),
-            _dense(width, stat_cols, None, dev),
-            _dense(width, local_cols, local_vals, dev, square=True),
-            torch.stack([e.to(dev, torch.float64) for e in extras]),
+        extras = torch.stack([
+            scale_t.reshape(()).to(dev, torch.float64) if scale_t is not None else
+            torch.ones((), dtype=torch.float64, device=dev),
+            loss.detach().reshape(()).to(dev, torch.float64) if isinstance(loss, torch.Tensor)
+            else torch.tensor(math.nan if loss is None else float(loss), dtype=torch.float64,
+                              device=dev),
+            torch.tensor(float(batch), dtype=torch.float64, device=dev),
         ])
+        f64 = torch.float64
+        flat = torch.cat([
+            torch.stack(sq_vals).to(f64).square() if sq_vals else extras[:0],
+            torch.cat([t.reshape(-1) for t in stat_vals]).to(f64) if stat_vals else extras[:0],
+            torch.stack(local_vals).to(f64).square() if local_vals else extras[:0],
+            extras,
+        ])
+        w = width
+        idx_vals = np.concatenate([np.asarray(sq_cols, dtype=np.intp),
+                                   np.asarray(stat_cols, dtype=np.intp) + 2 * w,
+                                   np.asarray(local_cols, dtype=np.intp) + 4 * w,
+                                   np.arange(3, dtype=np.intp) + 5 * w])
+        idx_ones = np.concatenate([np.asarray(sq_cols, dtype=np.intp) + w,
+                                   np.asarray(stat_cols, dtype=np.intp) + 3 * w])
         if self._world > 1:
-            torch.distributed.all_reduce(vec)
-        host = np.asarray(vec.tolist(), dtype=np.float64)
-        sq, count, stat_sum, stat_cnt, local_sq = (host[i * width:(i + 1) * width]
-                                                   for i in range(5))
+            dense = torch.zeros(5 * w + 3, dtype=f64, device=dev)
+            dense.index_add_(0, torch.as_tensor(idx_vals).to(dev), flat)
+            dense.index_add_(0, torch.as_tensor(idx_ones).to(dev),
+                             torch.ones(len(idx_ones), dtype=f64, device=dev))
+            torch.distributed.all_reduce(dense)
+            host = np.asarray(dense.tolist(), dtype=np.float64)
+        else:  # one process: scatter on the host, no device work beyond the transfer
+            host = np.zeros(5 * w + 3, dtype=np.float64)
+            np.add.at(host, idx_vals, np.asarray(flat.tolist(), dtype=np.float64))
+            np.add.at(host, idx_ones, 1.0)
+        sq, count, stat_sum, stat_cnt, local_sq = (host[i * w:(i + 1) * w] for i in range(5))
         n = self._world
         # The extras are the same on every rank (the loss: averaged over them).
-        scale, loss_value, b_small = (host[5 * width:] / n).tolist()
+        scale, loss_value, b_small = (host[5 * w:] / n).tolist()
 
         # Back to this run's terms. Activation and edge gradients are each rank's own: the
         # global-batch mean loss weights every sample 1/n as much, so their squares sum to
@@ -675,21 +690,6 @@ def _fused_norms(grads: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int
     for keys in by_dev.values():
         norms = torch._foreach_norm([grads[k] for k in keys], 2, dtype=dtype)  # type: ignore[call-arg]
         out.update(zip(keys, norms, strict=True))
-    return out
-
-
-def _dense(width: int, cols: list[int], vals: list[torch.Tensor] | None, dev: torch.device,
-           square: bool = False) -> torch.Tensor:
-    """A float64 vector over all columns: the values (or 1 for each, with vals None) summed."""
-    out = torch.zeros(width, dtype=torch.float64, device=dev)
-    if cols:
-        idx = torch.as_tensor(cols, dtype=torch.long).to(dev, non_blocking=True)
-        if vals is None:
-            v = torch.ones(len(cols), dtype=torch.float64, device=dev)
-        else:
-            v = torch.cat([x.reshape(-1).to(dev, torch.float64) for x in vals])
-            v = v * v if square else v
-        out.index_add_(0, idx, v)
     return out
 
 
