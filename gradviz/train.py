@@ -153,40 +153,48 @@ def train(
     first = last = math.nan
     done = 0
     interrupted = False
-    rec = capture.record(
-        trained, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
-        scaler=scaler if amp else None, activation_stats=activation_stats,
-        meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
-              "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
-    )
-    with rec:
-        try:
-            for step in range(steps):
-                opt.zero_grad(set_to_none=True)
-                total = torch.zeros((), device=dev)
-                for _ in range(accumulate):  # micro-batches: one optimizer step, one record
-                    idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
-                    idx = idx.chunk(world)[rank]  # every rank its slice of one global batch
-                    x, y = x_all[idx].to(dev), y_all[idx].to(dev)
-                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                        loss = loss_fn(trained(x), y) / accumulate
-                    scaler.scale(loss).backward()
-                    total += loss.detach().float()
-                rec.step(total)
-                scaler.step(opt)
-                scaler.update()
-                last = float(total)
-                first = last if step == 0 else first
-                done = step + 1
-                bar.update(done, last)
-        except KeyboardInterrupt:
-            interrupted = True  # leaving the with block writes every step recorded so far
-    if analyses and not interrupted and world == 1:
-        results = run_analyses(model, loss_fn, x_all, y_all, batch_size, analyses, g, dev)
-        rec.recording.meta = {**rec.recording.meta, "analyses": results}
-        if rec.path is not None:
-            store.save(rec.path, rec.recording)
-    return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
+    try:
+        rec = capture.record(
+            trained, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
+            scaler=scaler if amp else None, activation_stats=activation_stats,
+            meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
+                  "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
+        )
+        with rec:
+            try:
+                for step in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    total = torch.zeros((), device=dev)
+                    for _ in range(accumulate):  # micro-batches: one optimizer step, one record
+                        idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
+                        idx = idx.chunk(world)[rank]  # every rank its slice of one global batch
+                        x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+                        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+                            loss = loss_fn(trained(x), y) / accumulate
+                        scaler.scale(loss).backward()
+                        total += loss.detach().float()
+                    rec.step(total)
+                    scaler.step(opt)
+                    scaler.update()
+                    last = float(total)
+                    first = last if step == 0 else first
+                    done = step + 1
+                    bar.update(done, last)
+            except KeyboardInterrupt:
+                interrupted = True  # leaving the with block writes every step recorded so far
+        if analyses and not interrupted and world == 1:
+            results = run_analyses(model, loss_fn, x_all, y_all, batch_size, analyses, g, dev)
+            rec.recording.meta = {**rec.recording.meta, "analyses": results}
+            if rec.path is not None:
+                store.save(rec.path, rec.recording)
+        return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
+    finally:
+        if distributed:
+            # Leave the process group: a gloo rank that exits still in it can abort.
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _join(mode: str, device: str) -> tuple[torch.device, int, int]:
