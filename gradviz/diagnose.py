@@ -93,13 +93,21 @@ class _Context:
         meta = run.meta if isinstance(run.meta, dict) else {}
         self.lr = meta.get("lr")
         self.skipped = set(meta.get("skipped_steps", []))
+        # The checks index series step by step: converting a series once, not once per
+        # step, keeps diagnosis linear in steps x layers (the viewer runs it on open).
+        self._series: dict[tuple[str, str], list[float | None]] = {}
 
     def series(self, nid: str, key: str = "gradient_norm") -> list[float | None]:
+        xs = self._series.get((nid, key))
+        if xs is not None:
+            return xs
         if not self.run.steps:  # a file without history: the top-level value is all there is
             node = next(n for n in self.run.nodes if n["id"] == nid)
-            value = node.get(key, node.get("stats", {}).get(key))
-            return [value]
-        return self.run.node_history(nid, key)
+            xs = [node.get(key, node.get("stats", {}).get(key))]
+        else:
+            xs = self.run.node_history(nid, key)
+        self._series[(nid, key)] = xs
+        return xs
 
     def typical(self, nid: str, key: str = "gradient_norm") -> float | None:
         """Median of the finite values over the later half of the run."""

@@ -7,6 +7,7 @@ doubling; on disk each series is one base64 string (see gradviz.schema).
 
 from __future__ import annotations
 
+import binascii
 import os
 import sys
 import threading
@@ -25,13 +26,22 @@ from .errors import FileFormatError
 SeriesKey = tuple[str, ...]  # ("loss",), ("node", id, field), ("param", id, name), ("edge", id)
 
 
+CHUNK_ROWS = 1024  # the most rows allocated at once: growth costs at most one such block
+
+
 class History:
-    """Recorded values: one row per recorded step, one column per series."""
+    """Recorded values: one row per recorded step, one column per series.
+
+    Rows live in blocks of rows (chunks) that grow geometrically up to CHUNK_ROWS: appends
+    are amortised O(1), memory stays within one chunk of the values' own float32 size, and
+    a full chunk is never written again, so a snapshot shares it instead of copying it.
+    """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.columns: dict[SeriesKey, int] = {}
-        self._buf = schema.absent_array(0).reshape(0, 0)
+        self._chunks: list[np.ndarray] = []  # (capacity, width) each; all but the last full
+        self._used = 0  # rows used in the last chunk
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -47,41 +57,75 @@ class History:
         """Add one recorded step; series not named in cols are absent in it."""
         if self.steps and step <= self.steps[-1]:
             raise ValueError(f"step {step} is not after step {self.steps[-1]}")
-        n, ncols = len(self.steps), len(self.columns)
-        rows, width = self._buf.shape
-        if n >= rows or ncols > width:  # grow by doubling, so appends stay amortised O(1)
-            new_rows = rows if n < rows else max(2 * rows, 16)
-            new_width = width if ncols <= width else max(2 * width, ncols, 16)
-            grown = schema.absent_array(new_rows * new_width).reshape(new_rows, new_width)
-            grown[:rows, :width] = self._buf
-            self._buf = grown
-        row = np.asarray(values, dtype=np.float32)
+        ncols = len(self.columns)
+        if not self._chunks or self._used == self._chunks[-1].shape[0]:
+            rows = min(CHUNK_ROWS, max(16, len(self.steps)))  # small runs stay small
+            self._chunks.append(_absent((rows, ncols)))
+            self._used = 0
+        chunk = self._chunks[-1]
+        if ncols > chunk.shape[1]:  # new series: widen this chunk only, full ones stay as is
+            grown = _absent((chunk.shape[0], max(2 * chunk.shape[1], ncols)))
+            grown[:, : chunk.shape[1]] = chunk
+            chunk = self._chunks[-1] = grown
+        row = np.array(values, dtype=np.float32)
         row[np.isnan(row)] = np.float32("nan")  # one NaN bit pattern, never the absent one
-        self._buf[n, np.asarray(cols, dtype=np.intp)] = row
+        chunk[self._used, np.asarray(cols, dtype=np.intp)] = row
+        self._used += 1
         self.steps.append(step)
+
+    def _blocks(self) -> list[tuple[np.ndarray, int]]:
+        """(chunk, rows used) for every chunk, oldest first."""
+        return [(c, c.shape[0]) for c in self._chunks[:-1]] + (
+            [(self._chunks[-1], self._used)] if self._chunks else []
+        )
 
     def series(self, key: SeriesKey) -> np.ndarray:
         """A copy of one series over all recorded steps (absent marker where missing)."""
         col = self.columns.get(key)
-        if col is None or col >= self._buf.shape[1]:  # no step has a value for it yet
+        if col is None or not self.steps:
             return schema.absent_array(len(self.steps))
-        return self._buf[: len(self.steps), col].copy()
+        return np.concatenate([
+            c[:rows, col] if col < c.shape[1] else schema.absent_array(rows)
+            for c, rows in self._blocks()
+        ])
+
+    def matrix(self) -> np.ndarray:
+        """Every series at once, one contiguous row per column: (series x steps) float32."""
+        width, n = len(self.columns), len(self.steps)
+        out = _absent((width, n))
+        at = 0
+        for c, rows in self._blocks():
+            w = min(c.shape[1], width)
+            out[:w, at : at + rows] = c[:rows, :w].T
+            at += rows
+        return out
 
     def last(self, key: SeriesKey) -> float | None:
         """The latest recorded value of a series, None if absent."""
         col = self.columns.get(key)
-        if col is None or not self.steps or col >= self._buf.shape[1]:
+        if col is None or not self.steps or col >= self._chunks[-1].shape[1]:
             return None
-        v = self._buf[len(self.steps) - 1 : len(self.steps), col]
+        v = self._chunks[-1][self._used - 1 : self._used, col]
         return None if bool(schema.absent_mask(v)[0]) else float(v[0])
 
     def snapshot(self) -> History:
-        """An independent copy, for writing in another thread."""
+        """An independent copy, for writing in another thread (full chunks are shared)."""
         h = History()
         h.steps = list(self.steps)
         h.columns = dict(self.columns)
-        h._buf = self._buf[: len(self.steps), : len(self.columns)].copy()
+        if self._chunks:
+            h._chunks = [*self._chunks[:-1], self._chunks[-1][: self._used].copy()]
+            h._used = self._used
         return h
+
+    def nbytes(self) -> int:
+        """Memory held by the values (allocated, not only used)."""
+        return sum(c.nbytes for c in self._chunks)
+
+
+def _absent(shape: tuple[int, int]) -> np.ndarray:
+    """A float32 matrix of absent values."""
+    return schema.absent_array(shape[0] * shape[1]).reshape(shape)
 
 
 @dataclass
@@ -108,6 +152,13 @@ class Recording:
         """The JSON document: latest step at top level, whole history below."""
         h = self.history
         enc = schema.encode_value
+        mat = h.matrix()  # one transposing copy: each series is then a contiguous row
+        absent = schema.encode_series(schema.absent_array(len(h)))
+
+        def series(key: SeriesKey) -> str:
+            col = h.columns.get(key)
+            return absent if col is None else schema.encode_series(mat[col])
+
         nodes = []
         hist_nodes: dict[str, Any] = {}
         for nid, info in self.nodes.items():
@@ -116,29 +167,27 @@ class Recording:
             for pname, pinfo in info.get("params", {}).items():
                 params[pname] = {**pinfo, "gradient_norm": enc(h.last(("param", nid, pname)))}
             node["params"] = params
-            series: dict[str, Any] = {}
+            hist: dict[str, Any] = {}
             for key in schema.NODE_SERIES:
                 node[key] = enc(h.last(("node", nid, key)))
                 if ("node", nid, key) in h.columns:
-                    series[key] = schema.encode_series(h.series(("node", nid, key)))
+                    hist[key] = series(("node", nid, key))
             stats = {}
             for key in schema.STAT_SERIES:
                 if ("node", nid, key) in h.columns:
                     stats[key] = enc(h.last(("node", nid, key)))
-                    series[key] = schema.encode_series(h.series(("node", nid, key)))
+                    hist[key] = series(("node", nid, key))
             if stats:
                 node["stats"] = stats
             if params:
-                series["params"] = {
-                    p: schema.encode_series(h.series(("param", nid, p))) for p in params
-                }
+                hist["params"] = {p: series(("param", nid, p)) for p in params}
             nodes.append(node)
-            hist_nodes[nid] = series
+            hist_nodes[nid] = hist
         edges = []
         hist_edges = {}
         for eid, info in self.edges.items():
             edges.append({"id": eid, **info, "gradient_norm": enc(h.last(("edge", eid)))})
-            hist_edges[eid] = {"gradient_norm": schema.encode_series(h.series(("edge", eid)))}
+            hist_edges[eid] = {"gradient_norm": series(("edge", eid))}
         meta = {**self.meta, "steps": len(h), "last_step": h.steps[-1] if h.steps else None}
         return {
             "format": schema.FORMAT_NAME,
@@ -150,7 +199,7 @@ class Recording:
             "history": {
                 "encoding": schema.SERIES_ENCODING,
                 "steps": list(h.steps),
-                "loss": schema.encode_series(h.series(("loss",))),
+                "loss": series(("loss",)),
                 "nodes": hist_nodes,
                 "edges": hist_edges,
             },
@@ -287,18 +336,17 @@ class Run:
         self._series: dict[SeriesKey, np.ndarray] = {}
         if h:
             n = len(self.steps)
-            self._series[("loss",)] = schema.decode_series(h["loss"], n, "history.loss")
+            dec = _decode_series
+            self._series[("loss",)] = dec(h["loss"], n, "history.loss")
             for nid, series in h["nodes"].items():
                 for key, text in series.items():
                     if key == "params":
                         for p, t in text.items():
-                            self._series[("param", nid, p)] = schema.decode_series(t, n, p)
+                            self._series[("param", nid, p)] = dec(t, n, p)
                     else:
-                        self._series[("node", nid, key)] = schema.decode_series(text, n, key)
+                        self._series[("node", nid, key)] = dec(text, n, key)
             for eid, series in h["edges"].items():
-                self._series[("edge", eid)] = schema.decode_series(
-                    series["gradient_norm"], n, eid
-                )
+                self._series[("edge", eid)] = dec(series["gradient_norm"], n, eid)
 
     def array(self, key: SeriesKey) -> np.ndarray:
         """A raw float32 series (absent marker included; see gradviz.schema)."""
@@ -325,6 +373,16 @@ class Run:
     def keys(self) -> Iterable[SeriesKey]:
         """Every series the file holds."""
         return self._series.keys()
+
+
+def _decode_series(text: Any, n: int, where: str) -> np.ndarray:
+    """A series of a checked document, decoded without a copy (the array is read-only)."""
+    if not isinstance(text, str):
+        return schema.decode_series(text, n, where)  # words the error
+    a = np.frombuffer(binascii.a2b_base64(text), dtype="<f4")
+    if a.size != n:
+        return schema.decode_series(text, n, where)
+    return a
 
 
 def parse(data: bytes, path: Path | None = None) -> Run:

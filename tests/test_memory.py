@@ -1,0 +1,193 @@
+"""Memory: nothing from a step outlives it, and the history costs about its own float32 size.
+
+Autograd nodes take no weak references, but a tensor saved by the graph is kept alive (its
+Python object too) for as long as any node of that graph is: so weak references to every
+module output and every gradient that flowed through one are dead after a step exactly
+when no tensor and no graph of that step survived it.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradviz
+from gradviz import demos, schema, store
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+class Watch:
+    """Weak references to every module output of a model, and to the gradients they get."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.refs: list[weakref.ref[torch.Tensor]] = []
+        self.handles = [m.register_forward_hook(self.hook) for m in model.modules()]
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        for t in _tensors(output):
+            self.refs.append(weakref.ref(t))
+            if t.requires_grad:
+                t.register_hook(lambda g: self.refs.append(weakref.ref(g)) and None)
+
+    def alive(self) -> list[torch.Tensor]:
+        gc.collect()
+        return [t for r in self.refs if (t := r()) is not None]
+
+
+def _setup(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    demo = demos.DEMOS[name]
+    torch.manual_seed(0)
+    model = demo.build()
+    x, y = demo.data(16, torch.Generator().manual_seed(0))
+    return model, x, y, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("name", ["mlp", "residual", "dense", "resnet", "transformer"])
+def test_no_tensor_or_graph_outlives_its_step(name: str, stats: bool) -> None:
+    model, x, y, opt = _setup(name)
+    watch = Watch(model)
+
+    def step(rec: Any) -> None:  # everything the user holds is local: gone on return
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        rec.step(loss)
+        opt.step()
+
+    with gradviz.record(model, path=None, activation_stats=stats) as rec:
+        for _ in range(3):
+            watch.refs.clear()
+            step(rec)
+            assert len(watch.refs) > 10  # the watch saw outputs and gradients
+            alive = watch.alive()
+            assert alive == [], f"{len(alive)} tensors of the step are still alive"
+        assert len(rec.recording.history) == 3
+
+
+def test_forward_without_backward_frees_its_graph() -> None:
+    """A forward that is never backpropagated (evaluation with grad on) leaves nothing."""
+    model, x, y, opt = _setup("residual")
+    watch = Watch(model)
+    with gradviz.record(model, path=None) as rec:
+        F.cross_entropy(model(x), y)  # dropped at once: its graph must go with it
+        assert watch.alive() == []
+        rec.step()
+        watch.refs.clear()
+        loss = F.cross_entropy(model(x), y)
+        assert watch.alive() != []  # control: while the user holds the loss, the graph lives
+        del loss
+        assert watch.alive() == []
+
+
+def test_live_tensors_do_not_grow_over_steps() -> None:
+    model, x, y, opt = _setup("residual")
+
+    def count() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated names
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    with gradviz.record(model, path=None, activation_stats=True) as rec:
+        counts = []
+        for i in range(30):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+            del loss
+            if i in (5, 29):
+                counts.append(count())
+    assert counts[0] == counts[1]
+
+
+# -- the history's own memory --------------------------------------------------------------
+
+
+def test_history_across_chunks_and_late_columns() -> None:
+    h = store.History()
+    n = 3 * store.CHUNK_ROWS + 100
+    want: dict[tuple[str, ...], np.ndarray] = {}
+    for step in range(n):
+        if step in (0, 7, store.CHUNK_ROWS + 5):  # series appear mid-chunk, as layers do
+            for k in range(3):
+                key = ("edge", f"s{step}-{k}")
+                h.column(key)
+                want[key] = schema.absent_array(n)
+        cols = list(h.columns.values())
+        vals = [float(step * 10 + c) for c in cols]
+        h.append(step * 2, cols, vals)
+        for key, c in h.columns.items():
+            want[key][step] = step * 10 + c
+    for key, a in want.items():
+        assert np.array_equal(h.series(key).view("<u4"), a.view("<u4")), key
+    mat = h.matrix()
+    assert mat.shape == (len(h.columns), n) and mat.flags.c_contiguous
+    for key, c in h.columns.items():
+        assert np.array_equal(mat[c].view("<u4"), want[key].view("<u4"))
+    assert h.last(("edge", "s0-0")) == (n - 1) * 10
+    own = n * len(h.columns) * 4
+    assert own <= h.nbytes() <= own + store.CHUNK_ROWS * len(h.columns) * 4
+
+
+def test_snapshot_shares_full_chunks_and_stays_independent() -> None:
+    h = store.History()
+    col = h.column(("loss",))
+    for step in range(2 * store.CHUNK_ROWS + 10):
+        h.append(step, [col], [float(step)])
+    snap = h.snapshot()
+    assert np.shares_memory(snap._chunks[0], h._chunks[0])  # no copy of what is final
+    h.append(10**6, [col], [-1.0])
+    h.column(("edge", "late"))
+    h.append(10**6 + 1, [col, 1], [-2.0, 5.0])
+    assert len(snap) == 2 * store.CHUNK_ROWS + 10
+    assert snap.series(("loss",))[-1] == 2 * store.CHUNK_ROWS + 9
+    assert snap.last(("edge", "late")) is None
+    assert h.series(("loss",))[-2:].tolist() == [-1.0, -2.0]
+    snap.append(10**7, [col], [7.0])  # a snapshot can grow on its own, too
+    assert snap.last(("loss",)) == 7.0 and h.last(("loss",)) == -2.0
+
+
+def test_recording_grows_by_about_the_history_size() -> None:
+    """Over many recorded steps, memory grows by the float32 values and little else."""
+    model, x, y, opt = _setup("mlp")
+    with gradviz.record(model, path=None) as rec:
+        def step() -> None:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+
+        for _ in range(20):
+            step()
+        h = rec.recording.history
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        steps = 1500
+        for _ in range(steps):
+            step()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    row = len(h.columns) * 4
+    # the values themselves, at most one chunk ahead, the step number, and nothing per layer
+    assert grown <= steps * row + store.CHUNK_ROWS * row + steps * 80
