@@ -5,10 +5,14 @@ Usage:
     python visualize.py --input run.json --threshold 0.001 --open
     python visualize.py --port 0                 # any free port (the URL is printed)
     python visualize.py --export graph.html      # one offline HTML file, then exit
+    python visualize.py --depth 2                # one node per blocks.N (full: every layer)
 
 Layers are nodes sized by their gradient norm (log scale); connections are edges, green
 when their gradient norm is above --threshold and red at or below it; NaN/Inf in purple.
-The page follows the file while training still writes it. Never imports torch.
+The page follows the file while training still writes it. Big graphs (more than 1,000
+nodes) are rolled up by module name: layers sharing their first N name parts become one
+group (norm: sqrt of the sum of their squared norms), expandable in the page; --depth
+chooses N. Never imports torch.
 `--report` prints the diagnosis as text instead (for CI: exit code 1 on a critical finding).
 Exit codes: 0 fine, 1 --report found something critical, 2 bad input or flags (one line
 on stderr says which and how to fix it).
@@ -46,6 +50,14 @@ def _threshold(text: str) -> float:
     return t
 
 
+def _depth(text: str) -> str:
+    if text not in ("auto", "full") and not (text.isdigit() and 1 <= int(text) <= 64):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, full or a whole number from 1 to 64, got {text!r}"
+        )
+    return text
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(
@@ -69,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_threshold,
         help="edges with a gradient norm above this are green, others red "
         "(default: %(default)s; the page has a slider)",
+    )
+    p.add_argument(
+        "--depth",
+        default="auto",
+        type=_depth,
+        help="roll layers up by the first N parts of their names (blocks.3.attn.qkv -> "
+        "blocks.3 at 2), expandable in the page; full: every layer; auto (default): "
+        "every layer up to 1,000 nodes, else about 300 nodes",
     )
     p.add_argument(
         "--host",
@@ -114,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             return report(args.input)
         if args.export:
-            html = export_html(args.input, args.threshold)
+            html = export_html(args.input, args.threshold, args.depth)
             try:
                 args.export.write_text(html, encoding="utf-8")
             except OSError as e:
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 ) from e
             print(f"gradviz: wrote {args.export} (open it in a browser; no server needed)")
             return 0
-        app = create_app({"INPUT": args.input, "THRESHOLD": args.threshold})
+        app = create_app({"INPUT": args.input, "THRESHOLD": args.threshold, "DEPTH": args.depth})
     except GradvizError as e:
         print(f"visualize.py: {e}", file=sys.stderr)
         return 2
@@ -143,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     server = make_server(args.host, args.port, app, threaded=True, fd=sock.fileno())
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{sock.getsockname()[1]}/"
-    print(f"gradviz: serving {args.input} at {url} (Ctrl-C to stop)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"gradviz: listening on {args.host}: other machines can see this page", file=sys.stderr
-        )
-    if args.open:
-        threading.Timer(0.3, webbrowser.open, [url]).start()
-    try:
+    try:  # from the first line on: a Ctrl-C right after it must still exit cleanly
+        print(f"gradviz: serving {args.input} at {url} (Ctrl-C to stop)", flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"gradviz: listening on {args.host}: other machines can see this page",
+                file=sys.stderr,
+            )
+        if args.open:
+            threading.Timer(0.3, webbrowser.open, [url]).start()
         server.serve_forever()
     except KeyboardInterrupt:
         pass

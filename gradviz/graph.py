@@ -6,11 +6,18 @@ connections; both carry the latest recorded norms and a status ("ok", "nonfinite
 
 Everything in the file is untrusted: fields the format does not check (shapes, counts,
 metadata, findings) are coerced to plain, JSON-safe values or dropped.
+
+Big graphs are rolled up by module depth (:func:`rollup`): layers whose names share their
+first N parts ("blocks.3.attn.qkv", "blocks.3.mlp.fc1" -> "blocks.3") become one group
+node. A group's norm is the norm of all its layers' gradients together (the square root of
+the sum of their squared norms); edges between two groups are aggregated the same way, and
+edges inside a group are hidden.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Hashable, Iterable
 from typing import Any
 
 import networkx as nx
@@ -21,6 +28,9 @@ from .diagnose import diagnose
 from .store import Run
 
 OK, NONFINITE, ABSENT = "ok", "nonfinite", "absent"
+GROUP = "group"  # the kind of a rolled-up node
+ROLLUP_ABOVE = 1000  # graphs with more nodes are rolled up by default (--depth auto)
+ROLLUP_TARGET = 300  # ...to the depth whose node count is closest to this, on a log scale
 SEVERITIES = ("critical", "warning", "info")
 _MAX_TEXT = 500  # longer strings from the file are cut: they only feed labels and panels
 
@@ -229,4 +239,218 @@ def clean_findings(findings: Any, ids: set[str]) -> list[dict[str, Any]]:
         )
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     out.sort(key=lambda f: rank[f["severity"]])  # stable: file order within a severity
+    return out
+
+
+# -- roll-up by module depth -------------------------------------------------------------
+
+SeriesKey = tuple[str, ...]
+
+
+def name_depth(name: str) -> int:
+    """How many dotted parts a module name has: "blocks.3.fc1" has 3."""
+    return name.count(".") + 1
+
+
+def max_depth(g: nx.DiGraph) -> int:
+    """The deepest module name among the graph's layers and modules (1 without any)."""
+    return max((name_depth(str(n)) for n, d in g.nodes(data=True) if d["kind"] != "junction"),
+               default=1)
+
+
+def group_map(
+    g: nx.DiGraph, depth: int, expanded: Collection[str] = ()
+) -> dict[Hashable, str]:
+    """The view node of every node at a depth: its group's name, or its own id.
+
+    A layer's group is the first ``depth`` parts of its name, one part more for each
+    enclosing group in ``expanded``. A group forms only when it holds two or more layers
+    or modules (a lone layer stays itself) and its name is no other node's id. A junction
+    joins a group when every layer feeding it is in that one group (a residual add inside
+    a block); otherwise it stays a node of its own.
+    """
+    ids = {str(n) for n in g.nodes}
+    prefix: dict[Hashable, str] = {}
+    for n, d in g.nodes(data=True):
+        if d["kind"] == "junction":
+            continue
+        parts = str(n).split(".")
+        k = depth
+        while k < len(parts) and ".".join(parts[:k]) in expanded:
+            k += 1
+        prefix[n] = ".".join(parts[:k])
+    size: dict[str, int] = {}
+    for p in prefix.values():
+        size[p] = size.get(p, 0) + 1
+    groups = {p for p, k in size.items() if k >= 2 and (p not in ids or p in prefix)}
+    view = {n: p if p in groups else str(n) for n, p in prefix.items()}
+    # Junctions in forward order, so that one fed only by junctions sees theirs decided.
+    junctions = [n for n, d in g.nodes(data=True) if d["kind"] == "junction"]
+    junctions.sort(key=lambda n: _order_of(g, n))
+    for _ in range(2):  # a second pass settles junctions listed before those feeding them
+        for j in junctions:
+            feeders = {view.get(p) for p in g.predecessors(j) if p in prefix}
+            if not feeders:
+                feeders = {view.get(p) for p in g.predecessors(j) if p != j}
+            one = feeders.pop() if len(feeders) == 1 else None
+            view[j] = one if one in groups else str(j)
+    return view
+
+
+def _order_of(g: nx.DiGraph, n: Hashable) -> float:
+    o = g.nodes[n].get("order")
+    return float(o) if isinstance(o, int) else math.inf
+
+
+def depth_options(g: nx.DiGraph) -> list[tuple[int | None, int]]:
+    """(depth, node count) for every depth that rolls something up, then (None, all nodes)."""
+    out: list[tuple[int | None, int]] = []
+    for depth in range(1, max_depth(g)):
+        n = len(set(group_map(g, depth).values()))
+        if n < g.number_of_nodes() and (not out or n != out[-1][1]):
+            out.append((depth, n))
+    return [*out, (None, g.number_of_nodes())]
+
+
+def auto_depth(
+    g: nx.DiGraph, options: list[tuple[int | None, int]] | None = None
+) -> int | None:
+    """The depth shown by default: None (every layer) up to ROLLUP_ABOVE nodes; above, the
+    depth whose node count is closest to ROLLUP_TARGET on a log scale (deeper on ties).
+
+    options: depth_options(g), if already computed.
+    """
+    if g.number_of_nodes() <= ROLLUP_ABOVE:
+        return None
+    options = [(d, n) for d, n in (options or depth_options(g)) if d is not None]
+    if not options:
+        return None
+    return min(options, key=lambda o: (abs(math.log(o[1] / ROLLUP_TARGET)), -(o[0] or 0)))[0]
+
+
+def rollup(
+    g: nx.DiGraph, run: Run, depth: int | None, expanded: Collection[str] = ()
+) -> nx.DiGraph:
+    """The graph as seen at a depth (None: every layer, g itself), groups expanded as asked.
+
+    A group node has kind "group", type "N layers" (and junctions), the members' parameter
+    counts summed, ``members`` (their ids), and as gradient_norm and activation_grad_norm
+    the norm of its members' values together: sqrt of the sum of squares, absent when
+    every member is absent, NaN/Inf when any member is. All edges from one view node to
+    another become one edge whose norm is formed the same way from the file edges it
+    stands for (``members``); edges inside a group are hidden. Series for new nodes and
+    edges are in ``g.graph["series"]``, keyed like Run.array: use :func:`series`.
+    """
+    if depth is None:
+        return g
+    view = group_map(g, depth, expanded)
+    members: dict[str, list[Hashable]] = {}
+    for n in g.nodes:
+        members.setdefault(view[n], []).append(n)
+    v = nx.DiGraph()
+    new_series: dict[SeriesKey, np.ndarray] = {}
+    for vid, ms in members.items():
+        if ms == [vid] or (len(ms) == 1 and str(ms[0]) == vid):
+            v.add_node(ms[0], **g.nodes[ms[0]])
+            continue
+        layers = [m for m in ms if g.nodes[m]["kind"] != "junction"]
+        junctions = len(ms) - len(layers)
+        grad = _combine(g.nodes[m]["gradient_norm"] for m in layers)
+        act = _combine(g.nodes[m]["activation_grad_norm"] for m in ms)
+        counts = [g.nodes[m]["param_count"] for m in layers]
+        v.add_node(
+            vid,
+            kind=GROUP,
+            type=f"{len(layers)} layers"
+            + (f", {junctions} junction{'s' if junctions > 1 else ''}" if junctions else ""),
+            order=min((o for m in ms if (o := g.nodes[m].get("order")) is not None),
+                      default=None),
+            has_params=any(g.nodes[m]["has_params"] for m in layers),
+            param_count=sum(counts) if all(c is not None for c in counts) else None,
+            params={},
+            gradient_norm=grad,
+            activation_grad_norm=act,
+            input_grad_norm=None,
+            stats={},
+            status=node_status(True, grad, act),
+            members=[str(m) for m in ms],
+        )
+        for key in ("gradient_norm", "activation_grad_norm"):
+            new_series[("node", vid, key)] = combine_series(
+                [run.array(("node", str(m), key)) for m in (layers if key == "gradient_norm"
+                                                            else ms)], len(run.steps))
+    pairs: dict[tuple[str, str], list[tuple[Hashable, Hashable, dict[str, Any]]]] = {}
+    hidden = 0
+    for a, b, d in iter_edges(g):
+        va, vb = view[a], view[b]
+        if va == vb and (a != b or va != str(a)):  # inside a group (a self-loop stays)
+            hidden += 1
+            continue
+        pairs.setdefault((va, vb), []).append((a, b, d))
+    edge_ids: list[str] = []
+    used = set(g.graph.get("edge_ids", []))
+    for (va, vb), es in pairs.items():
+        na, nb = _node_of(v, va, es[0][0]), _node_of(v, vb, es[0][1])
+        if v.nodes[na]["kind"] != GROUP and v.nodes[nb]["kind"] != GROUP:  # kept as it is
+            first = {k: x for k, x in es[0][2].items() if k != "parallel"}
+            rest = [d for _, _, d in es[1:]]
+            v.add_edge(na, nb, **first, parallel=rest)
+            edge_ids.extend(e["id"] for e in [first, *rest])
+            continue
+        eid = f"{va}->{vb}"
+        while eid in used:  # a file edge may already carry that id
+            eid += "'"
+        used.add(eid)
+        norm = _combine(d["gradient_norm"] for _, _, d in es)
+        v.add_edge(na, nb, id=eid, gradient_norm=norm, status=value_status(norm),
+                   via=[], parallel=[], members=[d["id"] for _, _, d in es])
+        new_series[("edge", eid)] = combine_series(
+            [run.array(("edge", d["id"])) for _, _, d in es], len(run.steps))
+        edge_ids.append(eid)
+    ids = set(v.nodes)
+    findings = []
+    for f in g.graph.get("findings", []):
+        layers = list(dict.fromkeys(view[x] for x in f["layers"] if x in view))
+        findings.append({**f, "layers": [x for x in layers if x in ids]})
+    v.graph.update(g.graph)
+    v.graph["series"] = new_series  # before the ranges below, which read it
+    v.graph.update(
+        findings=findings,
+        edge_ids=edge_ids,
+        view={"depth": depth, "expanded": sorted(set(expanded)), "hidden_edges": hidden},
+        norm_range=positive_range([series(run, v, ("node", str(n), "gradient_norm"))
+                                   for n in v.nodes]),
+        edge_range=positive_range([series(run, v, ("edge", e)) for e in edge_ids]),
+    )
+    return v
+
+
+def _node_of(v: nx.DiGraph, vid: str, original: Hashable) -> Hashable:
+    """The view graph's key for a view id: the group's name, or the node's own key."""
+    return vid if vid in v else original
+
+
+def series(run: Run, g: nx.DiGraph, key: SeriesKey) -> np.ndarray:
+    """A series of a graph's node or edge: a rolled-up one from the view, else the file's."""
+    a = g.graph.get("series", {}).get(key)
+    return a if a is not None else run.array(key)
+
+
+def _combine(values: Iterable[float | None]) -> float | None:
+    """sqrt of the sum of squares of the present values; None if none is present."""
+    present = [x for x in values if x is not None]
+    if not present:
+        return None
+    return math.sqrt(math.fsum(x * x for x in present))
+
+
+def combine_series(arrays: list[np.ndarray], n: int) -> np.ndarray:
+    """Element-wise :func:`_combine` of float32 series (absent marker where all are absent)."""
+    if not arrays:
+        return schema.absent_array(n)
+    a = np.stack(arrays)
+    absent = schema.absent_mask(a)
+    x = np.where(absent, 0.0, a.astype(np.float64))
+    out = np.sqrt((x * x).sum(axis=0)).astype("<f4")
+    out.view("<u4")[absent.all(axis=0)] = schema.ABSENT_BITS
     return out

@@ -32,7 +32,7 @@ from pyvis.network import Network
 
 from . import schema
 from .errors import GradvizError
-from .graph import ABSENT, NONFINITE, iter_edges
+from .graph import ABSENT, GROUP, NONFINITE, iter_edges, series
 from .store import Run
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -80,7 +80,8 @@ class LogScale:
         if x <= 0:
             return self.out_lo
         t = (math.log10(x) - self.lo) / (self.hi - self.lo)
-        return self.out_lo + min(max(t, 0.0), 1.0) * (self.out_hi - self.out_lo)
+        t = 0.0 if t < 0.0 else 1.0 if t > 1.0 else t  # (min/max are slow on big graphs)
+        return self.out_lo + t * (self.out_hi - self.out_lo)
 
 
 def log_scale(value_range: tuple[float, float] | None, out: tuple[float, float]) -> LogScale:
@@ -197,7 +198,9 @@ def node_style(
     if not d.get("has_params"):
         shape, size, fill, border = "diamond", SMALL_SIZE, PALETTE["junction"], "junction_border"
     else:
-        shape, fill, border = "dot", PALETTE["layer"], "layer_border"
+        # a rolled-up group of layers is a square, so it does not pass for one layer
+        shape = "square" if d.get("kind") == GROUP else "dot"
+        fill, border = PALETTE["layer"], "layer_border"
         size = node_scale(grad) if status == "ok" and grad is not None else node_scale.out_hi
     if status == ABSENT:
         size, fill, border = SMALL_SIZE, PALETTE["absent_fill"], "absent"
@@ -249,6 +252,8 @@ def node_title(nid: str, d: dict[str, Any], step: int | None) -> str:
     lines.append(f"activation gradient norm {fmt(d.get('activation_grad_norm'))}")
     if step is not None:
         lines.append(f"step {step}")
+    if d.get("kind") == GROUP:
+        lines.append("double-click to expand")
     return "\n".join(lines)
 
 
@@ -267,7 +272,9 @@ def edge_title(u: str, v: str, d: dict[str, Any], threshold: float) -> str:
 
 def options(g: nx.DiGraph) -> dict[str, Any]:
     """vis-network options: physics off, positions fixed, hover tooltips on."""
-    big = g.number_of_edges() > 3000  # hiding edges while panning keeps big graphs fluid
+    # Big graphs: edges hidden while panning keep them fluid, and arrowheads (too small to
+    # see at the zoom that shows them whole; direction is left to right) halve each redraw.
+    big = g.number_of_edges() > 3000
     return {
         "autoResize": True,
         "physics": {"enabled": False},
@@ -289,7 +296,7 @@ def options(g: nx.DiGraph) -> dict[str, Any]:
             }
         },
         "edges": {
-            "arrows": {"to": {"enabled": True, "scaleFactor": 0.5}},
+            "arrows": {"to": {"enabled": not big, "scaleFactor": 0.5}},
             "smooth": False,
             "selectionWidth": 1.5,
             "hoverWidth": 1.5,
@@ -298,9 +305,14 @@ def options(g: nx.DiGraph) -> dict[str, Any]:
 
 
 def vis_data(
-    g: nx.DiGraph, threshold: float, pos: dict[Hashable, tuple[float, float]] | None = None
+    g: nx.DiGraph,
+    threshold: float,
+    pos: dict[Hashable, tuple[float, float]] | None = None,
+    all_edges: list[tuple[str, str, dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The vis-network node and edge dicts: Python floats and str ids only.
+
+    all_edges: iter_edges(g), if already computed.
 
     vis ids are positions ("n0", "e0"), not the file's names: vis-network keeps nodes in
     plain objects, and a layer called "__proto__" would break it. The name travels as
@@ -328,7 +340,7 @@ def vis_data(
         )
     edges = []
     seen: dict[tuple[str, str], int] = {}
-    for i, (u, v, d) in enumerate(iter_edges(g)):
+    for i, (u, v, d) in enumerate(all_edges if all_edges is not None else iter_edges(g)):
         e: dict[str, Any] = {
             "id": f"e{i}",
             "name": d["id"],
@@ -394,7 +406,7 @@ def frames(run: Run, g: nx.DiGraph) -> Frames:
     def stack(keys: list[tuple[str, ...]]) -> np.ndarray:
         if not keys:
             return schema.absent_array(0).reshape(n, 0)
-        return np.stack([run.array(k) for k in keys], axis=1).astype("<f4", copy=False)
+        return np.stack([series(run, g, k) for k in keys], axis=1).astype("<f4", copy=False)
 
     return Frames(
         steps=list(run.steps),
@@ -424,15 +436,17 @@ def step_payload(fr: Frames, index: int) -> dict[str, Any]:
 
 
 def layer_payload(run: Run, g: nx.DiGraph, node_id: str) -> dict[str, Any]:
-    """One layer over every recorded step: its norms and each parameter's norm."""
-    params = g.nodes[node_id]["params"]
+    """One layer (or group) over every recorded step: its norms and each parameter's norm."""
+    d = g.nodes[node_id]
+    stats = _stat_keys(run, node_id) if d["kind"] != GROUP else []
     return {
         "id": node_id,
         "steps": list(run.steps),
-        "gradient_norm": _values(run.array(("node", node_id, "gradient_norm"))),
-        "activation_grad_norm": _values(run.array(("node", node_id, "activation_grad_norm"))),
-        "params": {p: _values(run.array(("param", node_id, p))) for p in params},
-        "stats": {k: _values(run.array(("node", node_id, k))) for k in _stat_keys(run, node_id)},
+        "gradient_norm": _values(series(run, g, ("node", node_id, "gradient_norm"))),
+        "activation_grad_norm": _values(series(run, g, ("node", node_id, "activation_grad_norm"))),
+        "params": {p: _values(run.array(("param", node_id, p))) for p in d["params"]},
+        "stats": {k: _values(run.array(("node", node_id, k))) for k in stats},
+        "members": d.get("members", []),
     }
 
 
@@ -442,10 +456,20 @@ def _stat_keys(run: Run, node_id: str) -> list[str]:
 
 
 def graph_payload(
-    g: nx.DiGraph, threshold: float, *, source: str = "", revision: int = 0
+    g: nx.DiGraph,
+    threshold: float,
+    *,
+    source: str = "",
+    revision: int = 0,
+    view: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the page draws from: vis nodes and edges, options, and the run's data."""
-    nodes, edges = vis_data(g, threshold)
+    """Everything the page draws from: vis nodes and edges, options, and the run's data.
+
+    view describes the roll-up shown (see gradviz.web): depth, expanded groups, the depths
+    to choose from; per-step and per-layer data are not included (api/step, api/layer).
+    """
+    all_edges = iter_edges(g)
+    nodes, edges = vis_data(g, threshold, all_edges=all_edges)
     node_scale, edge_scale = scales(g)
     enc = schema.encode_value
     node_info = []
@@ -473,7 +497,7 @@ def graph_payload(
         )
     edge_info = [
         {"id": d["id"], "source": str(u), "target": str(v), "via": d["via"]}
-        for u, v, d in iter_edges(g)
+        for u, v, d in all_edges
     ]
     steps = g.graph.get("steps") or []
     return {
@@ -494,13 +518,14 @@ def graph_payload(
             "nodes": node_info,
             "edges": edge_info,
             "findings": g.graph.get("findings", []),
+            "view": view or {"depth": None, "expanded": [], "auto": False, "options": []},
             "latest": {
                 "step": steps[-1] if steps else None,
                 "gradient_norm": [enc(d["gradient_norm"]) for _, d in g.nodes(data=True)],
                 "activation_grad_norm": [
                     enc(d["activation_grad_norm"]) for _, d in g.nodes(data=True)
                 ],
-                "edges": [enc(d["gradient_norm"]) for _, _, d in iter_edges(g)],
+                "edges": [enc(d["gradient_norm"]) for _, _, d in all_edges],
             },
         },
     }

@@ -7,17 +7,25 @@
     GET /api/layer?id=ID    one layer's norms over every recorded step
     GET /api/poll           a cheap revision counter the page polls for live updates
 
+/api/graph, /api/step and /api/layer take the view as ``depth=N`` (or ``full``) and
+``expand=GROUP`` (repeated): the roll-up of gradviz.graph.rollup. Without them they serve
+the default view (``DEPTH``: ``auto`` rolls up graphs above gradviz.graph.ROLLUP_ABOVE
+nodes). The page never receives the whole history: per-step and per-layer data come from
+/api/step and /api/layer when it needs them.
+
 The file is re-read when its mtime, size or inode change (the recorder replaces it
 atomically every few seconds); a re-read that fails keeps the last good version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import render, store
 from .errors import FileFormatError, GradvizError
-from .graph import build_graph
+from .graph import auto_depth, build_graph, depth_options, max_depth, rollup
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -37,8 +45,25 @@ CSP = (
 )
 RETRY_SECONDS = 2.0  # a file that failed to parse is tried again this often, even unchanged
 _STEP = re.compile(r"-?[0-9]{1,18}")
+MAX_VIEWS = 8  # views kept per reading of the file (each holds its graph and frames)
+MAX_EXPANDED = 200  # groups one view may expand
+ViewKey = tuple[int | None, tuple[str, ...]]  # (depth or None for every layer, expanded)
 
 bp = Blueprint("gradviz", __name__)
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: building a big graph allocates many small
+    containers, none of them in cycles, and collections over the parsed file's objects
+    would otherwise double the time it takes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def read_run(path: Path) -> tuple[store.Run, tuple[int, int, int]]:
@@ -54,7 +79,8 @@ def read_run(path: Path) -> tuple[store.Run, tuple[int, int, int]]:
     except OSError as e:
         raise FileFormatError(f"cannot read {path}: {e.strerror}") from e
     try:
-        run = store.parse(data, path)
+        with no_gc():
+            run = store.parse(data, path)
     except GradvizError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # shapes store misses
@@ -73,6 +99,37 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+def parse_depth(value: Any) -> int | None | str:
+    """A depth setting: "auto", None for "full" (every layer), or a depth >= 1."""
+    if value is None or value == "auto":
+        return "auto"
+    if value in ("full", 0, "0"):
+        return None
+    text = str(value)
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise GradvizError(
+            f"depth must be auto, full or a whole number from 1 to 64, got {value!r}; "
+            "it is how many parts of a layer's name (blocks.3.attn.qkv has 4) are kept"
+        )
+    return int(text)
+
+
+def normal_depth(g: nx.DiGraph, depth: int | None | str) -> int | None:
+    """None (every layer) for a depth at or below which no layer name is deeper."""
+    if not isinstance(depth, int) or depth >= max_depth(g):
+        return None
+    return depth
+
+
+@dataclass
+class View:
+    """The graph as shown at one roll-up, with its per-step matrices and page payload."""
+
+    graph: nx.DiGraph
+    frames: render.Frames
+    payload: dict[str, Any]
+
+
 @dataclass
 class Snapshot:
     """One good reading of the file, with everything derived from it."""
@@ -80,28 +137,104 @@ class Snapshot:
     revision: int
     signature: tuple[int, int, int]
     run: store.Run
-    graph: nx.DiGraph
-    frames: render.Frames
-    payload: dict[str, Any]
+    full: nx.DiGraph  # every layer: what the views are rolled up from
+    default: ViewKey
+    auto: bool  # whether the default depth was chosen automatically
+    threshold: float
+    source: str  # the file's name, shown on the page
+    views: dict[ViewKey, View] = field(default_factory=dict)
     html: str | None = field(default=None)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _options: list[tuple[int | None, int]] | None = field(default=None, repr=False)
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The default view's graph."""
+        return self.view(self.default).graph
+
+    @property
+    def frames(self) -> render.Frames:
+        """The default view's per-step matrices."""
+        return self.view(self.default).frames
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The default view's page payload."""
+        return self.view(self.default).payload
+
+    def view(self, key: ViewKey) -> View:
+        """A view, built on first use and kept (the default one and a few others)."""
+        v = self.views.get(key)
+        if v is not None:
+            return v
+        with self.lock, no_gc():  # one build at a time; others wait, then find it built
+            v = self.views.get(key)
+            if v is not None:
+                return v
+            depth, expanded = key
+            g = rollup(self.full, self.run, depth, expanded)
+            info = {
+                "depth": depth,
+                "expanded": list(expanded),
+                "auto": self.auto and key == self.default,
+                "options": [[d, n] for d, n in self.options],
+                "hidden_edges": g.graph.get("view", {}).get("hidden_edges", 0),
+            }
+            payload = render.graph_payload(
+                g, self.threshold, source=self.source, revision=self.revision, view=info
+            )
+            v = View(g, render.frames(self.run, g), payload)
+            if len(self.views) >= MAX_VIEWS:  # drop the oldest other than the default
+                del self.views[next(k for k in self.views if k != self.default)]
+            self.views[key] = v
+            return v
+
+    @property
+    def options(self) -> list[tuple[int | None, int]]:
+        """(depth, node count) for each depth the page offers, computed once."""
+        if self._options is None:
+            self._options = depth_options(self.full)
+        return self._options
+
+
+def snapshot(
+    run: store.Run,
+    signature: tuple[int, int, int],
+    revision: int,
+    *,
+    threshold: float,
+    source: str,
+    depth: int | None | str = "auto",
+) -> Snapshot:
+    """A snapshot of a run with its default view built (depth: "auto", None or N)."""
+    with no_gc():
+        g = build_graph(run)
+        options = depth_options(g)
+        chosen = auto_depth(g, options) if depth == "auto" else depth
+    snap = Snapshot(revision, signature, run, g, (normal_depth(g, chosen), ()),
+                    depth == "auto", threshold, source, _options=options)
+    snap.view(snap.default)
+    return snap
 
 
 class RunSource:
     """The file being viewed: re-read on change, last good version kept on failure."""
 
-    def __init__(self, path: Path, threshold: float, live: bool = True) -> None:
+    def __init__(
+        self, path: Path, threshold: float, live: bool = True, depth: int | None | str = "auto"
+    ) -> None:
         self.path = Path(path)
         self.threshold = threshold
         self.live = live
+        self.depth = depth
         self.error: str | None = None
         self._lock = threading.Lock()
         self._failed: tuple[tuple[int, int, int] | None, float] | None = None
         self._snap = self._build(*read_run(self.path), revision=1)
 
     def _build(self, run: store.Run, sig: tuple[int, int, int], revision: int) -> Snapshot:
-        g = build_graph(run)
-        payload = render.graph_payload(g, self.threshold, source=self.path.name, revision=revision)
-        return Snapshot(revision, sig, run, g, render.frames(run, g), payload)
+        return snapshot(run, sig, revision, threshold=self.threshold, source=self.path.name,
+                        depth=self.depth)
 
     def current(self) -> Snapshot:
         """The latest good snapshot, re-reading the file first if it changed."""
@@ -138,19 +271,25 @@ class RunSource:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """The app for one file. Config: INPUT (path), THRESHOLD (0.01), LIVE (True).
+    """The app for one file. Config: INPUT (path), THRESHOLD (0.01), LIVE (True), DEPTH
+    ("auto", "full" or a depth >= 1: the roll-up shown first).
 
     Raises FileFormatError if the file cannot be read now, GradvizError for bad settings.
     """
     app = Flask(__name__, static_folder=None, template_folder=None)
     app.config.update(
-        INPUT="training_output.json", THRESHOLD=render.DEFAULT_THRESHOLD, LIVE=True, DEBUG=False
+        INPUT="training_output.json",
+        THRESHOLD=render.DEFAULT_THRESHOLD,
+        LIVE=True,
+        DEPTH="auto",
+        DEBUG=False,
     )
     app.config.update(config or {})
     threshold = check_threshold(app.config["THRESHOLD"])
+    depth = parse_depth(app.config["DEPTH"])
     render.environment()  # fail now, not on the first request, if templates/ is missing
     app.extensions["gradviz"] = RunSource(
-        Path(app.config["INPUT"]), threshold, bool(app.config["LIVE"])
+        Path(app.config["INPUT"]), threshold, bool(app.config["LIVE"]), depth
     )
     app.register_blueprint(bp)
     app.after_request(_headers)
@@ -175,6 +314,30 @@ def check_threshold(value: Any) -> float:
 def _source() -> RunSource:
     src: RunSource = current_app.extensions["gradviz"]
     return src
+
+
+class BadView(ValueError):
+    """A depth or expand parameter that names no view."""
+
+
+def _view(snap: Snapshot) -> View:
+    """The view a request asks for (depth=, expand=), or the default one."""
+    raw = request.args.get("depth")
+    expand = request.args.getlist("expand")
+    if raw is None and not expand:
+        return snap.view(snap.default)
+    try:
+        depth = parse_depth(raw) if raw is not None else snap.default[0]
+    except GradvizError as e:
+        raise BadView(str(e)) from e
+    if depth == "auto":
+        depth = auto_depth(snap.full, snap.options)
+    if len(expand) > MAX_EXPANDED or any(not e or len(e) > 1000 for e in expand):
+        raise BadView(f"expand names at most {MAX_EXPANDED} groups, each a non-empty name")
+    key = (normal_depth(snap.full, depth), tuple(sorted(set(expand))))
+    if key[0] is None:
+        key = (None, ())  # every layer shown: nothing to expand
+    return snap.view(key)
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -221,10 +384,15 @@ def asset(name: str) -> Response:
     return resp
 
 
+@bp.errorhandler(BadView)
+def _bad_view(e: BadView) -> Response:
+    return _error(str(e))
+
+
 @bp.get("/api/graph")
 def graph() -> Response:
-    """Everything the page draws from, for the latest good reading."""
-    return _json(_source().current().payload)
+    """Everything the page draws from, for the latest good reading, in the asked view."""
+    return _json(_view(_source().current()).payload)
 
 
 @bp.get("/api/poll")
@@ -247,7 +415,8 @@ def poll() -> Response:
 def step() -> Response:
     """The norms of one recorded step; 400 with a JSON error for a bad step."""
     snap = _source().current()
-    steps = snap.frames.steps
+    view = _view(snap)
+    steps = view.frames.steps
     raw = request.args.get("step")
     if not steps:
         return _error("this file has no recorded steps; only its latest values exist")
@@ -256,28 +425,41 @@ def step() -> Response:
         return _error(f"missing ?step=N; {rng}")
     if not _STEP.fullmatch(raw):
         return _error(f"step must be an integer, got {raw[:40]!r}; {rng}")
-    index = snap.frames.index(int(raw))
+    index = view.frames.index(int(raw))
     if index is None:
         return _error(f"step {int(raw)} was not recorded; {rng}")
-    return _json({**render.step_payload(snap.frames, index), "revision": snap.revision})
+    return _json({**render.step_payload(view.frames, index), "revision": snap.revision})
 
 
 @bp.get("/api/layer")
 def layer() -> Response:
     """One layer's norms over every recorded step, and each of its parameters'."""
     snap = _source().current()
+    view = _view(snap)
     nid = request.args.get("id")
     if not nid:
         return _error("missing ?id=LAYER (a node id from /api/graph)")
-    if nid not in snap.graph:
+    g = view.graph if nid in view.graph else snap.full
+    if nid not in g:
         return _error(f"no layer with id {nid[:200]!r}", 404)
-    return _json({**render.layer_payload(snap.run, snap.graph, nid), "revision": snap.revision})
+    return _json({**render.layer_payload(snap.run, g, nid), "revision": snap.revision})
 
 
-def export_html(path: str | os.PathLike[str], threshold: float = render.DEFAULT_THRESHOLD) -> str:
-    """One self-contained HTML page for a file: same interactivity, no server, no network."""
+def export_html(
+    path: str | os.PathLike[str],
+    threshold: float = render.DEFAULT_THRESHOLD,
+    depth: int | str | None = "auto",
+) -> str:
+    """One self-contained HTML page for a file: same interactivity, no server, no network.
+
+    It shows one roll-up (depth), with every step of it embedded; expanding a group needs
+    the server.
+    """
     p = Path(path)
-    run, _ = read_run(p)
-    g = build_graph(run)
-    payload = render.graph_payload(g, check_threshold(threshold), source=p.name)
-    return render.render_page(payload, title=p.name, history=render.history_payload(run, g))
+    run, sig = read_run(p)
+    snap = snapshot(run, sig, 0, threshold=check_threshold(threshold), source=p.name,
+                    depth=parse_depth(depth))
+    view = snap.view(snap.default)
+    return render.render_page(
+        view.payload, title=p.name, history=render.history_payload(run, view.graph, view.frames)
+    )

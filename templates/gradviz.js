@@ -78,8 +78,12 @@
     follow: true,         // at the last step: live updates move the view along
     selected: null,
     layers: Object.create(null),  // layer id -> history, fetched on demand
+    view: data.run.view,  // the roll-up shown: {depth, expanded, options, auto}
+    edgeColour: [],       // colour each edge is drawn in now: a threshold move updates only
+                          // the edges whose colour changes
     token: 0,
     ready: false,
+    firstDrawn: null,     // performance.now() of the first frame drawn (benchmarks read it)
     errors: [],
   };
 
@@ -87,6 +91,7 @@
   var edges = new vis.DataSet(readJSON("gv-edges"));
   var network = new vis.Network($("gv-network"), { nodes: nodes, edges: edges },
                                 readJSON("gv-options"));
+  network.once("afterDrawing", function () { state.firstDrawn = performance.now(); });
 
   function latestValues(run) {
     return {
@@ -115,7 +120,7 @@
     if (!info.has_params) {
       shape = "diamond"; sz = small; fill = P.junction; border = "junction_border";
     } else {
-      shape = "dot"; fill = P.layer; border = "layer_border";
+      shape = info.kind === "group" ? "square" : "dot"; fill = P.layer; border = "layer_border";
       sz = (status === "ok" && g !== null) ? size(g) : scale.out_hi;
     }
     if (status === "absent") { sz = small; fill = P.absent_fill; border = "absent"; }
@@ -131,17 +136,20 @@
     };
   }
 
+  function edgeColour(x) {
+    var P = state.payload.palette, status = valueStatus(x);
+    if (status === "nonfinite") return P.nonfinite;
+    if (status === "absent") return P.absent;
+    return x > state.threshold ? P.above : P.below;
+  }
+  function colourObject(c) { return { color: c, highlight: c, hover: c, inherit: false }; }
+
   function edgeStyle(x) {
-    var P = state.payload.palette, scale = state.payload.scales.edge;
-    var status = valueStatus(x), colour, width, dashes;
-    if (status === "nonfinite") { colour = P.nonfinite; width = scale.out_hi; dashes = [8, 4]; }
-    else if (status === "absent") { colour = P.absent; width = scale.out_lo; dashes = [2, 4]; }
-    else {
-      colour = x > state.threshold ? P.above : P.below;
-      width = logScale(scale)(x); dashes = false;
-    }
-    return { width: round3(width), dashes: dashes,
-             color: { color: colour, highlight: colour, hover: colour, inherit: false } };
+    var scale = state.payload.scales.edge, status = valueStatus(x), width, dashes;
+    if (status === "nonfinite") { width = scale.out_hi; dashes = [8, 4]; }
+    else if (status === "absent") { width = scale.out_lo; dashes = [2, 4]; }
+    else { width = logScale(scale)(x); dashes = false; }
+    return { width: round3(width), dashes: dashes, color: colourObject(edgeColour(x)) };
   }
 
   function nodeTitle(info, g, a, step) {
@@ -175,15 +183,59 @@
     }));
   }
 
-  function recolourEdges() {
-    var v = state.shown;
-    edges.update(state.run.edges.map(function (e, i) {
-      var item = edgeStyle(v.edges[i]);
-      item.id = "e" + i;
-      item.title = edgeTitle(e, v.edges[i]);
-      return item;
-    }));
+  // A threshold move changes edge colours and titles only. Through the DataSet, vis-network
+  // re-parses every option of each updated edge (about 35 us an edge: 0.3 s for 8,000), so a
+  // big recolour writes both where the pinned vis-network 9.1.2 reads them while drawing
+  // (body.edges[id].options.color, .title) and into the DataSet's stored items, then redraws
+  // once. Anything unexpected there: false, and the caller goes through the DataSet.
+  var DIRECT_ABOVE = 200;
+  function writeColours(items) {
+    var body = network.body && network.body.edges, stored = edges._data;
+    if (!body || !stored || typeof stored.get !== "function") return false;
+    for (var i = 0; i < items.length; i++) {
+      var e = body[items[i].id], d = stored.get(items[i].id);
+      if (!e || !e.options || !e.options.color || !d) return false;
+    }
+    items.forEach(function (it) {
+      var e = body[it.id], o = e.options.color, d = stored.get(it.id), c = it.color.color;
+      o.color = c; o.highlight = c; o.hover = c;
+      e.title = it.title;
+      d.color = it.color; d.title = it.title;
+    });
+    network.redraw();
+    return true;
   }
+
+  // all: restyle every edge (new values); otherwise only the edges whose colour changes
+  // with the threshold, and only their colour and title
+  function recolourEdges(all) {
+    var v = state.shown, items = [];
+    state.run.edges.forEach(function (e, i) {
+      var x = v.edges[i], colour = edgeColour(x), item;
+      if (!all && state.edgeColour[i] === colour) return;
+      state.edgeColour[i] = colour;
+      if (all) {
+        item = edgeStyle(x);
+      } else {
+        item = { color: colourObject(colour) };
+      }
+      item.id = "e" + i;
+      item.title = edgeTitle(e, x);
+      items.push(item);
+    });
+    if (!items.length) return;
+    if (all || items.length <= DIRECT_ABOVE || !writeColours(items)) edges.update(items);
+  }
+
+  // the server drew the first frame already: remember its colours instead of redoing it
+  function noteColours(threshold) {
+    var v = state.shown, t = state.threshold;
+    state.threshold = threshold;
+    state.edgeColour = state.run.edges.map(function (e, i) { return edgeColour(v.edges[i]); });
+    state.threshold = t;
+  }
+
+  function restyle() { restyleNodes(); recolourEdges(true); }
 
   // ---- data sources: the server's api/, or the history embedded by --export ------------
 
@@ -211,12 +263,21 @@
              stats: stats };
   }
 
+  // the roll-up the page shows, for every request: the server answers in its order
+  function viewQuery() {
+    var v = state.view, q = "depth=" + (v.depth === null ? "full" : v.depth);
+    v.expanded.forEach(function (g) { q += "&expand=" + encodeURIComponent(g); });
+    return q;
+  }
+
   var serverSource = {
     step: function (i) {
-      return getJSON("api/step?step=" + encodeURIComponent(state.run.steps[i])).then(decodeStep);
+      return getJSON("api/step?step=" + encodeURIComponent(state.run.steps[i]) + "&" +
+                     viewQuery()).then(decodeStep);
     },
     layer: function (id) {
-      return getJSON("api/layer?id=" + encodeURIComponent(id)).then(decodeLayer);
+      return getJSON("api/layer?id=" + encodeURIComponent(id) + "&" + viewQuery())
+        .then(decodeLayer);
     },
   };
 
@@ -280,7 +341,7 @@
   function setThreshold(t) {
     state.threshold = t;
     $("gv-threshold-value").textContent = fmt(t);
-    recolourEdges();
+    recolourEdges(false);
   }
 
   $("gv-threshold").addEventListener("input", function (ev) {
@@ -315,8 +376,7 @@
       if (v.revision !== undefined && v.revision !== state.revision) return reload();
       state.shown = v;
       state.shownStep = v.step;
-      restyleNodes();
-      recolourEdges();
+      restyle();
       renderDetails();
       drawLoss();
     }).catch(report);
@@ -389,6 +449,81 @@
   }
 
   network.on("click", function (p) { if (p.nodes.length) select(nameOf(p.nodes[0]), false); });
+  network.on("doubleClick", function (p) {
+    if (p.nodes.length) expand(nameOf(p.nodes[0]));
+  });
+
+  // ---- roll-up: groups of layers, expanded and collapsed through the server ------------
+
+  function canChangeView() { return state.mode !== "export"; }
+
+  function setView(depth, expanded) {
+    if (!canChangeView()) return Promise.resolve();
+    state.view = { depth: depth, expanded: expanded, options: state.view.options,
+                   auto: false };
+    return reload();
+  }
+
+  function expand(id) {
+    var info = nodeInfo(id)[0];
+    if (!info || info.kind !== "group" || !canChangeView()) return Promise.resolve();
+    state.selected = null;
+    return setView(state.view.depth, state.view.expanded.concat([id]));
+  }
+
+  // the expanded group a node sits in (the innermost), or null
+  function enclosing(id) {
+    var best = null;
+    state.view.expanded.forEach(function (g) {
+      if (id.indexOf(g + ".") === 0 && (best === null || g.length > best.length)) best = g;
+    });
+    return best;
+  }
+
+  function collapse(group) {
+    var keep = state.view.expanded.filter(function (g) {
+      return g !== group && g.indexOf(group + ".") !== 0;
+    });
+    state.selected = group;
+    return setView(state.view.depth, keep);
+  }
+
+  function setupDepth() {
+    var select = $("gv-depth"), v = state.view;
+    $("gv-depth-control").hidden = !canChangeView() || v.options.length < 2;
+    select.replaceChildren();
+    v.options.forEach(function (o) {
+      var opt = document.createElement("option");
+      opt.value = o[0] === null ? "full" : String(o[0]);
+      opt.textContent = (o[0] === null ? "every layer" : "depth " + o[0]) +
+        " (" + fmtCount(o[1]) + " nodes)";
+      select.appendChild(opt);
+    });
+    select.value = v.depth === null ? "full" : String(v.depth);
+  }
+
+  $("gv-depth").addEventListener("change", function (ev) {
+    var d = ev.target.value;
+    setView(d === "full" ? null : Number(d), []);
+  });
+
+  function renderActions(id, info) {
+    var box = $("gv-details-actions"), group = enclosing(id);
+    box.replaceChildren();
+    if (canChangeView() && info.kind === "group") {
+      var b = el("button", "expand");
+      b.type = "button";
+      b.addEventListener("click", function () { expand(id); });
+      box.appendChild(b);
+    }
+    if (canChangeView() && group !== null) {
+      var c = el("button", "collapse " + group);
+      c.type = "button";
+      c.addEventListener("click", function () { collapse(group); });
+      box.appendChild(c);
+    }
+    box.hidden = !box.childNodes.length;
+  }
 
   function row(tbody, name, value, numeric) {
     var tr = document.createElement("tr");
@@ -404,6 +539,7 @@
     var found = nodeInfo(id), info = found[0], i = found[1];
     if (!info) { panel.hidden = true; state.selected = null; return; }
     panel.hidden = false;
+    renderActions(id, info);
     $("gv-details-title").textContent = id;
     $("gv-details-sub").textContent = info.type + " · " + info.kind +
       (info.param_count !== null ? " · " + fmtCount(info.param_count) + " parameters" : "");
@@ -516,6 +652,16 @@
         "This file has no recorded steps yet: norms appear once training records one.");
     }
     if (!state.run.nodes.length) msgs.push("This file has no layers.");
+    var groups = state.run.nodes.filter(function (n) { return n.kind === "group"; }).length;
+    if (groups) {
+      var full = state.view.options.length ? state.view.options[state.view.options.length - 1][1] : 0;
+      msgs.push("Rolled up by module name" +
+        (state.view.depth !== null ? " to depth " + state.view.depth : "") + ": " +
+        fmtCount(state.run.nodes.length) + " of " + fmtCount(full) + " nodes shown, " +
+        fmtCount(groups) + " of them groups of layers (squares). " +
+        (canChangeView() ? "Double-click a group to expand it, or pick a depth above." :
+         "Run visualize.py on the file to expand groups."));
+    }
     box.replaceChildren();
     msgs.forEach(function (m) { box.appendChild(el("p", m)); });
     box.hidden = !msgs.length;
@@ -590,9 +736,11 @@
     var follow = state.follow, index = state.index;
     state.payload = p;
     state.run = p.run;
+    state.view = p.run.view;
     state.revision = p.run.revision;
     state.layers = Object.create(null);
     if (!same) {
+      state.edgeColour = [];
       nodes.clear(); edges.clear();
       nodes.add(p.nodes); edges.add(p.edges);
       network.setOptions(p.options);
@@ -601,6 +749,7 @@
     }
     renderAll();
     setupThreshold();
+    setupDepth();
     var n = state.run.steps.length;
     if (follow || index >= n) {
       state.index = n - 1;
@@ -608,7 +757,13 @@
       state.shown = latestValues(state.run);
       state.shownStep = state.shown.step;
       setupStepSlider();
-      restyleNodes(); recolourEdges(); renderDetails(); drawLoss();
+      if (same) {
+        restyle();
+      } else {  // drawn by the server for the latest step, at its threshold: fix the colours
+        noteColours(p.threshold);
+        recolourEdges(false);
+      }
+      renderDetails(); drawLoss();
     } else {
       setupStepSlider();
       showStep(index);
@@ -617,7 +772,7 @@
   }
 
   function reload() {
-    return getJSON("api/graph").then(applyPayload).catch(report);
+    return getJSON("api/graph?" + viewQuery()).then(applyPayload).catch(report);
   }
 
   function poll() {
@@ -650,9 +805,9 @@
   fillLayerList();
   renderAll();
   setupThreshold();
+  setupDepth();
   setupStepSlider();
-  restyleNodes();
-  recolourEdges();
+  noteColours(data.threshold);  // nodes and edges arrive styled (render.py, same encoding)
   drawLoss();
   if (state.live) {
     $("gv-live").textContent = "live";
@@ -661,5 +816,6 @@
   state.ready = true;
   window.gradviz = { nodes: nodes, edges: edges, network: network, state: state,
                      showStep: showStep, setThreshold: setThreshold, select: select,
-                     reload: reload, visId: visId, nameOf: nameOf };
+                     reload: reload, visId: visId, nameOf: nameOf, restyle: restyle,
+                     expand: expand, collapse: collapse, setView: setView };
 })();

@@ -277,6 +277,48 @@ def no_history(path: Path) -> Path:
     return write_recording(path, nodes, edges, [], lambda k, s: None)
 
 
+def transformer(path: Path, n_blocks: int = 4, n_steps: int = 6) -> Path:
+    """A pre-norm transformer: embed + pos -> add, blocks of ln1, attn.qkv, attn.proj, ln2,
+    mlp.fc1, mlp.fc2 with two residual add junctions each, then ln_f and head."""
+    nodes: dict[str, Spec] = {"embed": linear("embed", 0, 16, 32),
+                              "pos": linear("pos", 1, 12, 32), "add": junction("add", 2)}
+    edges = {"embed->add": _edge("embed", "add"), "pos->add": _edge("pos", "add")}
+    order, stream = 3, "add"
+    for b in range(n_blocks):
+        names = [f"blocks.{b}.{n}" for n in ("ln1", "attn.qkv", "attn.proj", "ln2", "mlp.fc1",
+                                             "mlp.fc2")]
+        for n in names:
+            nodes[n] = linear(n, order, 32, 32)
+            order += 1
+        add1, add2 = f"add#{2 * b + 1}", f"add#{2 * b + 2}"
+        nodes[add1], nodes[add2] = junction("add", order), junction("add", order + 1)
+        order += 2
+        ln1, qkv, proj, ln2, fc1, fc2 = names
+        for a, c in ((stream, ln1), (ln1, qkv), (qkv, proj), (proj, add1), (stream, add1),
+                     (add1, ln2), (ln2, fc1), (fc1, fc2), (fc2, add2), (add1, add2)):
+            edges[f"{a}->{c}"] = _edge(a, c, [f"blocks.{b}.mlp.act"] if a == fc1 else None)
+        stream = add2
+    nodes["ln_f"] = linear("ln_f", order, 32, 32)
+    nodes["head"] = linear("head", order + 1, 32, 16)
+    edges[f"{stream}->ln_f"] = _edge(stream, "ln_f")
+    edges["ln_f->head"] = _edge("ln_f", "head")
+    rank = {k: i for i, k in enumerate([*nodes, *edges])}
+
+    def value(key: tuple[str, ...], step: int) -> Value:
+        if key == ("loss",):
+            return 3.0 / (1 + step)
+        if key[1] == "blocks.1.attn.qkv" and key[-1] == "bias" and step % 2:
+            return None  # absent now and then: a group stays present through its others
+        r = rank[key[1]]
+        return 0.001 * (1 + r % 7) * (1 + step) * (2.0 if key[-1] == "bias" else 1.0)
+
+    findings = [{"kind": "vanishing", "severity": "warning", "layers": ["blocks.2.mlp.fc1"],
+                 "steps": [0, n_steps - 1], "message": "blocks.2.mlp.fc1 is small",
+                 "suggestions": []}]
+    return write_recording(path, nodes, edges, list(range(n_steps)), value,
+                           {"model": "Transformer"}, findings)
+
+
 def big(path: Path, n_blocks: int = 340, n_steps: int = 5) -> Path:
     """A residual net of about a thousand nodes, for scale."""
     return residual(path, n_blocks=n_blocks, n_steps=n_steps, every=1, findings=False)
@@ -290,6 +332,7 @@ FACTORIES: dict[str, Callable[[Path], Path]] = {
     "minimal": minimal,
     "no_edges": no_edges,
     "no_history": no_history,
+    "transformer": transformer,
     "big": big,
 }
 

@@ -196,7 +196,9 @@ def test_page_draws_the_file(serve, open_page, residual_file: Path) -> None:
     assert s.js("gradviz.nodes.length") == len(run.nodes)
     assert s.js("gradviz.edges.length") == len(run.edges)
     assert s.js("gradviz.network.physics.options.enabled") is False
-    # the page re-styled every node and edge in JS: it must agree with render.py
+    assert s.js("gradviz.state.firstDrawn") > 0
+    # the page draws the server's styles first; re-styled in JS, it must agree with render.py
+    s.js("gradviz.restyle()")
     first = s.js("JSON.parse(document.getElementById('gv-nodes').textContent)")
     now = {n["id"]: n for n in s.js("gradviz.nodes.get()")}
     for n in first:
@@ -379,15 +381,24 @@ def test_live_updates_without_reload(serve, open_page, make_file) -> None:
 
 def test_big_graph_draws_fast(serve, open_page, big_file: Path) -> None:
     run = store.load(big_file)
-    url = serve(big_file)
+    url = serve(big_file, DEPTH="full")
     t = time.perf_counter()
     s = open_page(url)
     elapsed = time.perf_counter() - t
     assert s.js("gradviz.nodes.length") == len(run.nodes) > 1000
     assert s.js("gradviz.edges.length") == len(run.edges)
     assert elapsed < 20  # a few seconds at most; physics on would take minutes
-    s.page.locator("#gv-threshold").fill("-1")
-    assert set(edge_colours(s).values()) <= {render.PALETTE["above"], render.PALETTE["below"]}
+    latest = {e["id"]: e["gradient_norm"] for e in run.edges}
+    for log_t in ("-1", "-3", "-1.5"):  # hundreds of edges change: the direct path
+        s.page.locator("#gv-threshold").fill(log_t)
+        t = s.js("gradviz.state.threshold")
+        assert edge_colours(s) == {eid: expected_colour(x, t) for eid, x in latest.items()}
+        drawn = s.js("""() => gradviz.edges.get().map(e => [e.name,
+            gradviz.network.body.edges[e.id].options.color.color,
+            gradviz.network.body.edges[e.id].title === e.title])""")
+        assert {name: c for name, c, _ in drawn} == edge_colours(s)  # what vis-network draws
+        assert all(same for _, _, same in drawn)
+    assert len(set(edge_colours(s).values())) == 2
 
 
 def test_screenshot(serve, open_page, make_file) -> None:
@@ -402,3 +413,45 @@ def test_screenshot(serve, open_page, make_file) -> None:
     out.parent.mkdir(exist_ok=True)
     s.page.screenshot(path=str(out))
     assert out.stat().st_size > 20000
+
+
+def test_groups_expand_and_collapse(serve, open_page, make_file) -> None:
+    from gradviz.graph import rollup, series
+
+    path = make_file("transformer")
+    run = store.load(path)
+    s = open_page(serve(path, DEPTH=2))
+
+    def names() -> set[str]:
+        return set(s.js("gradviz.nodes.get().map(n => n.name)"))
+
+    assert "blocks.1" in names() and "blocks.1.ln1" not in names()
+    assert s.js("gradviz.nodes.get(gradviz.visId('blocks.1')).shape") == "square"
+    assert "Rolled up by module name to depth 2" in s.page.locator("#gv-notices").text_content()
+    assert s.page.locator("#gv-depth").input_value() == "2"
+    s.js("gradviz.network.fit({animation: false})")
+    s.page.mouse.dblclick(*node_xy(s, "blocks.1"))
+    wait(s, "gradviz.nodes.get().some(n => n.name === 'blocks.1.attn')")
+    assert {"blocks.1.ln1", "blocks.1.attn", "blocks.1.mlp", "blocks.0", "blocks.2"} <= names()
+    assert "blocks.1" not in names()
+    assert s.js("gradviz.state.view.expanded") == ["blocks.1"]
+    # the step slider in the expanded view: values come from that view, groups combined
+    g = rollup(build_graph(run), run, 2, ["blocks.1"])
+    s.page.locator("#gv-step").fill("0")
+    wait(s, "gradviz.state.shownStep === 0")
+    want = {d["id"]: series(run, g, ("edge", d["id"]))[0] for _, _, d in g.edges(data=True)}
+    assert edge_colours(s) == {e: expected_colour(float(x), 0.01) for e, x in want.items()}
+    # a part of an expanded group offers to collapse it; a subgroup, to expand
+    s.js("gradviz.select('blocks.1.attn', true)")
+    wait(s, "gradviz.state.layers['blocks.1.attn'] !== undefined")
+    buttons = s.page.locator("#gv-details-actions button")
+    assert buttons.all_text_contents() == ["expand", "collapse blocks.1"]
+    table = s.page.locator("#gv-details-sub").text_content()
+    assert "2 layers, 1 junction · group" in table
+    buttons.nth(1).click()
+    wait(s, "gradviz.nodes.get().some(n => n.name === 'blocks.1')")
+    assert "blocks.1.attn" not in names() and s.js("gradviz.state.selected") == "blocks.1"
+    assert s.js("gradviz.state.shownStep") == 0  # the step stays where it was
+    s.page.locator("#gv-depth").select_option("full")
+    wait(s, f"gradviz.nodes.length === {len(run.nodes)}")
+    assert s.page.locator("#gv-notices").is_hidden()

@@ -6,20 +6,30 @@ import math
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import orjson
 import pytest
 
-from gradviz import store
+from gradviz import schema, store
 from gradviz.graph import (
     ABSENT,
+    GROUP,
     NONFINITE,
     OK,
+    ROLLUP_ABOVE,
+    auto_depth,
     build_graph,
     clean_findings,
     clean_meta,
+    combine_series,
+    depth_options,
+    group_map,
     iter_edges,
+    max_depth,
     node_status,
     positive_range,
+    rollup,
+    series,
     value_status,
 )
 from gradviz.schema import absent_array
@@ -217,3 +227,133 @@ def test_big_graph_builds(big_file: Path) -> None:
     g = graph_of(big_file)
     assert g.number_of_nodes() > 1000
     assert len(g.graph["edge_ids"]) == g.number_of_edges()
+
+
+# -- roll-up by module depth -------------------------------------------------------------
+
+
+def _sqss(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return math.sqrt(sum(v * v for v in present)) if present else None
+
+
+def test_group_map_by_name_and_junctions(make_file) -> None:
+    g = graph_of(make_file("transformer"))
+    view = group_map(g, 2)
+    assert view["blocks.1.attn.qkv"] == view["blocks.1.mlp.fc2"] == "blocks.1"
+    assert view["add#3"] == view["add#4"] == "blocks.1"  # the block's residual adds
+    assert view["add"] == "add"  # embed + pos: fed by two groups' worth, stays a junction
+    assert view["embed"] == "embed" and view["head"] == "head"  # shallow names stay
+    view3 = group_map(g, 3)
+    assert view3["blocks.1.attn.qkv"] == view3["blocks.1.attn.proj"] == "blocks.1.attn"
+    assert view3["blocks.1.ln1"] == "blocks.1.ln1"  # a lone layer is never a group of one
+    # the attention's residual add goes with the layers feeding it: "attention with its skip"
+    assert view3["add#3"] == "blocks.1.attn" and view3["add#4"] == "blocks.1.mlp"
+    expanded = group_map(g, 2, ["blocks.1"])
+    assert expanded["blocks.1.attn.qkv"] == "blocks.1.attn"
+    assert expanded["blocks.1.ln1"] == "blocks.1.ln1"
+    assert expanded["blocks.2.ln1"] == "blocks.2"
+    assert group_map(g, 2, ["blocks.1", "blocks.1.attn"])["blocks.1.attn.qkv"] == (
+        "blocks.1.attn.qkv"
+    )
+
+
+def test_rollup_norms_and_edges(make_file) -> None:
+    run = store.load(make_file("transformer"))
+    g = build_graph(run)
+    v = rollup(g, run, 2)
+    assert set(v.nodes) == {"embed", "pos", "add", "blocks.0", "blocks.1", "blocks.2",
+                            "blocks.3", "ln_f", "head"}
+    b1 = v.nodes["blocks.1"]
+    members = [n for n in g.nodes if str(n).startswith("blocks.1.") or n in ("add#3", "add#4")]
+    assert sorted(b1["members"]) == sorted(members)
+    assert b1["kind"] == GROUP and b1["type"] == "6 layers, 2 junctions" and b1["has_params"]
+    assert b1["param_count"] == sum(g.nodes[m]["param_count"] for m in members)
+    layers = [m for m in members if g.nodes[m]["kind"] == "layer"]
+    assert b1["gradient_norm"] == pytest.approx(_sqss([g.nodes[m]["gradient_norm"]
+                                                      for m in layers]))
+    assert b1["activation_grad_norm"] == pytest.approx(
+        _sqss([g.nodes[m]["activation_grad_norm"] for m in members]))
+    # one edge per pair of view nodes, its norm from the file edges it stands for
+    assert set(v.edges) == {("embed", "add"), ("pos", "add"), ("add", "blocks.0"),
+                            ("blocks.0", "blocks.1"), ("blocks.1", "blocks.2"),
+                            ("blocks.2", "blocks.3"), ("blocks.3", "ln_f"), ("ln_f", "head")}
+    e = v.edges["blocks.0", "blocks.1"]
+    assert sorted(e["members"]) == ["add#2->add#3", "add#2->blocks.1.ln1"]
+    norms = {d["id"]: d["gradient_norm"] for _, _, d in iter_edges(g)}
+    assert e["gradient_norm"] == pytest.approx(_sqss([norms[m] for m in e["members"]]))
+    assert v.edges["ln_f", "head"]["id"] == "ln_f->head"  # between two layers: as it was
+    hidden = v.graph["view"]["hidden_edges"]
+    kept = sum(len(d.get("members", [d["id"]])) for _, _, d in v.edges(data=True))
+    assert hidden + kept == len(run.edges) and hidden == 4 * 8
+    assert len(v.graph["edge_ids"]) == v.number_of_edges()
+    # findings point at what is drawn: the group holding the layer
+    assert v.graph["findings"][0]["layers"] == ["blocks.2"]
+    assert rollup(g, run, None) is g
+
+
+def test_rollup_series_over_steps(make_file) -> None:
+    run = store.load(make_file("transformer"))
+    g = build_graph(run)
+    v = rollup(g, run, 3)
+    attn = v.nodes["blocks.1.attn"]
+    assert attn["members"] == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "add#3"]
+    got = series(run, v, ("node", "blocks.1.attn", "gradient_norm"))
+    act = series(run, v, ("node", "blocks.1.attn", "activation_grad_norm"))
+    for i in range(len(run.steps)):
+        want = _sqss([run.node_history(m)[i] for m in attn["members"][:2]])
+        assert float(got[i]) == pytest.approx(want, rel=1e-6)
+        want = _sqss([run.node_history(m, "activation_grad_norm")[i] for m in attn["members"]])
+        assert float(act[i]) == pytest.approx(want, rel=1e-6)
+    assert float(got[-1]) == pytest.approx(attn["gradient_norm"], rel=1e-6)
+    # ungrouped nodes and kept edges read the file's own series
+    assert series(run, v, ("node", "head", "gradient_norm")) is run.array(
+        ("node", "head", "gradient_norm"))
+    lo, hi = v.graph["norm_range"]
+    assert hi >= max(float(x) for x in got)
+
+
+def test_combine_series_absent_and_nonfinite() -> None:
+    absent = absent_array(1)[0]
+    a = np.array([1.0, absent, absent, np.nan, 3.0], dtype="<f4")
+    b = np.array([absent, 2.0, absent, 1.0, np.inf], dtype="<f4")
+    out = combine_series([a, b], 5)
+    assert out[0] == 1.0 and out[1] == 2.0
+    assert schema.absent_mask(out).tolist() == [False, False, True, False, False]
+    assert math.isnan(out[3]) and out[4] == math.inf
+    assert schema.absent_mask(combine_series([], 3)).all()
+
+
+def test_auto_depth_and_options(make_file, big_file: Path) -> None:
+    g = graph_of(make_file("transformer"))
+    assert auto_depth(g) is None  # small: every layer
+    assert max_depth(g) == 4
+    options = depth_options(g)
+    assert options[-1] == (None, g.number_of_nodes())
+    assert [d for d, _ in options] == [1, 2, 3, None]
+    assert all(n < g.number_of_nodes() for d, n in options if d is not None)
+    big = graph_of(big_file)  # ~1,000 nodes in 340 residual blocks of three
+    assert big.number_of_nodes() > ROLLUP_ABOVE
+    assert auto_depth(big) == 2  # one node per block, not one node for everything
+    flat = nx.DiGraph()
+    for i in range(ROLLUP_ABOVE + 5):  # names without dots: nothing to roll up
+        flat.add_node(str(i), kind="layer")
+    assert auto_depth(flat) is None
+
+
+def test_rollup_keeps_odd_names_apart(tmp_path: Path) -> None:
+    """A group name that is another node's id, or an edge id already taken, stays unique."""
+    from conftest import _edge, junction, linear, write_recording
+
+    nodes = {"a.x": linear("a.x", 0, 2, 2), "a.y": linear("a.y", 1, 2, 2),
+             "a": junction("cat", 2), "c.p": linear("c.p", 3, 2, 2),
+             "c.q": linear("c.q", 4, 2, 2)}
+    edges = {"e1": _edge("a.x", "a"), "e2": _edge("a.y", "a"), "a->c": _edge("a", "c.p"),
+             "e4": _edge("c.p", "c.q")}
+    run = store.load(write_recording(tmp_path / "odd.json", nodes, edges, [0, 1],
+                                     lambda k, s: 0.5))
+    v = rollup(build_graph(run), run, 1)
+    assert set(v.nodes) == {"a.x", "a.y", "a", "c"}  # no group "a": a junction has the name
+    ids = {d["id"]: d for _, _, d in v.edges(data=True)}
+    assert set(ids) == {"e1", "e2", "a->c'"}  # "a->c" is taken by the file edge inside it
+    assert ids["a->c'"]["members"] == ["a->c"]

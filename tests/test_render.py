@@ -121,6 +121,8 @@ def test_node_style() -> None:
     assert nan["size"] == render.NODE_SIZE[1]  # NaN/Inf stand out
     junction = render.node_style(node("ok", None, has_params=False), s)
     assert junction["shape"] == "diamond"
+    group = render.node_style({**node("ok", 1.0), "kind": "group"}, s)
+    assert group["shape"] == "square" and group["size"] == big["size"]
     flagged = render.node_style(node("ok"), s, "critical")
     assert flagged["color"]["border"] == render.PALETTE["critical"]
     assert flagged["borderWidth"] > ok["borderWidth"]
@@ -180,6 +182,11 @@ def test_options_keep_physics_off(residual_file: Path) -> None:
     opts = render.options(g)
     assert opts["physics"]["enabled"] is False
     assert opts["layout"]["improvedLayout"] is False
+    assert opts["edges"]["arrows"]["to"]["enabled"] is True
+    big = nx.DiGraph((i, i + 1) for i in range(3001))
+    opts = render.options(big)  # arrowheads too small to see, and half of each redraw
+    assert opts["edges"]["arrows"]["to"]["enabled"] is False
+    assert opts["interaction"]["hideEdgesOnDrag"] is True
 
 
 def test_skip_edges_bend(residual_file: Path) -> None:

@@ -88,6 +88,8 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         (["--port", "http"], ["--port"]),
         (["--colour", "red"], ["unrecognized arguments"]),
         (["--export"], ["--export"]),
+        (["--depth", "0"], ["--depth", "auto, full or a whole number", "'0'"]),
+        (["--depth", "deep"], ["--depth", "'deep'"]),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(flags: list[str], words: list[str]) -> None:
@@ -97,7 +99,7 @@ def test_bad_flags_are_one_line_exit_2(flags: list[str], words: list[str]) -> No
 def test_help() -> None:
     r = run("--help")
     assert r.returncode == 0
-    for flag in ("--input", "--threshold", "--host", "--port", "--open", "--export"):
+    for flag in ("--input", "--threshold", "--depth", "--host", "--port", "--open", "--export"):
         assert flag in r.stdout
 
 
@@ -110,6 +112,15 @@ def test_export(residual_file: Path, minimal_file: Path, tmp_path: Path) -> None
     assert '"mode":"export"' in html and '"threshold":0.002' in html
     r = run("--input", minimal_file, "--export", tmp_path / "minimal.html")
     assert r.returncode == 0, r.stderr
+
+
+def test_depth(make_file: Callable[..., Path], tmp_path: Path) -> None:
+    path = make_file("transformer")
+    for depth, groups in (("2", True), ("full", False), ("auto", False)):
+        out = tmp_path / f"{depth}.html"
+        r = run("--input", path, "--export", out, "--depth", depth)
+        assert r.returncode == 0, r.stderr
+        assert ('"kind":"group"' in out.read_text(encoding="utf-8")) == groups, depth
 
 
 def test_export_to_unwritable_place(residual_file: Path, tmp_path: Path) -> None:

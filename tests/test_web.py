@@ -246,3 +246,104 @@ def test_missing_templates_fail_early(
     monkeypatch.setattr(render, "_ENV", None)
     with pytest.raises(GradvizError, match="page.html is missing"):
         create_app({"INPUT": residual_file})
+
+
+# -- what the page gets at load, and views ----------------------------------------------
+
+
+def test_page_never_gets_the_whole_history(make_file: Callable[..., Path]) -> None:
+    """Per-step and per-layer data are fetched on demand: the page and /api/graph grow by
+    the loss curve (a number and a step per step), not by steps x layers."""
+    sizes = {}
+    for n_steps in (10, 1010):
+        c = client_for(make_file("residual", name=f"r{n_steps}.json", n_steps=n_steps))
+        page, graph = c.get("/").data, c.get("/api/graph").data
+        assert b'"history"' not in page and b"float32-le-base64" not in page
+        assert "history" not in orjson.loads(graph)
+        sizes[n_steps] = (len(page), len(graph))
+    for i in (0, 1):
+        grown = sizes[1010][i] - sizes[10][i]
+        assert grown < 1000 * 45, grown  # the loss and the step numbers: about 40 bytes a step
+    # the history itself would be 4 bytes (as float32) a value, for 100+ series
+    c = client_for(make_file("residual", name="r.json", n_steps=1010))
+    assert len(list(c.application.extensions["gradviz"].current().run.keys())) > 100
+    assert len(c.get("/api/layer?id=blocks.0.fc1").get_json()["gradient_norm"]) == 1010
+    assert c.get("/api/step?step=50").status_code == 200
+
+
+def test_views_by_depth_and_expand(make_file: Callable[..., Path]) -> None:
+    path = make_file("transformer")
+    run = store.load(path)
+    c = client_for(path)
+    default = c.get("/api/graph").get_json()
+    assert default["run"]["view"]["depth"] is None  # small: every layer by default
+    assert len(default["nodes"]) == len(run.nodes)
+    assert [o[0] for o in default["run"]["view"]["options"]] == [1, 2, 3, None]
+    p = c.get("/api/graph?depth=2").get_json()
+    names = [n["name"] for n in p["nodes"]]
+    assert "blocks.1" in names and "blocks.1.ln1" not in names
+    info = {n["id"]: n for n in p["run"]["nodes"]}
+    assert info["blocks.1"]["kind"] == "group" and info["blocks.1"]["type"].startswith("6 layers")
+    assert p["run"]["view"] == {**p["run"]["view"], "depth": 2, "expanded": [], "auto": False}
+    # a step in that view: values in its node order, groups as sqrt of sums of squares
+    s = c.get("/api/step?step=3&depth=2").get_json()
+    i = names.index("blocks.1")
+    layers = [m for m in (n["id"] for n in run.nodes) if m.startswith("blocks.1.")]
+    want = sum(run.node_history(m)[3] ** 2 for m in layers) ** 0.5
+    assert s["gradient_norm"][i] == pytest.approx(want, rel=1e-6)
+    assert len(s["edges"]) == len(p["edges"])
+    layer = c.get("/api/layer?id=blocks.1&depth=2").get_json()
+    assert layer["gradient_norm"][3] == pytest.approx(want, rel=1e-6)
+    assert layer["params"] == {} and "blocks.1.ln1" in layer["members"]
+    # expanding one group shows its parts, one level down; the others stay rolled up
+    x = c.get("/api/graph?depth=2&expand=blocks.1").get_json()
+    names = {n["name"] for n in x["nodes"]}
+    assert {"blocks.1.ln1", "blocks.1.attn", "blocks.1.mlp", "blocks.0", "blocks.2"} <= names
+    assert "blocks.1" not in names and x["run"]["view"]["expanded"] == ["blocks.1"]
+    # a layer hidden in a group still answers /api/layer
+    assert c.get("/api/layer?id=blocks.3.ln1&depth=2").status_code == 200
+    assert c.get("/api/graph?depth=full").get_json()["run"]["view"]["depth"] is None
+    assert c.get("/api/graph?depth=9").get_json()["run"]["view"]["depth"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("depth=0.5", "depth must be auto, full or a whole number"),
+        ("depth=-1", "depth must be"),
+        ("depth=%3Cb%3E", "depth must be"),
+        ("depth=2&expand=", "expand names"),
+        ("depth=2" + "&expand=x" * 201, "at most 200 groups"),
+    ],
+)
+def test_bad_view_is_400_json(make_file: Callable[..., Path], query: str, words: str) -> None:
+    c = client_for(make_file("transformer"))
+    for endpoint in ("/api/graph?", "/api/step?step=0&", "/api/layer?id=head&"):
+        r = c.get(endpoint + query)
+        assert r.status_code == 400 and words in r.get_json()["error"], endpoint
+
+
+def test_depth_setting(make_file: Callable[..., Path], big_file: Path) -> None:
+    path = make_file("transformer")
+    p = client_for(path, DEPTH=2).get("/api/graph").get_json()
+    assert p["run"]["view"]["depth"] == 2 and p["run"]["view"]["auto"] is False
+    big = client_for(big_file).get("/api/graph").get_json()  # > 1,000 nodes: rolled up
+    assert big["run"]["view"] == {**big["run"]["view"], "depth": 2, "auto": True}
+    assert len(big["nodes"]) < 400
+    full = client_for(big_file, DEPTH="full").get("/api/graph").get_json()
+    assert len(full["nodes"]) > 1000
+    with pytest.raises(GradvizError, match="depth must be auto, full or a whole number"):
+        create_app({"INPUT": path, "DEPTH": "deep"})
+    html = export_html(path, depth=2)
+    assert '"depth":2' in html and "blocks.1" in html
+
+
+def test_views_are_kept_per_reading(make_file: Callable[..., Path]) -> None:
+    from gradviz.web import MAX_VIEWS
+
+    c = client_for(make_file("transformer"))
+    src = c.application.extensions["gradviz"]
+    for b in range(MAX_VIEWS + 3):
+        assert c.get(f"/api/graph?depth=2&expand=blocks.{b % 4}&expand=x{b}").status_code == 200
+    snap = src.current()
+    assert len(snap.views) <= MAX_VIEWS and snap.default in snap.views
