@@ -496,10 +496,11 @@
       var opt = document.createElement("option");
       opt.value = o[0] === null ? "full" : String(o[0]);
       opt.textContent = (o[0] === null ? "every layer" : "depth " + o[0]) +
-        " (" + fmtCount(o[1]) + " nodes)";
+        " (" + fmtCount(o[1]) + ")";
       select.appendChild(opt);
     });
     select.value = v.depth === null ? "full" : String(v.depth);
+    select.title = "roll layers up by the first parts of their names (node counts in brackets)";
   }
 
   $("gv-depth").addEventListener("change", function (ev) {
