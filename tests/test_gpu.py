@@ -1,0 +1,125 @@
+"""On a CUDA device: no host-device synchronisation while recording, one transfer a step.
+
+torch.cuda.set_sync_debug_mode("error") makes every operation that synchronises the host
+with the device (``.item()``, ``.tolist()``, a blocking copy to the host, ``nonzero``...)
+raise. Forward and backward of a recorded step must run under it untouched: the norms stay
+device tensors until ``rec.step()``, which moves them to the host in one copy. Skipped
+without CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradviz
+from gradviz import demos
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+MODELS = ["mlp", "residual", "dense", "cnn", "resnet", "transformer"]
+
+
+@contextmanager
+def sync_debug(mode: str) -> Iterator[None]:
+    """torch.cuda.set_sync_debug_mode for a block; back to what it was after."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def _setup(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    demo = demos.DEMOS[name]
+    torch.manual_seed(0)
+    model = demo.build().cuda()
+    x, y = demo.data(32, torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    # one plain step first: CUDA, cuBLAS and cuDNN initialise here, not under the check
+    F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+    opt.zero_grad()
+    torch.cuda.synchronize()
+    return model, x.cuda(), y.cuda(), opt
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("name", MODELS)
+def test_no_sync_during_forward_and_backward(name: str, stats: bool) -> None:
+    model, x, y, opt = _setup(name)
+    try:
+        with sync_debug("error"):  # control: the same step without gradviz
+            _forward_backward(model, x, y)
+    except RuntimeError as e:  # e.g. a CUDA embedding backward counts its unique indices
+        pytest.skip(f"torch itself synchronises in this model's step ({e}): nothing to check")
+    opt.zero_grad()
+    with gradviz.record(model, path=None, activation_stats=stats) as rec:
+        for _ in range(3):
+            with sync_debug("error"):
+                loss = _forward_backward(model, x, y)
+            rec.step(loss)  # allowed its one transfer (checked below)
+            opt.step()
+            opt.zero_grad()
+    assert not rec._failed
+    run = rec.to_run()
+    assert len(run.steps) == 3 and run.loss[-1] is not None
+    layer = next(n["id"] for n in run.nodes if n["kind"] == "layer")
+    assert run.node_history(layer)[-1] is not None
+
+
+def _syncs(fn: Callable[[], object]) -> int:
+    """How many synchronising operations fn() runs (sync debug mode "warn", counted)."""
+    with warnings.catch_warnings(record=True) as caught, sync_debug("warn"):
+        warnings.simplefilter("always")
+        fn()
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def _device_to_host_copies(fn: Callable[[], object]) -> int | None:
+    """Device-to-host copies fn() makes, from the CUDA profiler; None if it sees no kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not device:
+        return None  # the profiler saw no device activity (no CUPTI): cannot count
+    # kineto names copies "Memcpy DtoH (Device -> Pageable)" (or "-> Pinned")
+    return sum("Memcpy DtoH" in n for n in device)
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("name", ["mlp", "residual", "transformer"])
+def test_one_transfer_per_recorded_step(name: str, stats: bool) -> None:
+    model, x, y, opt = _setup(name)
+    with gradviz.record(model, path=None, activation_stats=stats, every=2) as rec:
+        for step in range(6):
+            loss = _forward_backward(model, x, y)
+            torch.cuda.synchronize()
+            if step == 4:  # profile a late recorded step: columns exist, nothing is new
+                copies = _device_to_host_copies(lambda loss=loss: rec.step(loss))
+                if copies is not None:
+                    assert copies == 1, f"{copies} device-to-host copies in one rec.step()"
+            else:
+                n = _syncs(lambda loss=loss: rec.step(loss))
+                # a recorded step moves every norm (and the loss) to the host at once;
+                # a step that is not recorded touches the device not at all
+                assert n == (1 if step % 2 == 0 else 0), f"step {step}: {n} synchronisations"
+            opt.step()
+            opt.zero_grad()
+    assert rec.to_run().steps == [0, 2, 4]
