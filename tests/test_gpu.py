@@ -9,6 +9,7 @@ without CUDA.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,11 +113,11 @@ def test_one_transfer_per_recorded_step(name: str, stats: bool) -> None:
             loss = _forward_backward(model, x, y)
             torch.cuda.synchronize()
             if step == 4:  # profile a late recorded step: columns exist, nothing is new
-                copies = _device_to_host_copies(lambda loss=loss: rec.step(loss))
+                copies = _device_to_host_copies(functools.partial(rec.step, loss))
                 if copies is not None:
                     assert copies == 1, f"{copies} device-to-host copies in one rec.step()"
             else:
-                n = _syncs(lambda loss=loss: rec.step(loss))
+                n = _syncs(functools.partial(rec.step, loss))
                 # a recorded step moves every norm (and the loss) to the host at once;
                 # a step that is not recorded touches the device not at all
                 assert n == (1 if step % 2 == 0 else 0), f"step {step}: {n} synchronisations"

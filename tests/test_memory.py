@@ -44,7 +44,10 @@ class Watch:
         for t in _tensors(output):
             self.refs.append(weakref.ref(t))
             if t.requires_grad:
-                t.register_hook(lambda g: self.refs.append(weakref.ref(g)) and None)
+                t.register_hook(self.grad_hook)
+
+    def grad_hook(self, g: torch.Tensor) -> None:
+        self.refs.append(weakref.ref(g))
 
     def alive(self) -> list[torch.Tensor]:
         gc.collect()
@@ -130,9 +133,9 @@ def test_history_across_chunks_and_late_columns() -> None:
     for step in range(n):
         if step in (0, 7, store.CHUNK_ROWS + 5):  # series appear mid-chunk, as layers do
             for k in range(3):
-                key = ("edge", f"s{step}-{k}")
-                h.column(key)
-                want[key] = schema.absent_array(n)
+                new: tuple[str, ...] = ("edge", f"s{step}-{k}")
+                h.column(new)
+                want[new] = schema.absent_array(n)
         cols = list(h.columns.values())
         vals = [float(step * 10 + c) for c in cols]
         h.append(step * 2, cols, vals)
