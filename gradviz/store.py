@@ -53,7 +53,9 @@ class History:
             col = self.columns[key] = len(self.columns)
         return col
 
-    def append(self, step: int, cols: Sequence[int], values: Sequence[float]) -> None:
+    def append(
+        self, step: int, cols: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray
+    ) -> None:
         """Add one recorded step; series not named in cols are absent in it."""
         if self.steps and step <= self.steps[-1]:
             raise ValueError(f"step {step} is not after step {self.steps[-1]}")

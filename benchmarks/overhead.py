@@ -1,0 +1,381 @@
+"""Recording overhead: median training-step time with gradviz over the same step without it.
+
+Usage:
+    python benchmarks/overhead.py                  # full run, 4 models x 6 conditions (minutes)
+    python benchmarks/overhead.py --quick          # a few seconds: is it still working?
+    python benchmarks/overhead.py --models mlp --rounds 20
+    python benchmarks/overhead.py --profile mlp    # cProfile of recorded steps, by function
+    python benchmarks/overhead.py --threads 2      # torch intra-op threads (default 1)
+
+All conditions run in ONE process, on their own copy of the same model, in interleaved
+rounds (the order rotates each round), so that drift and noise on a shared machine hit
+every condition alike. A measurement is a block of 10 consecutive steps (zero_grad,
+forward, loss, backward, [rec.step], optimizer step): for ``every=10`` that holds exactly
+one recorded step, so its time is the amortised cost. Per round, each condition's median
+block time is divided by bare's; the table shows the median of those ratios over rounds
+and their interquartile range.
+
+Conditions: bare; gradviz every step; gradviz every 10th step; gradviz every step with
+forward activation statistics; the original project's naive hook (a full backward hook per
+layer calling ``module.weight.grad.norm().item()``); the reference tutorial's
+GradientMonitor (forward and backward hooks, mean/std/min/max/... by ``.item()`` each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _util import machine, mark, quartiles, table  # noqa: E402
+
+import gradviz  # noqa: E402
+from gradviz.demos import TransformerBlock  # noqa: E402
+
+BLOCK = 10  # steps per measurement: one every=10 cycle
+TARGETS = {"gradviz": 1.05, "gradviz every=10": 1.01, "gradviz + stats": 1.15}
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+class TinyTransformer(nn.Module):
+    """A 2-block pre-norm transformer language model (dim 128, 4 heads, 64 tokens)."""
+
+    def __init__(self, vocab: int = 256, dim: int = 128, heads: int = 4, depth: int = 2,
+                 seq_len: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(depth))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def cnn() -> nn.Sequential:
+    """Three 3x3 conv layers with pooling, then two linear layers, for 3x32x32 images."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model, how to make a batch for it, and its loss."""
+
+    name: str
+    describe: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+WORKLOADS = {
+    w.name: w
+    for w in [
+        Workload("mlp", "MLP 784-256-128-64-10, batch 64", lambda: mlp([784, 256, 128, 64, 10]),
+                 lambda g: (torch.randn(64, 784, generator=g),
+                            torch.randint(0, 10, (64,), generator=g)), _ce),
+        Workload("mlp-6x1024", "MLP 6 x Linear(1024, 1024) + head, batch 64",
+                 lambda: mlp([1024] * 7 + [10]),
+                 lambda g: (torch.randn(64, 1024, generator=g),
+                            torch.randint(0, 10, (64,), generator=g)), _ce),
+        Workload("cnn", "CNN 3 conv + 2 linear on 3x32x32, batch 64", cnn,
+                 lambda g: (torch.randn(64, 3, 32, 32, generator=g),
+                            torch.randint(0, 10, (64,), generator=g)), _ce),
+        Workload("transformer", "transformer LM, 2 blocks, dim 128, 64 tokens, batch 16",
+                 TinyTransformer,
+                 lambda g: (torch.randint(0, 256, (16, 64), generator=g),
+                            torch.randint(0, 256, (16, 64), generator=g)), _ce),
+    ]
+}
+
+
+# -- the peers gradviz is compared with ---------------------------------------------------
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """Modules owning a weight: the layers every condition watches."""
+    return [m for m in model.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+class NaiveHook:
+    """The original project: a full backward hook per layer reading weight.grad.norm().item()."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.norms: dict[str, list[float]] = defaultdict(list)
+        names = {id(m): n for n, m in model.named_modules()}
+        self.handles = [m.register_full_backward_hook(self._hook(names[id(m)]))
+                        for m in _layers(model)]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, grad_input: Any, grad_output: Any) -> None:
+            if module.weight.grad is not None:  # None for the first layer: as the original
+                self.norms[name].append(module.weight.grad.norm().item())
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self.handles:
+            h.remove()
+
+
+class GradientMonitor:
+    """The reference tutorial's monitor: forward and backward hooks, one .item() per stat."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.activations: dict[str, list[dict[str, float]]] = defaultdict(list)
+        self.gradients: dict[str, list[dict[str, float]]] = defaultdict(list)
+        self.handles = []
+        for name, m in model.named_modules():
+            if m in _layers(model):
+                self.handles.append(m.register_forward_hook(self._forward(name)))
+                self.handles.append(m.register_full_backward_hook(self._backward(name)))
+
+    def _forward(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            a = output.detach()
+            self.activations[name].append({
+                "mean": a.mean().item(), "std": a.std().item(), "min": a.min().item(),
+                "max": a.max().item(), "dead": (a <= 0).float().mean().item(),
+            })
+        return hook
+
+    def _backward(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
+            g = grad_output[0]
+            if g is None:
+                return
+            self.gradients[name].append({
+                "mean": g.mean().item(), "std": g.std().item(), "norm": g.norm().item(),
+                "max": g.abs().max().item(),
+            })
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self.handles:
+            h.remove()
+
+
+# -- running -----------------------------------------------------------------------------
+
+CONDITIONS = ["bare", "gradviz", "gradviz every=10", "gradviz + stats", "naive hook",
+              "GradientMonitor"]
+
+
+@dataclass
+class Trainer:
+    """One condition: its own model copy, optimizer, data and whatever watches it."""
+
+    condition: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    rec: Any = None
+    watcher: Any = None
+    at: int = 0
+    blocks: list[float] = field(default_factory=list)
+
+    def steps(self, n: int) -> None:
+        """n ordinary training steps."""
+        model, opt, rec = self.model, self.opt, self.rec
+        for _ in range(n):
+            x, y = self.batches[self.at % len(self.batches)]
+            self.at += 1
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(model(x), y)
+            loss.backward()
+            if rec is not None:
+                rec.step(loss)
+            opt.step()
+
+
+def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> list[Trainer]:
+    """A trainer per condition, each on an identical copy of the model."""
+    torch.manual_seed(0)
+    base = w.build()
+    g = torch.Generator().manual_seed(1)
+    batches = [w.batch(g) for _ in range(4)]
+    out = []
+    for cond in CONDITIONS:
+        model = w.build()
+        model.load_state_dict(base.state_dict())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        t = Trainer(cond, model, opt, batches, w.loss)
+        path = folder / f"{w.name}-{cond.replace(' ', '_')}.json"
+        if cond == "gradviz":
+            t.rec = stack.enter_context(gradviz.record(model, path))
+        elif cond == "gradviz every=10":
+            t.rec = stack.enter_context(gradviz.record(model, path, every=BLOCK))
+        elif cond == "gradviz + stats":
+            t.rec = stack.enter_context(gradviz.record(model, path, activation_stats=True))
+        elif cond == "naive hook":
+            t.watcher = NaiveHook(model)
+            stack.callback(t.watcher.close)
+        elif cond == "GradientMonitor":
+            t.watcher = GradientMonitor(model)
+            stack.callback(t.watcher.close)
+        out.append(t)
+    return out
+
+
+def measure(w: Workload, rounds: int, blocks: int, warmup: int) -> dict[str, list[float]]:
+    """Per condition, the per-round ratio of its median block time to bare's."""
+    ratios: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        trainers = make_trainers(w, stack, Path(tmp))
+        for t in trainers:
+            t.steps(warmup * BLOCK)
+        for r in range(rounds):
+            k = r % len(trainers)
+            order = trainers[k:] + trainers[:k]  # rotate: no condition always goes first
+            medians = {}
+            for t in order:
+                times = []
+                for _ in range(blocks):
+                    t0 = time.perf_counter()
+                    t.steps(BLOCK)
+                    times.append(time.perf_counter() - t0)
+                t.blocks.extend(times)
+                medians[t.condition] = statistics.median(times)
+            for c in CONDITIONS:
+                ratios[c].append(medians[c] / medians["bare"])
+        ratios["_ms"] = [statistics.median(t.blocks) / BLOCK * 1e3 for t in trainers]
+        # the recorders really recorded: a benchmark of something that silently failed is void
+        for t in trainers:
+            if t.rec is not None and t.rec._failed:
+                raise RuntimeError(f"gradviz failed during {w.name} / {t.condition}")
+    return ratios
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    """Measure every chosen model and print the table."""
+    print(f"# Recording overhead (CPU)\n\n{machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch thread(s); {args.rounds} rounds x {args.blocks} "
+          f"blocks of {BLOCK} steps per condition, interleaved in one process.\n")
+    header = ["model", "bare ms/step", *[c for c in CONDITIONS if c != "bare"]]
+    rows = []
+    verdict = []
+    for name in args.models:
+        w = WORKLOADS[name]
+        t0 = time.perf_counter()
+        r = measure(w, args.rounds, args.blocks, args.warmup)
+        row: list[object] = [f"{name}: {w.describe}", f"{r['_ms'][0]:.2f}"]
+        for c in CONDITIONS[1:]:
+            lo, med, hi = quartiles(r[c])
+            row.append(f"{med:.3f}x ({lo:.2f}-{hi:.2f})")
+            if c in TARGETS:
+                verdict.append([name, c, f"{med:.3f}x", f"{TARGETS[c]:.2f}x",
+                                mark(med <= TARGETS[c])])
+        rows.append(row)
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(table(header, rows))
+    print("\nRatio: median over rounds of (median block time / bare's in the same round); "
+          "in brackets the interquartile range over rounds.\n")
+    print(table(["model", "condition", "measured", "target", "met"], verdict))
+
+
+def profile(name: str, steps: int) -> None:
+    """cProfile of recorded training steps: where the time goes, by function."""
+    w = WORKLOADS[name]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        t = next(t for t in make_trainers(w, stack, Path(tmp)) if t.condition == "gradviz")
+        t.steps(20)
+        prof = cProfile.Profile()
+        prof.enable()
+        t.steps(steps)
+        prof.disable()
+    out = io.StringIO()
+    st = pstats.Stats(prof, stream=out)
+    st.sort_stats("tottime").print_stats(25)
+    print(f"# cProfile: {steps} recorded steps of {name} (gradviz every step), by own time\n")
+    print(out.getvalue())
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats("gradviz", 25)
+    print(f"# the same, gradviz's own functions by cumulative time\n\n{out.getvalue()}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:9]))
+    p.add_argument("--quick", action="store_true",
+                   help="a few seconds: 2 rounds of one block, the MLP only (unless --models)")
+    p.add_argument("--models", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    p.add_argument("--blocks", type=int, default=3,
+                   help=f"blocks of {BLOCK} steps per condition per round (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up blocks (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
+    p.add_argument("--profile-steps", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.blocks, args.warmup = 2, 1, 1
+        if args.models == list(WORKLOADS):
+            args.models = ["mlp"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or the profile)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")  # full backward hooks on embeddings warn every step
+    gc.collect()
+    if args.profile:
+        profile(args.profile, args.profile_steps)
+    else:
+        run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

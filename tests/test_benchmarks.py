@@ -1,0 +1,49 @@
+"""The benchmark scripts run (with --quick, small sizes): their timings are not tested here.
+
+Their results, measured on a full run, are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("script", "words"),
+    [
+        ("overhead.py", ["| model", "gradviz every=10", "GradientMonitor", "naive hook",
+                         "target"]),
+        ("memory.py", ["history row", "own size", "writing the file"]),
+        ("file_io.py", ["write: to_document + dumps", "read: parse", "/api/graph"]),
+        ("viewer.py", ["| --depth", "server build s", "| full", "| 2 "]),
+    ],
+)
+def test_benchmark_runs(script: str, words: list[str]) -> None:
+    r = run(script, "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for w in words:
+        assert w in r.stdout, (w, r.stdout[-2000:])
+
+
+@pytest.mark.parametrize("script", ["overhead.py", "memory.py", "file_io.py", "viewer.py"])
+def test_benchmark_help(script: str) -> None:
+    r = run(script, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and "--quick" in r.stdout
+
+
+def test_overhead_profile_runs() -> None:
+    r = run("overhead.py", "--profile", "mlp", "--profile-steps", "20")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "capture.py" in r.stdout
