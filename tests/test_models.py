@@ -247,6 +247,20 @@ def test_gradient_accumulation_is_one_record_per_optimizer_step() -> None:
         assert rel_close(node["activation_grad_norm"], math.sqrt(sum(v * v for v in per)), 1e-4)
 
 
+def amp_step(model, x, y, scaler, opt, before_opt_step=None) -> gradviz.Run:
+    """One recorded bfloat16 autocast step with a GradScaler, as a user writes it."""
+    with gradviz.record(model, path=None, scaler=scaler, optimizer=opt) as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        rec.step(loss)
+        if before_opt_step is not None:
+            before_opt_step()
+        scaler.step(opt)
+        scaler.update()
+    return rec.to_run()
+
+
 def test_mixed_precision_with_grad_scaler_records_unscaled_norms() -> None:
     torch.manual_seed(0)
     model = demos.MLP()
@@ -259,16 +273,13 @@ def test_mixed_precision_with_grad_scaler_records_unscaled_norms() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss = nn.functional.cross_entropy(twin(x), y)
     ref_loss.backward()
-    with gradviz.record(model, path=None, scaler=scaler, optimizer=opt) as rec:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        rec.step(loss)
+    unscaled: dict[str, float] = {}
+
+    def unscale() -> None:  # what the norms must equal: the gradients after unscale_
         scaler.unscale_(opt)
-        unscaled = {n: float(p.grad.norm()) for n, p in model.named_parameters()}
-        scaler.step(opt)
-        scaler.update()
-    run = rec.to_run()
+        unscaled.update({n: float(p.grad.norm()) for n, p in model.named_parameters()})
+
+    run = amp_step(model, x, y, scaler, opt, unscale)
     for node in run.nodes:
         for pname, info in node["params"].items():
             name = f"{node['id']}.{pname}"
@@ -287,15 +298,8 @@ def test_steps_the_scaler_skips_are_marked_and_keep_their_values() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=3e38)  # huge, yet finite, gradients
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.fc1.weight.detach().clone()
-    with gradviz.record(model, path=None, scaler=scaler, optimizer=opt) as rec:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        rec.step(loss)
-        scaler.step(opt)
-        scaler.update()
+    run = amp_step(model, x, y, scaler, opt)
     assert torch.equal(model.fc1.weight, before)  # the scaler did skip
-    run = rec.to_run()
     assert run.meta["skipped_steps"] == [0]
     assert not math.isfinite(run.nodes[0]["gradient_norm"])  # kept, not hidden
 
@@ -306,15 +310,14 @@ def test_huge_scaled_gradients_are_not_mistaken_for_overflow() -> None:
     x, y = demos.DEMOS["mlp"].data(16, torch.Generator().manual_seed(1))
     scaler = torch.amp.GradScaler("cpu", init_scale=3e38)  # float32 norms would overflow
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradviz.record(model, path=None, scaler=scaler, optimizer=opt) as rec:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        rec.step(loss)
+    wants: list[float] = []
+
+    def unscale() -> None:
         scaler.unscale_(opt)
-        want = float(torch.cat([p.grad.flatten() for p in model.fc1.parameters()]).norm())
-        scaler.step(opt)
-    run = rec.to_run()
+        wants.append(float(torch.cat([p.grad.flatten() for p in model.fc1.parameters()]).norm()))
+
+    run = amp_step(model, x, y, scaler, opt, unscale)
+    want = wants[0]
     assert "skipped_steps" not in run.meta
     assert rel_close(run.nodes[0]["gradient_norm"], want, 1e-4)
 
