@@ -190,11 +190,25 @@ def train(
         return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
     finally:
         if distributed:
-            # Leave the process group: a gloo rank that exits still in it can abort.
-            import torch.distributed as dist
+            trained = model  # drop the DDP wrapper (and its reducer) before the group goes
+            _leave()
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def _leave() -> None:
+    """Leave the process group cleanly: a gloo rank that exits while still in it, or whose
+    DDP reducer outlives it, sometimes aborts ('terminate called without an active
+    exception'). All ranks meet first, then the wrapper goes, then the group."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _join(mode: str, device: str) -> tuple[torch.device, int, int]:
