@@ -482,6 +482,7 @@ def graph_payload(
                 "has_params": d["has_params"],
                 "param_count": d["param_count"],
                 "order": d["order"],
+                **({"members": d["members"]} if d["kind"] == GROUP else {}),  # for the search
                 "stats": {k: enc(v) for k, v in d.get("stats", {}).items()},
                 "params": [
                     {

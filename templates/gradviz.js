@@ -392,13 +392,40 @@
     return null;
   }
 
+  // a layer rolled up into a group: [group, layer id], exact name first, or null
+  function hiddenIn(q) {
+    var lq = q.toLowerCase(), partial = null;
+    for (var i = 0; i < state.run.nodes.length; i++) {
+      var n = state.run.nodes[i];
+      for (var j = 0; j < (n.members || []).length; j++) {
+        var m = n.members[j];
+        if (m === q) return [n.id, m];
+        if (partial === null && m.toLowerCase().indexOf(lq) >= 0) partial = [n.id, m];
+      }
+    }
+    return partial;
+  }
+
+  // expand the groups around a layer until it is drawn, then select it
+  function reveal(id, tries) {
+    if (nodeInfo(id)[0]) { select(id, true); return Promise.resolve(); }
+    var hit = hiddenIn(id);
+    if (!hit || hit[1] !== id || tries > 16) return Promise.resolve();
+    return setView(state.view.depth, state.view.expanded.concat([hit[0]])).then(function () {
+      return reveal(id, tries + 1);
+    });
+  }
+
   function search() {
     var q = $("gv-search").value.trim(), status = $("gv-search-status");
     if (!q) { status.textContent = ""; return; }
-    var id = findLayer(q);
-    if (id === null) { status.textContent = "no layer matches “" + q + "”"; return; }
+    var id = findLayer(q), hit = id === null && canChangeView() ? hiddenIn(q) : null;
+    if (id === null && hit === null) {
+      status.textContent = "no layer matches “" + q + "”";
+      return;
+    }
     status.textContent = "";
-    select(id, true);
+    if (id !== null) select(id, true); else reveal(hit[1], 0);
   }
   $("gv-search-form").addEventListener("submit", function (ev) { ev.preventDefault(); search(); });
   $("gv-search").addEventListener("change", search);

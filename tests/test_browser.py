@@ -452,6 +452,12 @@ def test_groups_expand_and_collapse(serve, open_page, make_file) -> None:
     wait(s, "gradviz.nodes.get().some(n => n.name === 'blocks.1')")
     assert "blocks.1.attn" not in names() and s.js("gradviz.state.selected") == "blocks.1"
     assert s.js("gradviz.state.shownStep") == 0  # the step stays where it was
+    # searching for a layer inside a group expands what it takes to show it
+    s.page.locator("#gv-search").fill("blocks.3.attn.qkv")
+    s.page.locator("#gv-search").press("Enter")
+    wait(s, "gradviz.state.selected === 'blocks.3.attn.qkv'")
+    assert {"blocks.3.attn.qkv", "blocks.3.ln1", "blocks.1"} <= names()
+    assert s.js("gradviz.state.view.expanded") == ["blocks.3", "blocks.3.attn"]
     s.page.locator("#gv-depth").select_option("full")
     wait(s, f"gradviz.nodes.length === {len(run.nodes)}")
     assert s.page.locator("#gv-notices").is_hidden()
