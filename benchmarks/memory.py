@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="\n".join(__doc__.splitlines()[2:6]))
     p.add_argument("--layers", type=int, default=500)
     p.add_argument("--steps", type=int, default=10_000, help="history rows to reach (part 2)")
-    p.add_argument("--real-steps", type=int, default=200, help="recorded steps (part 1)")
+    p.add_argument("--real-steps", type=int, default=40, help="recorded steps (part 1)")
     p.add_argument("--quick", action="store_true", help="30 layers, 1,000 rows, 30 steps")
     args = p.parse_args(argv)
     if args.quick:
@@ -97,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         row = width * 4
         gc.collect()
         tracemalloc.start()
-        py0, rss0, t0 = tracemalloc.get_traced_memory()[0], rss(), time.perf_counter()
-        held0 = h.nbytes()
-        for _ in range(args.real_steps):
-            step(rec)
-        gc.collect()
-        py1, rss1, t1 = tracemalloc.get_traced_memory()[0], rss(), time.perf_counter()
-        held = h.nbytes() - held0
         n = args.real_steps
+        marks = []  # (python bytes, rss, history bytes, time) at the start, middle and end
+        for i in range(n + 1):
+            if i in (0, n // 2, n):
+                gc.collect()
+                marks.append((tracemalloc.get_traced_memory()[0], rss(), h.nbytes(),
+                              time.perf_counter()))
+            if i < n:
+                step(rec)
+        (py0, rss0, held0, t0), (pym, _, heldm, _), (py1, rss1, held1, t1) = marks
+        held = held1 - held0
+        late = n - n // 2
         rows = [
             ["history row (series x 4 bytes)", f"{row:,}", "1.00"],
             ["Python allocations (tracemalloc)", f"{(py1 - py0) / n:,.0f}",
@@ -112,15 +116,19 @@ def main(argv: list[str] | None = None) -> int:
             ["  of which new history chunks", f"{held / n:,.0f}", f"{held / n / row:.2f}"],
             ["  everything else", f"{(py1 - py0 - held) / n:,.0f}",
              f"{(py1 - py0 - held) / n / row:.2f}"],
+            ["  everything else, second half of the run",
+             f"{(py1 - pym - (held1 - heldm)) / late:,.0f}",
+             f"{(py1 - pym - (held1 - heldm)) / late / row:.2f}"],
             ["process RSS", f"{(rss1 - rss0) / n:,.0f}", f"{(rss1 - rss0) / n / row:.2f}"],
         ]
         print(f"## 1. A real run: {n} recorded steps ({(t1 - t0) / n * 1e3:.0f} ms a step "
               f"under tracemalloc), {width:,} series\n")
         print(table(["per recorded step", "bytes", "x row"], rows))
         print("\nThe history allocates rows a chunk at a time (16 rows, doubling up to "
-              f"{store.CHUNK_ROWS}), so over a short run its share comes in steps. RSS moves in "
-              "pages and allocator arenas: a coarse reading; tracemalloc counts every Python "
-              "and numpy byte.\n")
+              f"{store.CHUNK_ROWS}), so over a short run its share comes in steps; what else "
+              "the first steps allocate once (caches, free lists) shows in the first half. RSS "
+              "moves in pages and allocator arenas, torch's included: a coarse reading; "
+              "tracemalloc counts every Python and numpy byte.\n")
 
         # 2. the same history driven on to --steps rows, values as a real row looks
         last = np.asarray([h.last(k) or 0.0 for k in h.columns], dtype=np.float32)

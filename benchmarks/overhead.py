@@ -5,6 +5,7 @@ Usage:
     python benchmarks/overhead.py --quick          # a few seconds: is it still working?
     python benchmarks/overhead.py --models mlp --rounds 20
     python benchmarks/overhead.py --profile mlp    # where a recorded step's time goes
+    python benchmarks/overhead.py --scaling        # recorded step time against depth
     python benchmarks/overhead.py --threads 2      # torch intra-op threads (default 1)
     python benchmarks/overhead.py --device cuda    # on a GPU (synchronised around each block)
 
@@ -15,7 +16,9 @@ forward, loss, backward, [rec.step], optimizer step): for ``every=10`` that hold
 one recorded step, so its time is the amortised cost. Per round, each condition's fastest
 block (other processes only ever slow one down) is divided by bare's; the table shows the
 median of those ratios over rounds and their interquartile range. A second untouched copy
-("bare again") shows the method's own error.
+("bare again") shows the method's own error. glibc's malloc is asked to keep freed memory
+(mallopt: no mmap/munmap of each step's activations, no trimming; --malloc default turns
+this off): without it, two identical copies of the small MLP differed by up to 1.7x.
 
 Conditions: bare; gradviz every step; gradviz every 10th step; gradviz every step with
 forward activation statistics; the original project's naive hook (a full backward hook per
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import ctypes
 import gc
 import io
 import pstats
@@ -269,6 +273,17 @@ def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> lis
     return out
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc not to map and unmap big blocks each step; False if not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+            libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def sync() -> None:
     """Wait for the device (nothing to wait for on the CPU)."""
     if DEVICE.type == "cuda":
@@ -313,7 +328,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     where = "CPU" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
     print(f"# Recording overhead ({where})\n\n{machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch thread(s); {args.rounds} rounds x {args.blocks} "
-          f"blocks of {BLOCK} steps per condition, interleaved in one process.\n")
+          f"blocks of {BLOCK} steps per condition, interleaved in one process; malloc "
+          f"{'keeps freed memory' if args.kept else 'as it is'}.\n")
     header = ["model", "bare ms/step", *[c for c in CONDITIONS if c != "bare"]]
     rows = []
     verdict = []
@@ -376,6 +392,39 @@ def profile(name: str, steps: int) -> None:
           f"{out.getvalue()}")
 
 
+def scaling(depths: list[int], rounds: int) -> None:
+    """Recorded step time against depth: chains of Linear(16, 16) + ReLU, batch 8."""
+    rows = []
+    for depth in depths:
+        torch.manual_seed(0)
+        x, y = torch.randn(8, 16, device=DEVICE), torch.randint(0, 16, (8,), device=DEVICE)
+        trainers = []
+        for _ in range(2):  # two identical copies: one bare, one recorded
+            torch.manual_seed(0)
+            model = mlp([16] * (depth + 1)).to(DEVICE)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            trainers.append(Trainer("", model, opt, [(x, y)], _ce))
+        with gradviz.record(trainers[1].model, path=None) as rec:
+            trainers[1].rec = rec
+            timed: dict[str, list[float]] = {"bare": [], "gradviz": []}
+            for r in range(rounds + 1):
+                for name, t in zip(("bare", "gradviz"), trainers, strict=True):
+                    sync()
+                    t0 = time.perf_counter()
+                    t.steps(3)
+                    sync()
+                    if r:  # the first round warms up
+                        timed[name].append((time.perf_counter() - t0) / 3)
+        b, g = min(timed["bare"]), min(timed["gradviz"])
+        rows.append([depth, f"{b * 1e3:.1f}", f"{g * 1e3:.1f}", f"{g / b:.2f}x",
+                     f"{(g - b) / depth * 1e6:.0f}"])
+        print(f"  {depth} layers: done", file=sys.stderr, flush=True)
+    print("# Recorded step against depth (every step recorded)\n\nChains of Linear(16, 16) "
+          "with ReLU, batch 8, SGD; fastest of "
+          f"{rounds} rounds of 3 steps.\n")
+    print(table(["layers", "bare ms", "recorded ms", "ratio", "added us per layer"], rows))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -390,8 +439,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up blocks (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to train")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep (default): glibc keeps freed memory, less noise; default: as is")
     p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
     p.add_argument("--profile-steps", type=int, default=200)
+    p.add_argument("--scaling", nargs="*", type=int, metavar="LAYERS",
+                   help="recorded step time against depth (default 25 50 100 200 500) and exit")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.blocks, args.warmup = 2, 1, 1
@@ -404,11 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or the profile)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.kept = args.malloc == "keep" and keep_freed_memory()
     global DEVICE
     DEVICE = torch.device(args.device)
     warnings.simplefilter("ignore")  # full backward hooks on embeddings warn every step
     gc.collect()
-    if args.profile:
+    if args.scaling is not None:
+        scaling(args.scaling or ([10, 50] if args.quick else [25, 50, 100, 200, 500]),
+                2 if args.quick else 5)
+    elif args.profile:
         profile(args.profile, args.profile_steps)
     else:
         run_benchmark(args)

@@ -43,7 +43,10 @@ def test_benchmark_help(script: str) -> None:
     assert r.returncode == 0 and "usage:" in r.stdout and "--quick" in r.stdout
 
 
-def test_overhead_profile_runs() -> None:
+def test_overhead_profile_and_scaling_run() -> None:
     r = run("overhead.py", "--profile", "mlp", "--profile-steps", "20")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "capture.py" in r.stdout
+    r = run("overhead.py", "--scaling", "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "added us per layer" in r.stdout
