@@ -550,15 +550,17 @@ class Recorder:
         scale_t = None
         if self.scaler is not None and self.scaler.is_enabled():
             scale_t = getattr(self.scaler, "_scale", None)
-        extras = torch.stack([
-            scale_t.reshape(()).to(dev, torch.float64) if scale_t is not None else
-            torch.ones((), dtype=torch.float64, device=dev),
-            loss.detach().reshape(()).to(dev, torch.float64) if isinstance(loss, torch.Tensor)
-            else torch.tensor(math.nan if loss is None else float(loss), dtype=torch.float64,
-                              device=dev),
-            torch.tensor(float(batch), dtype=torch.float64, device=dev),
-        ])
         f64 = torch.float64
+        # torch.full fills on the device; torch.tensor(x, device=cuda) would copy from the host
+        # and block: a second sync each step.
+        loss_host = math.nan if loss is None or isinstance(loss, torch.Tensor) else float(loss)
+        extras = torch.stack([
+            scale_t.reshape(()).to(dev, f64) if scale_t is not None else
+            torch.full((), 1.0, dtype=f64, device=dev),
+            loss.detach().reshape(()).to(dev, f64) if isinstance(loss, torch.Tensor) else
+            torch.full((), loss_host, dtype=f64, device=dev),
+            torch.full((), float(batch), dtype=f64, device=dev),
+        ])
         flat = torch.cat([
             torch.stack(sq_vals).to(f64).square() if sq_vals else extras[:0],
             torch.cat([t.reshape(-1) for t in stat_vals]).to(f64) if stat_vals else extras[:0],
