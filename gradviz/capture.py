@@ -717,21 +717,6 @@ def _activation_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _to_host(values: list[torch.Tensor]) -> list[float]:
-    """Move 0-d tensors to the host: one stack and one transfer per device."""
-    if not values:
-        return []
-    devices = {v.device for v in values}
-    if len(devices) == 1:
-        return torch.stack(values).tolist()
-    out: list[float] = [0.0] * len(values)
-    for dev in devices:
-        idx = [i for i, v in enumerate(values) if v.device == dev]
-        for i, x in zip(idx, torch.stack([values[i] for i in idx]).tolist(), strict=True):
-            out[i] = x
-    return out
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version
