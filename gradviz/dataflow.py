@@ -252,18 +252,25 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
         return calls[src[1]].name if src is not None else None
 
     # 6. Ports: every slot of a consumer's region that points at a producer or junction.
+    #    A call's node is in boundary once per slot that leaves the call, always with the
+    #    same key, and a second visit would only find its slots taken or skipped again: so
+    #    each node is visited once, at its first place (k such slots cost k, not k * k).
+    #    Call nodes, junctions and other glue are disjoint, so no node has two keys.
     edges: dict[tuple[str, int], Edge] = {}
-    regions: list[tuple[Node, Key]] = [(n, region_of[id(n)]) for n, _, _, _ in boundary]
-    regions += [(g, ("junction", id(g))) for g in order if id(g) in junction_ids]
+    regions: dict[int, tuple[Node, Key]] = {}  # id(node) -> (node, consumer key)
+    for n, _, _, _ in boundary:
+        regions.setdefault(id(n), (n, region_of[id(n)]))
+    for g in order:
+        if id(g) in junction_ids:
+            regions[id(g)] = (g, ("junction", id(g)))
     for g in order:
         ckey = consumer_of[id(g)]
         if id(g) not in junction_ids and ckey is not None:
-            regions.append((g, ckey))
-    seen: set[tuple[int, int]] = set()
-    for n, key in regions:
+            regions[id(g)] = (g, ckey)
+    for n, key in regions.values():
         cname, cidx = consumer_index(key)
         for i, (m, nr) in enumerate(n.next_functions):
-            if m is None or _is_leaf(m) or (id(n), i) in seen:
+            if m is None or _is_leaf(m):
                 continue
             if id(m) in glue and id(m) not in junction_ids:
                 continue  # not an end of a path yet: glue further up carries it
@@ -272,24 +279,27 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
             sname = source_name(m)
             if sname is None:
                 continue
-            seen.add((id(n), i))
             edge = edges.get((sname, cidx))
             if edge is None:
                 edge = edges[(sname, cidx)] = Edge(sname, cname, cidx)
             edge.ports.append(Port(n, i, (id(m), nr)))
 
-    # 7. via: named parameter-free modules on the glue between source and consumer.
-    for (sname, cidx), edge in edges.items():
-        names = []
-        for g in order:
-            if id(g) in junction_ids or id(g) not in glue_names:
-                continue
-            ckey = consumer_of[id(g)]
-            if ckey is None or consumer_index(ckey)[1] != cidx:
-                continue
-            if any(_source_label(u, calls, junctions, jindex) == sname for u in ups[id(g)]):
-                names.append(glue_names[id(g)])
-        edge.via = list(dict.fromkeys(names))
+    # 7. via: named parameter-free modules on the glue between source and consumer. One pass
+    #    over the glue in order files each named glue node under every (source name, consumer
+    #    index) pair it lies between: the key of the edge it belongs to. Each edge then takes
+    #    its pair's names, in order, each once.
+    via: dict[tuple[str, int], list[str]] = {}
+    for g in order:
+        if id(g) in junction_ids or id(g) not in glue_names:
+            continue
+        ckey = consumer_of[id(g)]
+        if ckey is None:
+            continue
+        cidx = consumer_index(ckey)[1]
+        for sname in {_source_label(u, calls, junctions, jindex) for u in ups[id(g)]}:
+            via.setdefault((sname, cidx), []).append(glue_names[id(g)])
+    for key, edge in edges.items():
+        edge.via = list(dict.fromkeys(via.get(key, ())))
     return Flow(junctions, list(edges.values()), input_ports)
 
 
