@@ -67,11 +67,24 @@ LAYER_STATS = ("act_mean", "act_std", "act_min", "act_max", "act_zero_frac")
 
 
 def _layer_stats(t: torch.Tensor) -> torch.Tensor:
-    """Mean, std, min, max and fraction of exact zeros of a layer's output, in float32."""
-    x = t.detach().float()
+    """Mean, std, min, max and fraction of exact zeros of a layer's output, in float32.
+
+    Written for speed, not brevity: torch's std and (x == 0).mean() are slow elementwise
+    passes on CPU. The sum, the norm of x - mean (the two-pass standard deviation) and
+    the sum of |sign(x)| (how many are not zero) are fast vectorised reductions.
+    """
+    x = t.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    n = x.numel()
     lo, hi = torch.aminmax(x)
-    std = x.std() if x.numel() > 1 else torch.zeros((), device=x.device)
-    return torch.stack([x.mean(), std, lo, hi, (x == 0).float().mean()])
+    mean = x.sum() / n
+    if n > 1:
+        std = torch.linalg.vector_norm(x - mean) / math.sqrt(n - 1)
+    else:
+        std = torch.zeros((), dtype=x.dtype, device=x.device)
+    nonzero = x.sign().abs_().sum()  # -0.0 counts as zero, like x == 0; NaN makes it NaN
+    return torch.stack([mean, std, lo, hi, 1 - nonzero / n]).float()
 
 
 def _unit_stat(module: nn.Module, out: torch.Tensor, margin: float) -> torch.Tensor:
@@ -80,14 +93,64 @@ def _unit_stat(module: nn.Module, out: torch.Tensor, margin: float) -> torch.Ten
     name = type(module).__name__
     if name in DEAD_AT_ZERO:
         units = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
-        return (units == 0).all(dim=0).float().mean()
+        # A ReLU's outputs are >= 0, so "zero for every sample" is "largest value is 0"
+        # (one reduction, no boolean copy); NaN stays "not dead", as with (x == 0).all().
+        return (units.amax(dim=0) == 0).float().mean()
     lo, hi = BOUNDS[name]
-    return ((x <= lo + margin) | (x >= hi - margin)).float().mean()
+    near = (x <= lo + margin) | (x >= hi - margin)
+    return near.sum() / max(near.numel(), 1)
 
 
 def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """L2 norm reduced in float32 (a half-precision norm overflows although no element does)."""
     return torch.linalg.vector_norm(t, dtype=dtype)
+
+
+MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Which autograd nodes of a pass to hook, by their place in dataflow.shape's walk."""
+
+    junctions: list[tuple[int, int]]  # (node, column): a pre-hook sees the junction's gradient
+    ports: list[tuple[int, tuple[tuple[int, int, int], ...]]]  # node, ((input, column, group))
+    groups: list[tuple[int, int]]  # (column, parts) of series that arrive in several parts
+
+
+class _Parts:
+    """One hooked pass's series that arrive in parts: [column, running sum, parts left]."""
+
+    __slots__ = ("groups", "open")
+
+    def __init__(self, groups: list[list[Any]]) -> None:
+        self.groups = groups
+        self.open = True  # False once its step is recorded: later gradients are ignored
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Index arrays that put one step's vector of values into its history columns."""
+
+    cols: np.ndarray  # the row's columns: squared-norm series, node norms, statistics, loss
+    sq_at: np.ndarray  # per squared norm: its place in the vector
+    sq_group: np.ndarray  # ... and which squared-norm series it adds to
+    n_sq: int
+    n_param: int  # the first n_param squared norms are parameters'
+    node_group: np.ndarray  # per parameter: its node (gradient_norm adds them all)
+    n_node: int
+    stat_at: np.ndarray
+    stat_group: np.ndarray
+    n_stat: int
+    stat_count: np.ndarray  # values per statistic series (a layer called twice: the mean)
+    has_params: bool
+
+
+def _grad_fns(args: Any, kwargs: Any) -> list[Any]:
+    """The autograd nodes of a call's input tensors (positional and keyword, nested too)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return [a.grad_fn for a in args if a.grad_fn is not None]
+    return [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
 
 
 class Recorder:
@@ -162,19 +225,26 @@ class Recorder:
         # Per step: (column, 0-d float32 norm tensor) pairs filled in by the hooks, and
         # running vector sums for edges whose gradient arrives in several parts.
         self._pending: list[tuple[int, torch.Tensor]] = []
-        self._parts: dict[int, list[Any]] = {}  # group -> [column, sum tensor, parts left]
-        self._next_group = 0
+        self._open_parts: list[_Parts] = []  # per hooked pass: its series measured in parts
+        # Caches for a graph that repeats: hooks by shape of the pass, and how a step's values
+        # land in the history by what arrived (see _plan and _layout).
+        self._plans: dict[Any, _Plan] = {}
+        self._layouts: dict[Any, _Layout] = {}
+        self._generic = False  # tests: always take the general (distributed/scaler) path
+        self._ordered: set[str] = set()  # nodes whose first call has been numbered
         # Tests set this to see each measured gradient before it becomes a norm.
         self._probe: Any = None
         self._order = 0
         self._calls_seen = 0  # layer calls recorded this step
         # Forward statistics: (columns, values) to average per column at step(), and which
         # layer produced each output node in this pass (to credit an activation's stats).
-        self._stats: list[tuple[list[int], torch.Tensor]] = []
+        self._stats: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self._made_by: dict[int, str] = {}
         self._warned: set[str] = set()
         self._nodes: dict[str, nn.Module] = {}
         self._params: list[tuple[str, str, nn.Parameter]] = []  # (node, param name, param)
+        self._unique: list[nn.Parameter] = []  # each parameter tensor once (tied ones too)
+        self._unique_of: list[int] = []  # per entry of _params: its place in _unique
         self._describe(meta or {}, seed)
 
     # -- setup ---------------------------------------------------------------------------
@@ -182,6 +252,7 @@ class Recorder:
     def _describe(self, extra: Mapping[str, Any], seed: int | None) -> None:
         """Static facts: which modules are nodes, their parameters, and run metadata."""
         owner: dict[int, str] = {}  # id(param) -> "module.param" that first owns it
+        unique_at: dict[int, int] = {}  # id(param) -> its place in self._unique
         for name, module in self.model.named_modules():
             own = list(module.named_parameters(recurse=False))
             is_leaf = next(iter(module.children()), None) is None
@@ -200,6 +271,10 @@ class Recorder:
                     info["tied_to"] = first
                 params[pname] = info
                 self._params.append((node_name, pname, p))
+                if id(p) not in unique_at:
+                    unique_at[id(p)] = len(self._unique)
+                    self._unique.append(p)
+                self._unique_of.append(unique_at[id(p)])
             self._nodes[node_name] = module
             self.recording.nodes[node_name] = {
                 "kind": "layer" if own else "module",
@@ -302,7 +377,7 @@ class Recorder:
 
     def _call_hook(self, name: str) -> Any:
         col = self.recording.history.column(("node", name, "activation_grad_norm"))
-        stat_cols = [self.recording.history.column(("node", name, k)) for k in LAYER_STATS]
+        stat_cols = tuple(self.recording.history.column(("node", name, k)) for k in LAYER_STATS)
 
         def on_grad(g: torch.Tensor) -> None:
             self._emit(col, g)
@@ -312,15 +387,19 @@ class Recorder:
                 return
             try:
                 outs: list[tuple[Any, int]] = []
-                for t in _tensors(output):
-                    if t.grad_fn is None or (t.grad_fn, t.output_nr) in outs:
-                        continue
-                    outs.append((t.grad_fn, t.output_nr))
-                    t.register_hook(on_grad)
+                if isinstance(output, torch.Tensor):  # the common case, without a generator
+                    if output.grad_fn is not None:
+                        outs.append((output.grad_fn, output.output_nr))
+                        output.register_hook(on_grad)
+                else:
+                    for t in _tensors(output):
+                        if t.grad_fn is None or (t.grad_fn, t.output_nr) in outs:
+                            continue
+                        outs.append((t.grad_fn, t.output_nr))
+                        t.register_hook(on_grad)
                 if not outs:
                     return
-                ins = [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
-                self._calls.append(dataflow.Call(name, outs, ins))
+                self._calls.append(dataflow.Call(name, outs, _grad_fns(args, kwargs)))
                 self._calls_seen += 1
                 if self.activation_stats:
                     first = next(t for t in _tensors(output) if t.grad_fn is not None)
@@ -328,10 +407,12 @@ class Recorder:
                         self._stats.append((stat_cols, _layer_stats(first)))
                     for node, _ in outs:
                         self._made_by[id(node)] = name
-                info = self.recording.nodes[name]
-                if "order" not in info:
-                    info["order"] = self._order
-                    self._order += 1
+                if name not in self._ordered:
+                    self._ordered.add(name)
+                    info = self.recording.nodes[name]
+                    if "order" not in info:
+                        info["order"] = self._order
+                        self._order += 1
             except Exception as e:  # never break the user's forward
                 self._fail(e)
 
@@ -343,9 +424,13 @@ class Recorder:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if not self._armed():
                 return
-            for t in _tensors(output):
-                if t.grad_fn is not None:
-                    self._glue.setdefault(id(t.grad_fn), name)
+            if isinstance(output, torch.Tensor):
+                if output.grad_fn is not None:
+                    self._glue.setdefault(id(output.grad_fn), name)
+            else:
+                for t in _tensors(output):
+                    if t.grad_fn is not None:
+                        self._glue.setdefault(id(t.grad_fn), name)
             if kind and self.activation_stats and isinstance(output, torch.Tensor):
                 try:
                     self._activation_stat(kind, module, args, output)
@@ -367,7 +452,7 @@ class Recorder:
         info = self.recording.nodes[layer]
         info.setdefault("activation", type(module).__name__)
         col = self.recording.history.column(("node", layer, kind))
-        self._stats.append(([col], _unit_stat(module, out, self.saturation_margin).reshape(1)))
+        self._stats.append(((col,), _unit_stat(module, out, self.saturation_margin).reshape(1)))
 
     def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The root's forward returned: find this pass's edges and hook their gradients."""
@@ -381,37 +466,52 @@ class Recorder:
         if not calls or not self._armed():
             return
         try:
-            # Junctions avoid node names only: one named after a folded-away activation
-            # (the fan-out after `act`) may take that module's name.
-            flow = dataflow.analyse(calls, glue, set(self._nodes))
-            self._hook_flow(flow, [c.name for c in calls])
+            # A training loop runs the same graph step after step: walk it (cheap), and only
+            # when its shape is new analyse it and work out which nodes to hook (costly).
+            key, nodes = dataflow.shape(calls, glue)
+            plan = self._plans.get(key)
+            if plan is None:
+                # Junctions avoid node names only: one named after a folded-away activation
+                # (the fan-out after `act`) may take that module's name.
+                flow = dataflow.analyse(calls, glue, set(self._nodes))
+                plan = self._plan(flow, [c.name for c in calls], nodes)
+                if len(self._plans) >= MAX_PLANS:  # a model whose graph changes every pass
+                    del self._plans[next(iter(self._plans))]
+                self._plans[key] = plan
+            self._hook_pass(plan, nodes)
         except Exception as e:
             self._fail(e)
 
-    def _hook_flow(self, flow: dataflow.Flow, call_names: list[str]) -> None:
+    def _plan(self, flow: dataflow.Flow, call_names: list[str], nodes: list[Any]) -> _Plan:
+        """Register the flow's junctions and edges; say which node of the walk gets which hook."""
         rec = self.recording
         hist = rec.history
+        at = {id(n): i for i, n in enumerate(nodes)}
+        junctions = []
         for j in flow.junctions:
             if j.name not in rec.nodes:
                 rec.nodes[j.name] = {"kind": "junction", "type": j.op, "param_count": 0,
                                      "params": {}, "order": self._order}
                 self._order += 1
             col = hist.column(("node", j.name, "activation_grad_norm"))
-            j.node.register_prehook(self._junction_hook(col))
-        # Gather (port node, input index) -> group; each group is one part of one series
-        # whose pieces must be summed as vectors before taking the norm.
-        by_node: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
+            junctions.append((at[id(j.node)], col))
+        # Ports by node: (input index, column, group). A series whose gradient into one output
+        # arrives through several ports is a group: its parts are summed as vectors before the
+        # norm. One port alone (group -1) is measured directly.
+        slots: dict[int, list[tuple[int, int, int]]] = {}
+        groups: list[tuple[int, int]] = []  # (column, number of parts)
 
-        def add_group(col: int, ports: list[dataflow.Port]) -> None:
+        def add(col: int, ports: list[dataflow.Port]) -> None:
             by_target: dict[Any, list[dataflow.Port]] = {}
             for p in ports:
                 by_target.setdefault(p.target, []).append(p)
             for group in by_target.values():
-                gid = self._next_group
-                self._next_group += 1
-                self._parts[gid] = [col, None, len(group)]
+                gi = -1
+                if len(group) > 1:
+                    gi = len(groups)
+                    groups.append((col, len(group)))
                 for p in group:
-                    by_node.setdefault(id(p.node), (p.node, []))[1].append((p.index, gid))
+                    slots.setdefault(at[id(p.node)], []).append((p.index, col, gi))
 
         for e in flow.edges:
             eid = f"{e.source}->{e.target}"
@@ -420,12 +520,20 @@ class Recorder:
             elif e.via:
                 known = rec.edges[eid]["via"]
                 rec.edges[eid]["via"] = list(dict.fromkeys([*known, *e.via]))
-            add_group(hist.column(("edge", eid)), e.ports)
+            add(hist.column(("edge", eid)), e.ports)
         for name, ports in zip(call_names, flow.input_ports, strict=True):
             if ports:
-                add_group(hist.column(("node", name, "input_grad_norm")), ports)
-        for node, slots in by_node.values():
-            node.register_hook(self._port_hook(slots))
+                add(hist.column(("node", name, "input_grad_norm")), ports)
+        return _Plan(junctions, [(i, tuple(v)) for i, v in slots.items()], groups)
+
+    def _hook_pass(self, plan: _Plan, nodes: list[Any]) -> None:
+        """Hook this pass's autograd nodes as the plan says."""
+        parts = _Parts([[col, None, n] for col, n in plan.groups])
+        self._open_parts.append(parts)
+        for i, col in plan.junctions:
+            nodes[i].register_prehook(self._junction_hook(col))
+        for i, slots in plan.ports:
+            nodes[i].register_hook(self._port_hook(slots, parts))
 
     # -- backward hooks ------------------------------------------------------------------
 
@@ -443,32 +551,44 @@ class Recorder:
 
         return hook
 
-    def _port_hook(self, slots: list[tuple[int, int]]) -> Any:
+    def _port_hook(self, slots: tuple[tuple[int, int, int], ...], parts: _Parts) -> Any:
         def hook(grad_inputs: tuple[torch.Tensor | None, ...], grad_outputs: Any) -> None:
+            if not parts.open:  # the step was already recorded: this pass came too late
+                return
             try:
-                for index, gid in slots:
+                for index, col, gi in slots:
                     g = grad_inputs[index]
-                    if g is not None:
-                        self._add_part(gid, g)
+                    if g is None:
+                        continue
+                    if gi < 0:
+                        self._emit(col, g)
+                    else:
+                        self._add_part(parts.groups[gi], g)
             except Exception as e:  # never break the user's backward
                 self._fail(e)
 
         return hook
 
-    def _add_part(self, gid: int, g: torch.Tensor) -> None:
-        part = self._parts.get(gid)
-        if part is None:  # the step was already recorded: this pass came too late
-            return
+    def _add_part(self, part: list[Any], g: torch.Tensor) -> None:
         col, acc, left = part
-        if left == 1 and acc is None:  # the common case: one part, no sum to keep
-            self._emit(col, g)
-            del self._parts[gid]
+        if left == 0:  # complete already (cannot happen in one backward; be safe)
             return
         acc = g.detach().clone() if acc is None else acc + g
         part[1], part[2] = acc, left - 1
         if left == 1:
             self._emit(col, acc)
-            del self._parts[gid]
+            part[1] = None
+
+    def _close_parts(self, emit: bool) -> None:
+        """End this step's passes; parts that never completed (a branch that got no gradient)
+        count as they are."""
+        for parts in self._open_parts:
+            parts.open = False
+            if emit:
+                for col, acc, _ in parts.groups:
+                    if acc is not None:
+                        self._emit(col, acc)
+        self._open_parts.clear()
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -492,7 +612,7 @@ class Recorder:
             self._detach()
         if step % self.every:
             self._pending.clear()
-            self._parts.clear()
+            self._close_parts(emit=False)
             self._stats.clear()
             self._local.clear()
             self._passes = self._batch = 0
@@ -506,11 +626,15 @@ class Recorder:
             self._writer.flush(self.recording)
 
     def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
-        # Parts that never completed (a branch that got no gradient) count as they are.
-        for col, acc, _ in self._parts.values():
-            if acc is not None:
-                self._emit(col, acc)
-        self._parts.clear()
+        self._close_parts(emit=True)
+        if self._world == 1 and not self._generic and (
+                self.scaler is None or not self.scaler.is_enabled()):
+            self._record_one(step, loss)
+        else:
+            self._record_general(step, loss)
+
+    def _record_general(self, step: int, loss: torch.Tensor | float | None) -> None:
+        """Any run: several ranks (one all-reduce), GradScaler (unscale in float64)."""
         hist = self.recording.history
         # Parameter gradients, final now: one fused norm per device over unique tensors
         # (of an FSDP2 DTensor gradient, this rank's shard).
@@ -603,14 +727,7 @@ class Recorder:
             states = getattr(self.scaler, "_per_optimizer_states", {}).values()
             unscaled = any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states)
             sq = np.where(is_param & unscaled, sq, sq / (scale * scale))
-        if self._calls_seen == 0 and param_cols:
-            self._warn_once(
-                "no-calls",
-                "gradviz saw gradients but no layer calls this step, so it records "
-                "parameter norms only: was the model compiled (torch.compile) before "
-                "gradviz.record attached, or called outside the recorded module?",
-            )
-        self._calls_seen = 0
+        self._check_calls(bool(param_cols))
         row_cols = [int(c) for c in np.flatnonzero(count > 0)]
         row_vals = [float(math.sqrt(sq[c])) for c in row_cols]
         node_sq: dict[str, float] = {}  # a layer's gradient_norm: all its parameters together
@@ -638,6 +755,103 @@ class Recorder:
                 *self.recording.meta.get("skipped_steps", []), step]}
         hist.append(step, row_cols, row_vals)
 
+    def _check_calls(self, had_grads: bool) -> None:
+        if self._calls_seen == 0 and had_grads:
+            self._warn_once(
+                "no-calls",
+                "gradviz saw gradients but no layer calls this step, so it records "
+                "parameter norms only: was the model compiled (torch.compile) before "
+                "gradviz.record attached, or called outside the recorded module?",
+            )
+        self._calls_seen = 0
+
+    def _record_one(self, step: int, loss: torch.Tensor | float | None) -> None:
+        """One process, no loss scaling: the common case, kept lean.
+
+        One fused norm over the parameter gradients, one concatenation with the norms and
+        statistics the hooks left, one transfer to the host; the rest is a few numpy
+        operations whose index arrays depend only on what arrived (cached by _layout).
+        """
+        # (tuple(generator) would fill the tuple free lists step after step: lists here)
+        present = tuple([i for i, p in enumerate(self._unique) if p.grad is not None])
+        grads = {i: g for i in present if (g := self._unique[i].grad) is not None}
+        norms = list(_fused_norms(grads, self._dtype).values()) if present else []
+        pending, stats = self._pending, self._stats
+        self._pending, self._stats = [], []
+        self._local.clear()
+        self._passes = self._batch = 0
+        loss_kind = 0 if loss is None else 1 if isinstance(loss, torch.Tensor) else 2
+        key = (present, tuple([c for c, _ in pending]), tuple([c for c, _ in stats]), loss_kind)
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = self._layout(*key)
+            if len(self._layouts) >= MAX_PLANS:
+                del self._layouts[next(iter(self._layouts))]
+            self._layouts[key] = lay
+        self._check_calls(lay.has_params)
+        norms.extend(t for _, t in pending)
+        tail = [t.reshape(-1) for _, t in stats]
+        if isinstance(loss, torch.Tensor):
+            tail.append(loss.detach().reshape(1))
+        if tail:
+            dev = tail[0].device
+            head = [torch.stack(norms).to(dev, torch.float32)] if norms else []
+            flat = torch.cat([*head, *(t.to(torch.float32) for t in tail)])
+        else:
+            flat = torch.stack(norms) if norms else torch.zeros(0)
+        host = flat.detach().cpu().numpy().astype(np.float64)  # the one transfer
+        sq = np.square(host[lay.sq_at])
+        values = [
+            np.sqrt(np.bincount(lay.sq_group, weights=sq, minlength=lay.n_sq)),
+            np.sqrt(np.bincount(lay.node_group, weights=sq[:lay.n_param],
+                                minlength=lay.n_node)),
+            np.bincount(lay.stat_group, weights=host[lay.stat_at], minlength=lay.n_stat)
+            / lay.stat_count,
+        ]
+        if loss_kind == 1:
+            values.append(host[-1:])
+        elif loss_kind == 2:
+            values.append(np.array([float(loss)]))  # type: ignore[arg-type]
+        self.recording.history.append(step, lay.cols, np.concatenate(values))
+
+    def _layout(self, present: tuple[int, ...], pending: tuple[int, ...],
+                stats: tuple[tuple[int, ...], ...], loss_kind: int) -> _Layout:
+        """Where each value of _record_one's vector goes: index arrays for numpy."""
+        hist = self.recording.history
+        pos = {u: k for k, u in enumerate(present)}  # unique parameter -> place in the vector
+        at: list[int] = []  # per squared norm: its place in the vector
+        cols: list[int] = []
+        owners: list[str] = []
+        for (node, pname, _), u in zip(self._params, self._unique_of, strict=True):
+            if u in pos:
+                at.append(pos[u])
+                cols.append(hist.column(("param", node, pname)))
+                owners.append(node)
+        n_param = len(at)
+        at += range(len(present), len(present) + len(pending))
+        cols += pending
+        sq_cols, sq_group = np.unique(np.asarray(cols, dtype=np.intp), return_inverse=True)
+        node_names = list(dict.fromkeys(owners))
+        node_group = np.asarray([node_names.index(o) for o in owners], dtype=np.intp)
+        node_cols = [hist.column(("node", o, "gradient_norm")) for o in node_names]
+        start = len(present) + len(pending)
+        flat_stats = [c for group in stats for c in group]
+        stat_cols, stat_group = np.unique(np.asarray(flat_stats, dtype=np.intp),
+                                          return_inverse=True)
+        row = [*sq_cols.tolist(), *node_cols, *stat_cols.tolist()]
+        if loss_kind:
+            row.append(hist.column(("loss",)))
+        return _Layout(
+            cols=np.asarray(row, dtype=np.intp),
+            sq_at=np.asarray(at, dtype=np.intp), sq_group=sq_group.reshape(-1),
+            n_sq=len(sq_cols), n_param=n_param, node_group=node_group, n_node=len(node_cols),
+            stat_at=np.arange(start, start + len(flat_stats), dtype=np.intp),
+            stat_group=stat_group.reshape(-1), n_stat=len(stat_cols),
+            stat_count=np.maximum(np.bincount(stat_group.reshape(-1),
+                                              minlength=len(stat_cols)), 1),
+            has_params=n_param > 0,
+        )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -664,7 +878,7 @@ class Recorder:
         self._open = False
         self._calls, self._glue = [], {}
         self._pending.clear()
-        self._parts.clear()
+        self._close_parts(emit=False)
         self._stats.clear()
         self._local.clear()
         self._made_by.clear()

@@ -308,3 +308,54 @@ def _source_label(
 ) -> str:
     kind, ref = key
     return calls[ref].name if kind == "call" else junctions[jindex[ref]].name
+
+
+_LEAF_TYPES: dict[type, bool] = {}
+
+
+def shape(calls: Sequence[Call], glue: dict[int, str]) -> tuple[Any, list[Node]]:
+    """A pass's shape, and its autograd nodes in the order of a walk from the calls' outputs.
+
+    Two passes with equal shapes get the same analyse() result, node for node: the
+    shape holds every node reachable from a call's output (its type, and each input slot
+    as (place in the walk, output index), or -1 for none or a leaf), the calls (name, outputs,
+    inputs by place), the glue names by place, and the nodes' creation order.
+    """
+    at: dict[int, int] = {}
+    nodes: list[Node] = []
+    for call in calls:
+        for n, _ in call.outs:
+            if id(n) not in at:
+                at[id(n)] = len(nodes)
+                nodes.append(n)
+    links: list[Any] = []
+    i = 0
+    while i < len(nodes):
+        n = nodes[i]
+        i += 1
+        slots: list[Any] = []
+        for m, nr in n.next_functions:
+            if m is None:
+                slots.append(-1)
+                continue
+            leaf = _LEAF_TYPES.get(type(m))
+            if leaf is None:
+                leaf = _LEAF_TYPES[type(m)] = _is_leaf(m)
+            if leaf:
+                slots.append(-1)
+                continue
+            k = at.get(id(m))
+            if k is None:
+                k = at[id(m)] = len(nodes)
+                nodes.append(m)
+            slots.append((k, nr))
+        links.append((type(n), tuple(slots)))
+    seq = [n._sequence_nr() for n in nodes]
+    key = (
+        tuple(links),
+        tuple([(c.name, tuple([(at[id(n)], nr) for n, nr in c.outs]),
+                tuple([at.get(id(n), -1) for n in c.ins])) for c in calls]),
+        tuple(sorted([(at[k], name) for k, name in glue.items() if k in at])),
+        tuple(sorted(range(len(nodes)), key=seq.__getitem__)),
+    )
+    return key, nodes

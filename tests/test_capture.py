@@ -11,7 +11,7 @@ from autograd_reference import Reference, rel_close
 from torch import nn
 
 import gradviz
-from gradviz import demos
+from gradviz import capture, demos
 from gradviz.errors import RecordingError
 
 
@@ -311,3 +311,105 @@ def test_internal_failure_never_breaks_training(monkeypatch) -> None:
                 nn.functional.cross_entropy(model(x), y).backward()
                 rec.step()
     assert model.fc1.weight.grad is not None
+
+
+def _rows(rec: gradviz.Recorder) -> dict[tuple[str, ...], list[float]]:
+    h = rec.recording.history
+    return {k: h.series(k).view("u4").tolist() for k in h.columns}  # bit patterns
+
+
+@pytest.mark.parametrize("name", list(demos.DEMOS))
+def test_reused_hooks_and_the_lean_path_record_the_same_bits(name: str) -> None:
+    """From the second pass on, capture hooks by a cached plan (dataflow.shape), and one
+    process without loss scaling takes a lean path in step(). Both must change nothing: the
+    same model and data, recorded with a fresh analysis every pass and the general path, give
+    bit-identical histories over several steps, forward statistics included."""
+    torch.manual_seed(0)
+    build = demos.DEMOS[name].build
+    xs = [batch(name, seed=s) for s in (1, 2, 1)]
+    recs = []
+    for fresh in (False, True):
+        torch.manual_seed(0)
+        model = build()
+        with gradviz.record(model, path=None, activation_stats=True) as rec:
+            rec._generic = fresh
+            for x, y in xs:
+                if fresh:
+                    rec._plans.clear()
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                rec.step(loss)
+        assert not rec._failed
+        recs.append(rec)
+    cached, fresh_rec = recs
+    assert len(cached._plans) == 1  # one shape, analysed once
+    assert _rows(cached) == _rows(fresh_rec)
+    assert cached.recording.edges == fresh_rec.recording.edges
+    assert cached.recording.nodes == fresh_rec.recording.nodes
+    # the third step saw the first step's data again: the same numbers, by a reused plan
+    h = cached.recording.history
+    for key in h.columns:
+        s = h.series(key)
+        assert s[0].view("u4") == s[2].view("u4"), key
+
+
+@pytest.mark.parametrize("name", ["residual", "dense", "transformer"])
+def test_norms_equal_plain_autograd_on_a_reused_plan(name: str) -> None:
+    """The autograd reference check, on the third recorded step (hooks from the cache)."""
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = batch(name)
+    ref = Reference(model, x, y)
+    with gradviz.record(model, path=None) as rec:
+        for _ in range(3):
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+    run = rec.to_run()
+    for node in run.nodes:
+        if node["kind"] == "layer":
+            assert rel_close(node["activation_grad_norm"], ref.activation_norm(node["id"]))
+            assert rel_close(node["gradient_norm"], ref.layer_norm(node["id"]))
+
+
+def test_forward_statistics_equal_the_plain_definitions() -> None:
+    """act_mean/std/min/max/zero_frac of each layer's output, dead_frac of the ReLU after it
+    (units zero for every sample) and saturated_frac of the sigmoid (within 0.01 of a
+    bound), against torch's own mean/std/aminmax and comparisons on the same tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Sigmoid(),
+                          nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias[:10] = -50.0  # ten units that never fire: dead
+        model[2].weight.mul_(20.0)  # a sigmoid pushed to its bounds
+        model[2].weight[:, 0] = 0.0  # an exact zero in every sample of a column...
+    x = torch.randn(64, 6)
+    x[:, 0] = 0.0
+    outs = {}
+    with torch.no_grad():
+        h = x
+        for i, m in enumerate(model):
+            h = m(h)
+            outs[i] = h.clone()
+    with gradviz.record(model, path=None, activation_stats=True) as rec:
+        loss = model(x).sum()
+        loss.backward()
+        rec.step(loss)
+    run = rec.to_run()
+    for idx in ("0", "2", "4"):
+        o = outs[int(idx)]
+        stats = {k: run.node_history(idx, k)[0] for k in capture.LAYER_STATS}
+        assert rel_close(stats["act_mean"], float(o.mean()), 1e-5)
+        assert rel_close(stats["act_std"], float(o.std()), 1e-5)
+        assert stats["act_min"] == float(o.min()) and stats["act_max"] == float(o.max())
+        assert stats["act_zero_frac"] == pytest.approx(float((o == 0).float().mean()), abs=1e-7)
+    relu = outs[1]
+    dead = float((relu == 0).all(dim=0).float().mean())
+    assert dead >= 10 / 32
+    assert run.node_history("0", "dead_frac")[0] == pytest.approx(dead, abs=1e-7)
+    sig = outs[3]
+    sat = float(((sig <= 0.01) | (sig >= 0.99)).float().mean())
+    assert sat > 0.1
+    assert run.node_history("2", "saturated_frac")[0] == pytest.approx(sat, abs=1e-7)

@@ -603,3 +603,93 @@ def test_operation_count_catches_the_quadratic_reference() -> None:
     """The probe above measures something: the original analyse fails it."""
     ratio = _operations(_reference_analyse, 400) / _operations(_reference_analyse, 100)
     assert ratio > 10
+
+
+# -- shape: when a pass's analysis can be reused ------------------------------------------
+
+
+def _by_place(flow: Flow, nodes: list[Any]) -> dict[str, Any]:
+    """A Flow with each autograd node replaced by its place in shape()'s walk."""
+    at = {id(n): i for i, n in enumerate(nodes)}
+
+    def ports(ps: list[Port]) -> list[tuple[int, int, tuple[int, int]]]:
+        return [(at[id(p.node)], p.index, (at[p.target[0]], p.target[1])) for p in ps]
+
+    return {
+        "junctions": [(j.name, at[id(j.node)], j.op) for j in flow.junctions],
+        "edges": [(e.source, e.target, e.consumer, list(e.via), ports(e.ports))
+                  for e in flow.edges],
+        "input_ports": [ports(ps) for ps in flow.input_ports],
+    }
+
+
+def _two_passes(model: nn.Module, make: Any, all_modules: bool = False) -> list[Any]:
+    out = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        calls, glue, taken, result = collect(model, make(), all_modules=all_modules)
+        key, nodes = dataflow.shape(calls, glue)
+        flow = dataflow.analyse(calls, glue, taken)
+        out.append((key, _by_place(flow, nodes), result))
+    return out
+
+
+@pytest.mark.parametrize("name", [*demos.DEMOS, *HAND_WRITTEN])
+def test_equal_shapes_give_the_same_flow_node_for_node(name: str) -> None:
+    """capture reuses a pass's hooks by shape: that is only right if the flow, written in
+    places of the walk, is the same. Two passes with new data: equal shapes, equal flows."""
+    torch.manual_seed(0)
+    if name in demos.DEMOS:
+        demo = demos.DEMOS[name]
+        model = demo.build()
+        gen = torch.Generator().manual_seed(3)
+        make = lambda: demo.data(8, gen)[0]  # noqa: E731
+    else:
+        cls, make = HAND_WRITTEN[name]
+        model = cls()
+    for all_modules in (False, True):
+        (k1, f1, _), (k2, f2, _) = _two_passes(model, make, all_modules)
+        assert k1 == k2
+        assert f1 == f2
+        hash(k1)  # it is a dictionary key
+
+
+class Branchy(nn.Module):
+    """The glue between two layers depends on a flag: same calls, different graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+        self.skip = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        y = self.b(torch.relu(h))
+        return self.c(y + h if self.skip else y)
+
+
+def test_a_different_graph_between_the_same_calls_changes_the_shape() -> None:
+    model = Branchy()
+    calls, glue, taken, _ = collect(model, torch.randn(4, 8))
+    plain, _ = dataflow.shape(calls, glue)
+    plain_flow = dataflow.analyse(calls, glue, set(taken))
+    model.skip = True
+    calls, glue, taken, _ = collect(model, torch.randn(4, 8))
+    skip, _ = dataflow.shape(calls, glue)
+    skip_flow = dataflow.analyse(calls, glue, set(taken))
+    assert [c.name for c in calls] == ["a", "b", "c"]  # the calls alone look alike
+    assert plain != skip
+    assert {(e.source, e.target) for e in skip_flow.edges} != {
+        (e.source, e.target) for e in plain_flow.edges}
+
+
+def test_glue_names_are_part_of_the_shape() -> None:
+    """The same graph with the activation module named or not: edges' via lists differ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    calls, glue, _, _ = collect(model, torch.randn(4, 8))
+    named, _ = dataflow.shape(calls, glue)
+    unnamed, _ = dataflow.shape(calls, {})
+    assert glue and named != unnamed
