@@ -226,6 +226,7 @@ class Recorder:
         # running vector sums for edges whose gradient arrives in several parts.
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._open_parts: list[_Parts] = []  # per hooked pass: its series measured in parts
+        self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # see _emit
         # Caches for a graph that repeats: hooks by shape of the pass, and how a step's values
         # land in the history by what arrived (see _plan and _layout).
         self._plans: dict[Any, _Plan] = {}
@@ -538,8 +539,21 @@ class Recorder:
     # -- backward hooks ------------------------------------------------------------------
 
     def _emit(self, col: int, g: torch.Tensor) -> None:
-        """One measured gradient for a series: keep its norm (on device) until step()."""
-        self._pending.append((col, _norm(g, self._dtype)))
+        """One measured gradient for a series: keep its norm (on device) until step().
+
+        Autograd often hands the same gradient tensor to several hooks in a row: a
+        ``+`` passes its output's gradient on to each input unchanged, and a layer's
+        dL/d(output) is the edge's part when nothing else reads that output. The last
+        tensor is kept with its version counter; the same object, not changed in place
+        since, has the same norm. Only one tensor is kept, so memory does not grow.
+        """
+        last = self._last
+        if last is not None and last[0] is g and last[1] == g._version:
+            norm = last[2]
+        else:
+            norm = _norm(g, self._dtype)
+            self._last = (g, g._version, norm)
+        self._pending.append((col, norm))
         if self._probe is not None:
             self._probe(col, g)
 
@@ -589,6 +603,7 @@ class Recorder:
                     if acc is not None:
                         self._emit(col, acc)
         self._open_parts.clear()
+        self._last = None  # no gradient outlives its step
 
     # -- steps ---------------------------------------------------------------------------
 
