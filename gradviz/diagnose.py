@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from . import schema
 from .store import Run
 
 SEVERITIES = ("critical", "warning", "info")
@@ -79,10 +82,16 @@ def format_report(findings: Sequence[dict[str, Any]], limit: int = 20) -> str:
 
 
 # -- the run, as the checks need it ------------------------------------------------------
+#
+# The checks work on whole (layers x steps) matrices with numpy: the viewer diagnoses a
+# file on open, and a loop in Python over 10,000 steps x 500 layers takes seconds. Every
+# number that reaches a finding is still computed as plain Python floats would compute it
+# (medians as statistics.median, sums in the same order), so the findings stay exactly
+# what the per-step loops gave; tests/_diagnose_reference.py keeps those loops to compare.
 
 
 class _Context:
-    """Layers in forward order and their series, read once."""
+    """Layers in forward order and their series as matrices, read once."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -90,35 +99,96 @@ class _Context:
         nodes = [n for n in run.nodes if n.get("kind", "layer") != "junction"]
         nodes.sort(key=lambda n: n.get("order", math.inf))
         self.layers = nodes
+        self.ids = [n["id"] for n in nodes]
+        self.row: dict[str, int] = {}  # a layer's row in the matrices (ids repeat: the first)
+        for i, nid in enumerate(self.ids):
+            self.row.setdefault(nid, i)
         meta = run.meta if isinstance(run.meta, dict) else {}
         self.lr = meta.get("lr")
         self.skipped = set(meta.get("skipped_steps", []))
-        # The checks index series step by step: converting a series once, not once per
-        # step, keeps diagnosis linear in steps x layers (the viewer runs it on open).
-        self._series: dict[tuple[str, str], list[float | None]] = {}
+        self.loss: list[float | None] = run.loss if run.steps else []
+        self._matrix: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._typical: dict[str, list[Any]] = {}
+        self._trend: dict[str, Any] | None = None
+        self._trend_done = False
 
-    def series(self, nid: str, key: str = "gradient_norm") -> list[float | None]:
-        xs = self._series.get((nid, key))
-        if xs is not None:
-            return xs
-        if not self.run.steps:  # a file without history: the top-level value is all there is
-            node = next(n for n in self.run.nodes if n["id"] == nid)
-            xs = [node.get(key, node.get("stats", {}).get(key))]
+    def _top(self, nid: str, key: str) -> Any:
+        """A file without history: the top-level value is all there is."""
+        node = next(n for n in self.run.nodes if n["id"] == nid)
+        return node.get(key, node.get("stats", {}).get(key))
+
+    def matrix(self, key: str = "gradient_norm") -> tuple[np.ndarray, np.ndarray]:
+        """(values, present): float64 (layers x steps), values NaN where absent."""
+        got = self._matrix.get(key)
+        if got is not None:
+            return got
+        n, rows = len(self.steps), len(self.ids)
+        if not self.run.steps:
+            tops = [self._top(nid, key) for nid in self.ids]
+            present = np.array([v is not None for v in tops], dtype=bool).reshape(rows, 1)
+            values = np.array([math.nan if v is None else float(v) for v in tops],
+                              dtype=np.float64).reshape(rows, 1)
         else:
-            xs = self.run.node_history(nid, key)
-        self._series[(nid, key)] = xs
-        return xs
+            raw = schema.absent_array(rows * n).reshape(rows, n)
+            keys = self.run.keys()
+            for i, nid in enumerate(self.ids):
+                if ("node", nid, key) in keys:
+                    raw[i] = self.run.array(("node", nid, key))
+            present = ~schema.absent_mask(raw)
+            values = raw.astype(np.float64)
+        self._matrix[key] = values, present
+        return values, present
 
-    def typical(self, nid: str, key: str = "gradient_norm") -> float | None:
-        """Median of the finite values over the later half of the run."""
-        xs = self.series(nid, key)
-        late = [x for x in xs[len(xs) // 2:] if x is not None and math.isfinite(x)]
-        return statistics.median(late) if late else None
+    def typical(self, key: str = "gradient_norm") -> list[Any]:
+        """Per layer: median of the finite values over the later half of the run, or None."""
+        got = self._typical.get(key)
+        if got is not None:
+            return got
+        out: list[Any] = []
+        if not self.run.steps:
+            # one value: its median is itself, whatever type the file gave it
+            for nid in self.ids:
+                x = self._top(nid, key)
+                out.append(x if x is not None and math.isfinite(x) else None)
+        else:
+            values, present = self.matrix(key)
+            late = values[:, len(self.steps) // 2:]
+            valid = present[:, len(self.steps) // 2:] & np.isfinite(late)
+            counts = valid.sum(axis=1)
+            for i in range(len(self.ids)):
+                out.append(_median(late[i][valid[i]]) if counts[i] else None)
+        self._typical[key] = out
+        return out
 
-    def span(self, xs: Sequence[float | None], bad: Any) -> list[int]:
-        """[first, last] step at which bad(x) holds, or the whole run."""
-        hits = [s for s, x in zip(self.steps, xs, strict=False) if x is not None and bad(x)]
-        return [hits[0], hits[-1]] if hits else [self.steps[0], self.steps[-1]]
+    def trend(self) -> dict[str, Any] | None:
+        """The gradient norm's trend with depth (see _trend), computed once."""
+        if not self._trend_done:
+            self._trend, self._trend_done = _trend(self), True
+        return self._trend
+
+    def span(self, nid: str, key: str, bad: Callable[[np.ndarray], np.ndarray]) -> list[int]:
+        """[first, last] step at which bad(x) holds in a layer's series, or the whole run."""
+        values, present = self.matrix(key)
+        i = self.row[nid]
+        with np.errstate(invalid="ignore"):
+            hits = np.flatnonzero(present[i] & bad(values[i]))
+        if not hits.size:
+            return [self.steps[0], self.steps[-1]]
+        return [self.steps[int(hits[0])], self.steps[int(hits[-1])]]
+
+
+def _median(a: np.ndarray) -> float:
+    """statistics.median of a non-empty 1-d array of finite floats, to the last bit."""
+    n = a.size
+    h = n // 2
+    if np.count_nonzero(a) < n:
+        # 0.0 and -0.0 compare equal: which one lands in the middle depends on the order
+        # a sort keeps them in, so let statistics.median sort as it always has.
+        return statistics.median(a.tolist())
+    if n % 2:
+        return float(np.partition(a, h)[h])
+    s = np.partition(a, (h - 1, h))
+    return (float(s[h - 1]) + float(s[h])) / 2
 
 
 def _finding(kind: str, severity: str, layers: list[str], steps: list[int], message: str,
@@ -154,33 +224,27 @@ def _layer_list(layers: Sequence[str], most: int = 3) -> str:
 
 
 def _non_finite(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
-    run = ctx.run
-    loss = run.loss if run.steps else []
-    first: int | None = None
-    for i in range(len(ctx.steps)):
-        values = [loss[i]] if i < len(loss) else []
-        for n in ctx.layers:
-            values += [ctx.series(n["id"])[i], ctx.series(n["id"], "activation_grad_norm")[i]]
-        if any(v is not None and not math.isfinite(v) for v in values):
-            first = i
-            break
-    if first is None:
+    loss = ctx.loss
+    grad, grad_present = ctx.matrix("gradient_norm")
+    act, act_present = ctx.matrix("activation_grad_norm")
+    bad_grad = grad_present & ~np.isfinite(grad)
+    bad_act = act_present & ~np.isfinite(act)
+    bad_loss = np.zeros(len(ctx.steps), dtype=bool)
+    bad_loss[: len(loss)] = [v is not None and not math.isfinite(v) for v in loss]
+    bad_step = bad_loss | bad_grad.any(axis=0)  # the steps counted as affected
+    any_bad = bad_step | bad_act.any(axis=0)
+    if not any_bad.any():
         return []
+    first = int(np.argmax(any_bad))
     step = ctx.steps[first]
 
-    def bad_at(key: str) -> list[dict[str, Any]]:
-        return [n for n in ctx.layers
-                if (v := ctx.series(n["id"], key)[first]) is not None and not math.isfinite(v)]
+    def bad_at(bad: np.ndarray) -> list[dict[str, Any]]:
+        return [ctx.layers[i] for i in np.flatnonzero(bad[:, first]).tolist()]
 
     # Backward runs from the output: the last layer in forward order is the first to go bad.
-    bad = bad_at("activation_grad_norm") or bad_at("gradient_norm")
+    bad = bad_at(bad_act) or bad_at(bad_grad)
     origin = bad[-1]["id"] if bad else None
-    def nonfinite(v: float | None) -> bool:
-        return v is not None and not math.isfinite(v)
-
-    bad_steps = [s for i, s in enumerate(ctx.steps)
-                 if any(nonfinite(ctx.series(n["id"])[i]) for n in ctx.layers)
-                 or (i < len(loss) and nonfinite(loss[i]))]
+    bad_steps = [ctx.steps[i] for i in np.flatnonzero(bad_step).tolist()]
     if bad_steps and set(bad_steps) <= ctx.skipped:
         return [_finding(
             "non-finite", "info", [origin] if origin else [], [bad_steps[0], bad_steps[-1]],
@@ -201,8 +265,8 @@ def _non_finite(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
 
 def _trend(ctx: _Context, key: str = "gradient_norm") -> dict[str, Any] | None:
     """Per-layer factor and first/last ratio of typical norms along forward order."""
-    pts = [(n["id"], v) for n in ctx.layers
-           if (v := ctx.typical(n["id"], key)) is not None and v > 0]
+    pts = [(nid, v) for nid, v in zip(ctx.ids, ctx.typical(key), strict=True)
+           if v is not None and v > 0]
     if len(pts) < MIN_DEPTH:
         return None
     ys = [math.log10(v) for _, v in pts]
@@ -215,9 +279,9 @@ def _trend(ctx: _Context, key: str = "gradient_norm") -> dict[str, Any] | None:
 
 
 def _vanishing(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
-    low = [(n["id"], v) for n in ctx.layers
-           if (v := ctx.typical(n["id"])) is not None and v < t.vanishing]
-    trend = _trend(ctx)
+    low = [(nid, v) for nid, v in zip(ctx.ids, ctx.typical(), strict=True)
+           if v is not None and v < t.vanishing]
+    trend = ctx.trend()
     decays = trend is not None and trend["ratio"] < 1 / t.depth_ratio
     if not low and not decays:
         return []
@@ -233,7 +297,6 @@ def _vanishing(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
         parts.append(f"shrinks about {1 / trend['factor_per_layer']:.2g}x per layer towards "
                      f"the input, {trend['first']}/{trend['last']} = {trend['ratio']:.2g}")
     layers = [nid for nid, _ in low] or trend["layers"][: max(1, len(trend["layers"]) // 2)]  # type: ignore[index]
-    xs = ctx.series(layers[0])
     acts = {n.get("activation") for n in ctx.layers}
     tips = []
     if acts & {"Sigmoid", "Tanh"}:
@@ -242,15 +305,15 @@ def _vanishing(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
              "He (kaiming_normal_) initialisation for ReLU, Xavier for tanh",
              "BatchNorm or LayerNorm between layers"]
     return [_finding("vanishing", "critical" if low else "warning", layers,
-                     ctx.span(xs, lambda x: x < t.vanishing) if low else
-                     [ctx.steps[0], ctx.steps[-1]],
+                     ctx.span(layers[0], "gradient_norm", lambda x: x < t.vanishing) if low
+                     else [ctx.steps[0], ctx.steps[-1]],
                      "; ".join(parts), evidence, tips)]
 
 
 def _exploding(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
-    high = [(n["id"], v) for n in ctx.layers
-            if (v := ctx.typical(n["id"])) is not None and v > t.exploding]
-    trend = _trend(ctx)
+    high = [(nid, v) for nid, v in zip(ctx.ids, ctx.typical(), strict=True)
+            if v is not None and v > t.exploding]
+    trend = ctx.trend()
     grows_depth = trend is not None and trend["ratio"] > t.depth_ratio
     growing = _growing_over_steps(ctx)
     if not high and not grows_depth and not growing:
@@ -269,12 +332,11 @@ def _exploding(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     if growing:
         evidence["growth_over_steps"] = growing
         parts.append(f"total norm grew {growing['factor']:.2g}x over the run")
-    layers = [nid for nid, _ in high] or (trend["layers"][:1] if trend else
-                                          [n["id"] for n in ctx.layers[:1]])
+    layers = [nid for nid, _ in high] or (trend["layers"][:1] if trend else ctx.ids[:1])
     severe = top is not None and top > t.exploding * 100
     return [_finding(
         "exploding", "critical" if severe else "warning", layers,
-        ctx.span(ctx.series(layers[0]), lambda x: x > t.exploding),
+        ctx.span(layers[0], "gradient_norm", lambda x: x > t.exploding),
         "; ".join(parts), evidence,
         [_clip(t.exploding / 10 if top else None), _lower_lr(ctx),
          "smaller initial weights: Xavier (xavier_normal_) or He (kaiming_normal_) init",
@@ -286,14 +348,30 @@ def _growing_over_steps(ctx: _Context) -> dict[str, float] | None:
     n = len(ctx.steps)
     if n < 20:
         return None
-    totals = []
-    for i in range(n):
-        sq = [v * v for nd in ctx.layers if (v := ctx.series(nd["id"])[i]) is not None]
+    values, present = ctx.matrix()
+    with np.errstate(invalid="ignore", over="ignore"):
+        squares = np.where(present, values * values, 0.0)
+        rough = np.sqrt(squares.sum(axis=0))  # numpy's order of summation, not Python's
+    # Which totals count (finite, > 0) does not depend on the order of summation: the terms
+    # are squares, so a total is NaN or inf exactly when a term is, and 0 when all are.
+    counted = present.any(axis=0) & np.isfinite(rough) & (rough > 0)
+    m = int(np.count_nonzero(counted))
+    if m < 20:
+        return None
+    k = max(3, m // 10)
+    kept = rough[counted]
+    # Rounding moves each total by far less than 1e-6 of itself, and the medians with them:
+    # well below 100x growth, the answer is None whatever the order of summation.
+    if float(np.median(kept[-k:])) < 100 * float(np.median(kept[:k])) * (1 - 1e-6):
+        return None
+    # Near or above 100x: the totals exactly as Python's sum gives them (its algorithm
+    # changed in Python 3.12), step by step.
+    totals: list[float | None] = []
+    all_present = bool(present.all())
+    for row, here in zip(squares.T.tolist(), present.T.tolist(), strict=True):
+        sq = row if all_present else [x for x, p in zip(row, here, strict=True) if p]
         totals.append(math.sqrt(sum(sq)) if sq else None)
     vals = [(i, v) for i, v in enumerate(totals) if v is not None and math.isfinite(v) and v > 0]
-    if len(vals) < 20:
-        return None
-    k = max(3, len(vals) // 10)
     start = statistics.median(v for _, v in vals[:k])
     end = statistics.median(v for _, v in vals[-k:])
     if end < 100 * start:
@@ -306,8 +384,8 @@ def _growing_over_steps(ctx: _Context) -> dict[str, float] | None:
 
 def _per_layer(ctx: _Context, key: str, limit: float) -> dict[str, float]:
     """Layers whose typical value of a forward statistic is above limit, in forward order."""
-    return {n["id"]: v for n in ctx.layers
-            if (v := ctx.typical(n["id"], key)) is not None and v > limit}
+    return {nid: v for nid, v in zip(ctx.ids, ctx.typical(key), strict=True)
+            if v is not None and v > limit}
 
 
 def _dead_relu(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
@@ -318,7 +396,7 @@ def _dead_relu(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     top = dead[layers[0]]
     return [_finding(
         "dead-relu", "critical" if top >= 0.9 else "warning", layers,
-        ctx.span(ctx.series(layers[0], "dead_frac"), lambda x: x > t.dead),
+        ctx.span(layers[0], "dead_frac", lambda x: x > t.dead),
         f"up to {top:.0%} of the ReLU units after {layers[0]} output 0 for every sample "
         f"(> {t.dead:.0%}; {len(layers)} layers)",
         {"dead_fraction": dead, "threshold": t.dead},
@@ -335,7 +413,7 @@ def _saturation(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     acts = sorted({n.get("activation", "sigmoid/tanh") for n in ctx.layers if n["id"] in sat})
     return [_finding(
         "saturation", "warning", layers,
-        ctx.span(ctx.series(layers[0], "saturated_frac"), lambda x: x > t.saturated),
+        ctx.span(layers[0], "saturated_frac", lambda x: x > t.saturated),
         f"{sat[layers[0]]:.0%} of the {'/'.join(acts)} outputs after {layers[0]} sit at "
         f"their bounds, where the derivative is about 0 ({len(layers)} layers)",
         {"saturated_fraction": sat, "threshold": t.saturated, "activation": acts},
@@ -357,7 +435,7 @@ def _no_gradient(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
                 missing.append(n["id"])
             continue
         for p in trainable:
-            if all(v is None for v in ctx.run.param_history(n["id"], p)):
+            if schema.absent_mask(ctx.run.array(("param", n["id"], p))).all():
                 missing.append(n["id"])
                 break
     out = []
@@ -380,20 +458,13 @@ def _no_gradient(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
 
 def _unstable(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     out = []
-    loss = ctx.run.loss if ctx.run.steps else []
-    finite = [(s, v) for s, v in zip(ctx.steps, loss, strict=False)
+    finite = [(s, v) for s, v in zip(ctx.steps, ctx.loss, strict=False)
               if v is not None and math.isfinite(v)]
     start = statistics.median(v for _, v in finite[:10]) if finite else None
     loss_at = dict(finite)
     if len(finite) >= 20:
         assert start is not None
-        spikes = []
-        for i in range(10, len(finite)):
-            recent = statistics.median(v for _, v in finite[i - 10:i])
-            s, v = finite[i]
-            # A spike jumps well above the recent level and undoes real progress.
-            if recent > 0 and v > t.spike * recent and v > 0.5 * start:
-                spikes.append((s, v, recent))
+        spikes = _loss_spikes(finite, start, t)
         if spikes:
             out.append(_finding(
                 "unstable", "warning", [], [spikes[0][0], spikes[-1][0]],
@@ -416,35 +487,90 @@ def _unstable(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
                 f"level) from step to step, up and down",
                 {"median_change": swing, "level": level, "turns": turns},
                 [_lower_lr(ctx), "a larger batch size", "learning-rate warm-up"]))
-    jumps: dict[str, list[tuple[int, float]]] = {}
-    warm = max(1, len(ctx.steps) // 20)  # the first steps move a lot in any healthy run
-    for n in ctx.layers:
-        xs = ctx.series(n["id"])
-        ok = [x for x in xs if x is not None and math.isfinite(x) and x > 1e-12]
-        if len(ok) < 3:
-            continue
-        level = statistics.median(ok)
-        for i in range(max(warm, 1), len(xs)):
-            b = xs[i]
-            before = [x for x in xs[max(0, i - 5):i]
-                      if x is not None and math.isfinite(x) and x > 1e-12]
-            if b is None or not math.isfinite(b) or not before:
-                continue
-            # A jump leaves the recent level by > t.jump and lands above the run's usual
-            # level: bursts among tiny gradients of a converged model do not count.
-            base = statistics.median(before)
-            factor = b / base
-            step = ctx.steps[i]
-            converged = start is not None and step in loss_at and loss_at[step] < 0.1 * start
-            if factor > t.jump and b > level and not converged:
-                jumps.setdefault(n["id"], []).append((step, factor))
+    # Steps near convergence, where bursts among tiny gradients are no problem.
+    converged = np.array([start is not None and s in loss_at and loss_at[s] < 0.1 * start
+                          for s in ctx.steps], dtype=bool)
+    jumps = _norm_jumps(ctx, t, converged)
     if jumps:
-        steps = sorted(s for js in jumps.values() for s, _ in js)
-        biggest = max(f for js in jumps.values() for _, f in js)
+        layers, first, last, count, biggest = jumps
         out.append(_finding(
-            "unstable", "warning", list(jumps), [steps[0], steps[-1]],
+            "unstable", "warning", layers, [first, last],
             f"gradient norms jumped more than {t.jump:g}x between consecutive steps "
-            f"({len(steps)} times, up to {biggest:.2g}x)",
-            {"jumps": len(steps), "largest_factor": biggest, "threshold": t.jump},
+            f"({count} times, up to {biggest:.2g}x)",
+            {"jumps": count, "largest_factor": biggest, "threshold": t.jump},
             [_lower_lr(ctx), _clip(None), "learning-rate warm-up"]))
     return out
+
+
+def _loss_spikes(finite: list[tuple[int, float]], start: float,
+                 t: Thresholds) -> list[tuple[int, float, float]]:
+    """(step, loss, recent median) where the loss jumps well above its last 10 values."""
+    loss = np.array([v for _, v in finite], dtype=np.float64)
+    # Sorted windows of the 10 losses before each one from the 11th: the median is the mean
+    # of the middle two, as statistics.median takes it. Equal values that differ (0.0 and
+    # -0.0) only give a median of 0 either way, which is never a spike's level.
+    windows = np.sort(np.lib.stride_tricks.sliding_window_view(loss, 10)[:-1], axis=1)
+    recent = (windows[:, 4] + windows[:, 5]) / 2
+    now = loss[10:]
+    # A spike jumps well above the recent level and undoes real progress.
+    with np.errstate(over="ignore", invalid="ignore"):
+        hit = (recent > 0) & (now > t.spike * recent) & (now > 0.5 * start)
+    return [(finite[i + 10][0], finite[i + 10][1], float(recent[i]))
+            for i in np.flatnonzero(hit).tolist()]
+
+
+def _norm_jumps(ctx: _Context, t: Thresholds, converged: np.ndarray
+                ) -> tuple[list[str], int, int, int, float] | None:
+    """Layers whose norm left its recent level by more than t.jump: (layers, first step,
+    last step, number of jumps, largest factor), or None."""
+    values, present = ctx.matrix()
+    rows, n = values.shape
+    warm = max(1, n // 20)  # the first steps move a lot in any healthy run
+    if not rows or n <= warm:
+        return None
+    with np.errstate(invalid="ignore"):
+        finite = present & np.isfinite(values)
+        ok = finite & (values > 1e-12)
+    counts = ok.sum(axis=1)
+    # A layer's usual level: the median of its usable values (layers with fewer than 3 are
+    # left out; an infinite level keeps them out below).
+    level = np.full(rows, np.inf)
+    for i in np.flatnonzero(counts >= 3).tolist():
+        level[i] = _median(values[i][ok[i]])
+    # The recent level before step i: the median of the usable values among the 5 before
+    # it. Their minimum bounds it from below, so b / minimum >= b / median for b > 0: the
+    # steps where that ratio passes t.jump are the only candidates, checked exactly below.
+    padded = np.full((rows, n + 5), np.inf)
+    padded[:, 5:] = np.where(ok, values, np.inf)
+    usable = np.zeros((rows, n + 5), dtype=np.int8)
+    usable[:, 5:] = ok
+    lowest = padded[:, 4:n + 4].copy()
+    before = usable[:, 4:n + 4].copy()
+    for k in range(2, 6):
+        np.minimum(lowest, padded[:, 5 - k:n + 5 - k], out=lowest)
+        before += usable[:, 5 - k:n + 5 - k]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # A jump leaves the recent level by > t.jump and lands above the run's usual level:
+        # bursts among tiny gradients of a converged model do not count.
+        cand = finite & (before > 0) & (values > level[:, None]) & ~converged[None, :]
+        cand[:, :warm] = False
+        cand &= values / lowest > t.jump
+    r, c = np.nonzero(cand)
+    if not r.size:
+        return None
+    at = r * (n + 5) + c + 5  # where step c of layer r is in padded, flattened
+    flat = padded.ravel()
+    window = np.sort(np.stack([flat[at - k] for k in range(1, 6)], axis=1), axis=1)
+    have = before[r, c].astype(np.intp)
+    mid = have // 2
+    hi = window[np.arange(r.size), mid]
+    lo = window[np.arange(r.size), np.maximum(mid - 1, 0)]
+    base = np.where(have % 2 == 1, hi, (lo + hi) / 2)  # as statistics.median
+    factor = values[r, c] / base
+    jumped = factor > t.jump
+    if not jumped.any():
+        return None
+    r, c, factor = r[jumped], c[jumped], factor[jumped]
+    layers = list(dict.fromkeys(ctx.ids[i] for i in np.unique(r).tolist()))
+    steps = [ctx.steps[i] for i in np.unique(c).tolist()]
+    return layers, min(steps), max(steps), int(r.size), float(factor.max())

@@ -148,3 +148,274 @@ def test_frozen_layers_are_info_only() -> None:
 def test_diagnose_needs_no_torch() -> None:
     code = ("import sys, gradviz.diagnose; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the vectorised diagnose() gives exactly what the per-step loops gave ------------------
+#
+# tests/_diagnose_reference.py is diagnose.py as it was before it worked on whole matrices
+# (a Python loop over steps and layers, 10 s on 10,000 steps x 500 layers). Same findings,
+# in the same order, with the same texts and the same numbers to the last bit: compared by
+# repr, which also tells 0.0 from -0.0, a numpy float from a Python one, and key order.
+
+import _diagnose_reference as reference  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gradviz import schema  # noqa: E402
+
+
+def outcome(module, run: gradviz.Run, t: Thresholds | None = None) -> tuple:
+    """What diagnose gives on run, as comparable text; the error where it raises."""
+    try:
+        findings = module.diagnose(run, t)
+    except Exception as e:  # the reference raises on a few odd inputs: so must the new one
+        return ("raised", type(e).__name__, str(e))
+    return (repr(findings), module.format_report(findings), module.format_report(findings, 2),
+            module.worst(findings))
+
+
+def assert_same(run: gradviz.Run, t: Thresholds | None = None, what: str = "") -> tuple:
+    new, old = outcome(sys.modules[diagnose.__module__], run, t), outcome(reference, run, t)
+    assert new == old, what
+    return old
+
+
+RECORDED = [("deep-sigmoid", 150, {}), ("deep-linear", 150, {}), ("dead-relu", 150, {}),
+            ("saturating", 150, {}), ("mlp", 30, {"lr": 1e4, "optimizer": "sgd"}),
+            ("unused", 20, {}), ("mlp", 150, {}), ("residual", 150, {}),
+            ("transformer", 150, {}), ("cnn", 150, {})]
+
+
+@pytest.mark.parametrize(("model", "steps", "kw"), RECORDED,
+                         ids=[f"{m}-{s}-{len(kw)}" for m, s, kw in RECORDED])
+def test_same_findings_as_the_per_step_loops_on_recorded_runs(model, steps, kw) -> None:
+    run = recorded(model, steps, **kw)
+    for t in (None, Thresholds(dead=1.0), Thresholds(exploding=1e30, depth_ratio=1e30),
+              Thresholds(vanishing=1e-2, exploding=1.0, dead=0.0, saturated=0.0, jump=1.5,
+                         depth_ratio=2.0, spike=1.1)):
+        assert_same(run, t, f"{model} {t}")
+
+
+# Values a check compares against, and their float32 neighbours: a float32 value that
+# rounds across a threshold must land on the same side in both.
+_EDGES = [0.0, -0.0, 1e-45, 1e-13, 1e-12, 1e-7, 1e-5, 0.1, 0.2, 0.5, 0.9, 1.0, 3.0, 10.0,
+          100.0, 1e4, 3e38, math.inf, -math.inf, math.nan]
+EDGES = sorted({float(v) for x in _EDGES for v in np.float32(x) * np.array(
+    [1, 1 + 2 ** -23, 1 - 2 ** -24], dtype=np.float32)} | {-0.0}, key=repr)
+
+
+def random_run(seed: int) -> tuple[gradviz.Run, Thresholds | None]:
+    """A small recorded run with a random mix of pathologies, and maybe other thresholds."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([1, 2, 3, 10, 19, 20, 21, 25, 40, 60, 120, 250]))
+    depth = int(rng.choice([0, 1, 2, 4, 5, 6, 8, 12, 30]))
+    flag = lambda p: bool(rng.random() < p)  # noqa: E731
+
+    def noisy(shape: tuple[int, ...], sigma: float) -> np.ndarray:
+        return np.exp(rng.normal(0, sigma, shape))
+
+    steps = np.arange(n)[:, None]
+    # gradient norms: a level per layer (trending with depth or not), noise, growth over
+    # the steps, jumps, ties (rounded values), values at the thresholds, NaN/Inf, zeros
+    slope = float(rng.choice([0.0, 0.0, rng.uniform(-3, 3)]))
+    level = 10.0 ** (rng.uniform(-9, 4) + slope * np.arange(depth))[None, :]
+    grad = level * noisy((n, depth), float(rng.choice([0.0, 0.01, 0.3, 1.5])))
+    if flag(0.3):
+        grad *= np.exp(rng.uniform(0, 12) * steps / max(n, 1))
+    if flag(0.3):
+        grad = np.round(grad, int(rng.integers(0, 3)))
+    if flag(0.4):
+        grad[rng.random((n, depth)) < 0.05] *= rng.choice([20.0, 1e3, 1e-3])
+    if flag(0.4):
+        pick = rng.random((n, depth)) < rng.choice([0.02, 0.2])
+        grad[pick] = rng.choice(EDGES, size=int(pick.sum()))
+    if flag(0.2) and n > 2:  # NaN from some step on, from the output backwards
+        first = int(rng.integers(0, n))
+        grad[first:, int(rng.integers(0, depth + 1)):] = rng.choice([math.nan, math.inf])
+    with np.errstate(invalid="ignore"):  # finite values stay finite in float32
+        grad = np.where(np.isfinite(grad), np.clip(grad, -3e38, 3e38), grad)
+        act = grad * rng.uniform(0.5, 2) if flag(0.7) else None
+        if act is not None:
+            act = np.where(np.isfinite(act), np.clip(act, -3e38, 3e38), act)
+    if act is not None and flag(0.15):  # non-finite only in activation gradients
+        act[rng.random((n, depth)) < 0.1] = math.nan
+    # absent values: at random, before a layer appears, or never (an unused layer)
+    absent = rng.random((n, depth)) < float(rng.choice([0.0, 0.0, 0.1, 0.5]))
+    for i in range(depth):
+        if flag(0.1):
+            absent[: int(rng.integers(0, n + 1)), i] = True
+        if flag(0.05):
+            absent[:, i] = True
+    stats: dict[str, np.ndarray] = {}
+    for key in ("dead_frac", "saturated_frac"):
+        if flag(0.4):
+            stats[key] = rng.uniform(0, 1, (n, depth)) ** rng.uniform(0.2, 4)
+            if flag(0.3):
+                stats[key] = np.round(stats[key], 1) * rng.choice([1, -1], (n, depth))
+            stats[key][rng.random((n, depth)) < 0.2] = math.nan
+    # the loss: falling, oscillating, spiking, sometimes negative or 0; NaN and absent too
+    loss = 0.1 + 2.0 * np.exp(-steps[:, 0] / max(n / 4, 1))
+    if flag(0.3):
+        loss = loss + rng.choice([0.05, 0.8]) * (-1.0) ** steps[:, 0]
+    if flag(0.3):
+        loss[rng.random(n) < 0.1] *= rng.choice([5.0, 50.0])
+    if flag(0.3):
+        loss = loss * noisy((n,), 0.3)
+    if flag(0.1):
+        loss = loss - rng.choice([0.1, 3.0])
+    if flag(0.1):
+        loss = np.round(loss)
+    if flag(0.2):
+        loss[rng.random(n) < 0.1] = rng.choice([math.nan, math.inf, 0.0, -0.0])
+    loss_absent = rng.random(n) < float(rng.choice([0.0, 0.0, 0.2, 1.0]))
+
+    rec = store.Recording()
+    if flag(0.5):
+        rec.meta["lr"] = float(rng.choice([1e-3, 0.1, 3.0]))
+    ids = [f"layers.{i}" for i in range(depth)]
+    acts = ["ReLU", "Sigmoid", "Tanh", "GELU", None]
+    for i, nid in enumerate(ids):
+        params = {"weight": {"shape": [4, 4], "numel": 16,
+                             "trainable": not flag(0.05)}}
+        if flag(0.5):
+            params["bias"] = {"shape": [4], "numel": 4, "trainable": True}
+        node: dict = {"kind": "layer", "type": "Linear", "param_count": 20,
+                      "params": {} if flag(0.05) else params}
+        if not flag(0.05):  # a node without an order sorts last
+            node["order"] = int(rng.permutation(depth)[i]) if flag(0.2) else 2 * i
+        if (a := acts[int(rng.integers(0, len(acts)))]) is not None:
+            node["activation"] = a
+        rec.nodes[nid] = node
+        if flag(0.1):
+            rec.nodes[f"add#{i}"] = {"kind": "junction", "type": "add", "param_count": 0,
+                                     "params": {}, "order": 2 * i + 1}
+    h = rec.history
+    first_step, every = int(rng.choice([0, 1, 100])), int(rng.choice([1, 1, 10]))
+    for s in range(n):
+        cols, vals = [], []
+        if not loss_absent[s]:
+            cols.append(h.column(("loss",)))
+            vals.append(loss[s])
+        for i, nid in enumerate(ids):
+            if absent[s, i]:
+                continue
+            cols += [h.column(("node", nid, "gradient_norm"))]
+            vals += [grad[s, i]]
+            for p in rec.nodes[nid]["params"]:
+                cols.append(h.column(("param", nid, p)))
+                vals.append(grad[s, i])
+            if act is not None and not flag(0.05):
+                cols.append(h.column(("node", nid, "activation_grad_norm")))
+                vals.append(act[s, i])
+            for key, xs in stats.items():
+                if not math.isnan(xs[s, i]):
+                    cols.append(h.column(("node", nid, key)))
+                    vals.append(xs[s, i])
+        if flag(0.02) and s == n - 1:
+            cols, vals = [], []
+        h.append(first_step + every * s, cols, vals)
+    if flag(0.2):  # GradScaler marked the non-finite steps as skipped (or some of them)
+        bad = [st for s, st in enumerate(h.steps)
+               if not np.isfinite(grad[s][~absent[s]]).all()
+               or not (loss_absent[s] or math.isfinite(loss[s]))]
+        rec.meta["skipped_steps"] = bad[: len(bad) - int(flag(0.3))]
+    doc = rec.to_document()
+    t = None
+    if flag(0.3):
+        t = Thresholds(vanishing=float(rng.choice([1e-7, 1e-3, 0.0])),
+                       exploding=float(rng.choice([100.0, 1.0, 1e4])),
+                       dead=float(rng.choice([0.2, 0.0, 0.9])),
+                       saturated=float(rng.choice([0.5, 0.0, 1.0])),
+                       jump=float(rng.choice([10.0, 2.0, 1.0])),
+                       depth_ratio=float(rng.choice([1e3, 10.0, 1.0])),
+                       spike=float(rng.choice([3.0, 1.5, 1.0])))
+    return store.Run(doc, doc["version"]), t
+
+
+def test_same_findings_as_the_per_step_loops_on_random_runs() -> None:
+    seen: set[str] = set()
+    for seed in range(400):
+        run, t = random_run(seed)
+        old = assert_same(run, t, f"seed {seed}")
+        if old[0] == "raised":
+            seen.add(f"raised {old[1]}")
+            continue
+        for f in eval(old[0], {"nan": math.nan, "inf": math.inf}):  # repr back to findings
+            seen.add(f["kind"])
+            seen.add(f"{f['kind']} {f['severity']}")
+            seen.update(w for w in ("spiked", "oscillates", "jumped", "grew", "shrinks",
+                                    "grows about") if w in f["message"])
+    # the runs exercise every check, and the reference's one crash (below)
+    wanted = {"non-finite critical", "non-finite info", "exploding critical",
+              "exploding warning", "vanishing critical", "vanishing warning",
+              "dead-relu critical", "dead-relu warning", "saturation", "no-gradient",
+              "frozen", "spiked", "oscillates", "jumped", "grew", "shrinks", "grows about",
+              "raised IndexError"}
+    assert wanted <= seen, wanted - seen
+
+
+def test_same_findings_on_files_without_history() -> None:
+    """The original format (version 0) and a file with no steps: top-level values only."""
+    enc = schema.encode_value
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        pick = lambda xs, rng=rng: xs[int(rng.integers(len(xs)))]  # noqa: E731
+        nodes = []
+        for i in range(int(rng.integers(0, 9))):
+            node: dict = {"id": f"l{i}", "order": i,
+                          "gradient_norm": enc(pick([None, *EDGES, 1e-9, 1e300, 5.0]))}
+            if rng.random() < 0.5:
+                node["activation_grad_norm"] = enc(pick([None, 1.0, math.nan]))
+            if rng.random() < 0.5:
+                node["stats"] = {"dead_frac": enc(pick([None, 0.1, 0.5, 0.95])),
+                                 "saturated_frac": enc(pick([None, 0.4, 0.7]))}
+            if rng.random() < 0.7:
+                node["params"] = {"weight": {"gradient_norm": node["gradient_norm"],
+                                             "trainable": bool(rng.random() < 0.9)}}
+            nodes.append(node)
+        assert_same(store.Run({"nodes": nodes, "edges": []}, 0), what=f"seed {seed}")
+        doc = store.Recording(nodes={n["id"]: {"kind": "layer", "type": "Linear"}
+                                     for n in nodes}).to_document()
+        assert_same(store.Run(doc, doc["version"]), what=f"seed {seed}, no steps")
+
+
+def test_zeros_of_both_signs_keep_their_order_in_medians() -> None:
+    """0.0 and -0.0 compare equal: a median is whichever zero sorted() leaves in the middle
+    (np.partition leaves 0.0 in the middle of this later half, sorted() -0.0)."""
+    norms: list[float | None] = [*[1.0] * 7, 0.0, 0.0, 1.0, 1.0, 0.0, -0.0, 0.0]
+    f = assert_same(_synthetic([1.0] * 14, {"a": norms}))
+    assert "gradient norm -0 (<" in f[1]
+    for a, b in ((-0.0, 0.0), (0.0, -0.0), (-0.0, -0.0)):
+        pair: list[float | None] = [a, b]
+        run = _synthetic([1.0] * 8, {f"l{i}": pair * 4 for i in range(6)})
+        assert "vanishing" in assert_same(run)[0]
+
+
+def test_growth_of_exactly_100x_over_the_steps_is_found() -> None:
+    """At the 100x boundary the totals must be exact: a rough sum may not decide it."""
+    norms: list[float | None] = [*[1.0] * 4, *(1.0 + 3 * i for i in range(1, 33)), *[100.0] * 4]
+    f = assert_same(_synthetic([1.0] * 40, {"a": norms}))
+    assert "total norm grew 1e+02x" in f[1]
+
+
+def test_non_finite_only_in_activation_gradients_raises_as_before() -> None:
+    """A NaN activation gradient with finite parameter gradients and loss: the reference
+    indexes an empty list of affected steps (IndexError); the new code does the same."""
+    rec = store.Recording()
+    rec.nodes["a"] = {"kind": "layer", "type": "Linear", "order": 0, "params": {}}
+    h = rec.history
+    for s in range(3):
+        h.append(s, [h.column(("loss",)), h.column(("node", "a", "activation_grad_norm"))],
+                 [1.0, math.nan if s == 1 else 1.0])
+    doc = rec.to_document()
+    assert assert_same(store.Run(doc, 1))[:2] == ("raised", "IndexError")
+
+
+def test_same_findings_on_a_long_run() -> None:
+    """Long enough that a quadratic or an off-by-one in the windows would show."""
+    rng = np.random.default_rng(7)
+    n, depth = 3000, 12
+    norms = np.exp(rng.normal(-2, 1.0, (n, depth)))
+    norms[rng.random((n, depth)) < 0.01] *= 100
+    loss = list(2.0 * np.exp(-np.arange(n) / 800) + rng.normal(0, 0.05, n))
+    run = _synthetic(loss, {f"l{i}": list(norms[:, i]) for i in range(depth)})
+    assert "jumped" in assert_same(run)[0]
