@@ -245,19 +245,30 @@ def _non_finite(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     bad = bad_at(bad_act) or bad_at(bad_grad)
     origin = bad[-1]["id"] if bad else None
     bad_steps = [ctx.steps[i] for i in np.flatnonzero(bad_step).tolist()]
-    if bad_steps and set(bad_steps) <= ctx.skipped:
+    # Only activation gradients went bad, parameter gradients and the loss stayed finite
+    # (a NaN that never reached a parameter, or a layer without any): the steps affected
+    # are those where an activation gradient is NaN/Inf.
+    act_only = not bad_steps
+    if act_only:
+        bad_steps = [ctx.steps[i] for i in np.flatnonzero(any_bad).tolist()]
+    if set(bad_steps) <= ctx.skipped:
         return [_finding(
             "non-finite", "info", [origin] if origin else [], [bad_steps[0], bad_steps[-1]],
             f"{len(bad_steps)} steps had inf/NaN gradients and GradScaler skipped them "
             "(expected now and then with loss scaling)",
             {"skipped_steps": len(bad_steps)}, [])]
     where = f" first at {origin}" if origin else " in the loss"
+    what, rest = "gradients", ""
+    evidence: dict[str, Any] = {}
+    if act_only:
+        what, rest = "activation gradients", "; parameter gradients and the loss stayed finite"
+        evidence = {"activation_gradients_only": True}
     return [_finding(
         "non-finite", "critical", [n["id"] for n in reversed(bad)] or [], [step, bad_steps[-1]],
-        f"NaN/Inf gradients from step {step}{where} (in backward order), "
-        f"{len(bad_steps)} steps affected",
+        f"NaN/Inf {what} from step {step}{where} (in backward order), "
+        f"{len(bad_steps)} steps affected{rest}",
         {"first_step": step, "first_layer": origin, "steps_affected": len(bad_steps),
-         "loss_at_first": loss[first] if first < len(loss) else None},
+         "loss_at_first": loss[first] if first < len(loss) else None} | evidence,
         [_lower_lr(ctx), _clip(None),
          "check the inputs and the loss for NaN/Inf (log of 0, division by 0)",
          "mixed precision: use bfloat16, or torch.amp.GradScaler with float16"])]
@@ -481,10 +492,12 @@ def _unstable(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
         # steps, and stays far from converged (noise around a tiny loss is no problem).
         if (len(diffs) >= 10 and turns > 0.6 * (len(diffs) - 1) and swing > 0.5 * level
                 and level > 0.1 * start):
+            # (a loss that can go negative may settle around 0: no share of its level then)
+            share = f"{swing / level:.0%} of its level" if level else "around a level of 0"
             out.append(_finding(
                 "unstable", "warning", [], [finite[len(finite) // 2][0], finite[-1][0]],
-                f"the loss oscillates: it changes by {swing:.2g} ({swing / level:.0%} of its "
-                f"level) from step to step, up and down",
+                f"the loss oscillates: it changes by {swing:.2g} ({share}) "
+                f"from step to step, up and down",
                 {"median_change": swing, "level": level, "turns": turns},
                 [_lower_lr(ctx), "a larger batch size", "learning-rate warm-up"]))
     # Steps near convergence, where bursts among tiny gradients are no problem.

@@ -28,6 +28,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
         ("memory.py", ["history row", "own size", "writing the file"]),
         ("file_io.py", ["write: to_document + dumps", "read: parse", "/api/graph"]),
         ("viewer.py", ["| --depth", "server build s", "| full", "| 2 "]),
+        ("diagnose.py", ["| run", "healthy (no findings)", "diagnose s"]),
     ],
 )
 def test_benchmark_runs(script: str, words: list[str]) -> None:
@@ -37,7 +38,8 @@ def test_benchmark_runs(script: str, words: list[str]) -> None:
         assert w in r.stdout, (w, r.stdout[-2000:])
 
 
-@pytest.mark.parametrize("script", ["overhead.py", "memory.py", "file_io.py", "viewer.py"])
+@pytest.mark.parametrize("script", ["overhead.py", "memory.py", "file_io.py", "viewer.py",
+                                    "diagnose.py"])
 def test_benchmark_help(script: str) -> None:
     r = run(script, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout and "--quick" in r.stdout

@@ -130,6 +130,20 @@ def test_oscillating_loss_is_unstable() -> None:
     assert any(f["kind"] == "unstable" and "oscillates" in f["message"] for f in findings)
 
 
+def test_loss_oscillating_around_0_after_a_negative_start() -> None:
+    """A loss that can go negative (a log-likelihood, say) may settle around 0: the share
+    of its level is no number then (the reference divided by 0)."""
+    loss = [-5.0] * 30 + [1.0 if i % 2 else -1.0 for i in range(30)]  # later median: 0
+    run = _synthetic(loss, {"a": [1.0] * 60})
+    findings = diagnose(run)
+    f = next(f for f in findings if "oscillates" in f["message"])
+    assert f["message"] == ("the loss oscillates: it changes by 2 (around a level of 0) from "
+                            "step to step, up and down")
+    assert f["evidence"]["level"] == 0 and f["steps"] == [30, 59]
+    assert "oscillates" in format_report(findings)
+    assert assert_same(run)[:2] == ("raised", "ZeroDivisionError")
+
+
 def test_report_text() -> None:
     assert format_report([]) == "gradient flow looks healthy: no findings"
     text = format_report(diagnose(recorded("deep-sigmoid")))
@@ -167,14 +181,30 @@ def outcome(module, run: gradviz.Run, t: Thresholds | None = None) -> tuple:
     """What diagnose gives on run, as comparable text; the error where it raises."""
     try:
         findings = module.diagnose(run, t)
-    except Exception as e:  # the reference raises on a few odd inputs: so must the new one
+    except Exception as e:  # the reference raises on a few odd inputs
         return ("raised", type(e).__name__, str(e))
     return (repr(findings), module.format_report(findings), module.format_report(findings, 2),
             module.worst(findings))
 
 
+# The reference's crashes, fixed since: what the new code reports instead.
+FIXED = {
+    # a NaN/Inf only in activation gradients: the reference read the last of no steps
+    "IndexError": "'message': 'NaN/Inf activation gradients from step",
+    # a loss oscillating around 0 after a negative start: the reference divided by 0
+    "ZeroDivisionError": "(around a level of 0) from step to step",
+}
+
+
 def assert_same(run: gradviz.Run, t: Thresholds | None = None, what: str = "") -> tuple:
+    """The reference's outcome, which the new code gives too; where the reference raised,
+    the new code must not, and reports what the reference crashed on (FIXED)."""
     new, old = outcome(sys.modules[diagnose.__module__], run, t), outcome(reference, run, t)
+    if old[0] == "raised":
+        assert new[0] != "raised", (what, new)
+        assert old[1] in FIXED, (what, old)
+        assert FIXED[old[1]] in new[0], (what, new[0])
+        return old
     assert new == old, what
     return old
 
@@ -344,7 +374,8 @@ def test_same_findings_as_the_per_step_loops_on_random_runs() -> None:
             seen.add(f"{f['kind']} {f['severity']}")
             seen.update(w for w in ("spiked", "oscillates", "jumped", "grew", "shrinks",
                                     "grows about") if w in f["message"])
-    # the runs exercise every check, and the reference's one crash (below)
+    # the runs exercise every check, and the input the reference crashed on (a NaN only in
+    # activation gradients), which assert_same checks the new code reports
     wanted = {"non-finite critical", "non-finite info", "exploding critical",
               "exploding warning", "vanishing critical", "vanishing warning",
               "dead-relu critical", "dead-relu warning", "saturation", "no-gradient",
@@ -397,17 +428,47 @@ def test_growth_of_exactly_100x_over_the_steps_is_found() -> None:
     assert "total norm grew 1e+02x" in f[1]
 
 
-def test_non_finite_only_in_activation_gradients_raises_as_before() -> None:
-    """A NaN activation gradient with finite parameter gradients and loss: the reference
-    indexes an empty list of affected steps (IndexError); the new code does the same."""
+def _activation_nan_run(bad: set[int], skipped: list[int] | None = None) -> gradviz.Run:
+    """Layers a (with a weight) and b (none) over 5 steps: finite loss and parameter
+    gradients, b's activation gradient NaN at the steps in bad."""
     rec = store.Recording()
-    rec.nodes["a"] = {"kind": "layer", "type": "Linear", "order": 0, "params": {}}
+    rec.nodes["a"] = {"kind": "layer", "type": "Linear", "order": 0,
+                      "params": {"weight": {"shape": [1], "numel": 1, "trainable": True}}}
+    rec.nodes["b"] = {"kind": "layer", "type": "ReLU", "order": 1, "params": {}}
+    if skipped is not None:
+        rec.meta["skipped_steps"] = skipped
     h = rec.history
-    for s in range(3):
-        h.append(s, [h.column(("loss",)), h.column(("node", "a", "activation_grad_norm"))],
-                 [1.0, math.nan if s == 1 else 1.0])
+    for s in range(5):
+        h.append(10 + s, [h.column(("loss",)), h.column(("node", "a", "gradient_norm")),
+                          h.column(("param", "a", "weight")),
+                          h.column(("node", "a", "activation_grad_norm")),
+                          h.column(("node", "b", "activation_grad_norm"))],
+                 [1.0, 1.0, 1.0, 1.0, math.nan if s in bad else 1.0])
     doc = rec.to_document()
-    assert assert_same(store.Run(doc, 1))[:2] == ("raised", "IndexError")
+    return store.Run(doc, doc["version"])
+
+
+def test_non_finite_only_in_activation_gradients_is_reported() -> None:
+    """A NaN activation gradient with finite parameter gradients and loss (the reference
+    crashed here with an IndexError on an empty list of affected steps): a critical
+    non-finite finding naming the first and last step, and the layer, where it went bad."""
+    run = _activation_nan_run({1, 3})
+    assert outcome(reference, run)[:2] == ("raised", "IndexError")
+    findings = diagnose(run)
+    f = kinds(findings)["non-finite"]
+    assert findings[0] is f and f["severity"] == "critical"
+    assert f["layers"] == ["b"] and f["steps"] == [11, 13]
+    assert f["evidence"] == {"first_step": 11, "first_layer": "b", "steps_affected": 2,
+                             "loss_at_first": 1.0, "activation_gradients_only": True}
+    assert f["message"] == ("NaN/Inf activation gradients from step 11 first at b (in "
+                            "backward order), 2 steps affected; parameter gradients and the "
+                            "loss stayed finite")
+    assert any("learning rate" in s for s in f["suggestions"])
+    assert format_report(findings).startswith("CRITICAL non-finite  b (steps 11-13): NaN/Inf")
+    assert_same(run)  # and the comparison with the reference accepts it
+    # steps GradScaler skipped: info, as for any non-finite gradient it skipped
+    f = diagnose(_activation_nan_run({2}, skipped=[12]))[0]
+    assert (f["kind"], f["severity"], f["steps"]) == ("non-finite", "info", [12, 12])
 
 
 def test_same_findings_on_a_long_run() -> None:
