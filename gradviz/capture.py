@@ -106,6 +106,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dtype=dtype)
 
 
+HOT_NUMEL = 1 << 15  # parameters this large get their norm in backward (see _hot_hook)
 MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
 
 
@@ -227,6 +228,7 @@ class Recorder:
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._open_parts: list[_Parts] = []  # per hooked pass: its series measured in parts
         self._last: tuple[torch.Tensor, int, torch.Tensor] | None = None  # see _emit
+        self._hot: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see _hot_hook
         # Caches for a graph that repeats: hooks by shape of the pass, and how a step's values
         # land in the history by what arrived (see _plan and _layout).
         self._plans: dict[Any, _Plan] = {}
@@ -335,6 +337,13 @@ class Recorder:
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
         self._handles.append(self.model.register_forward_hook(self._on_pass_end))
+        if self._world == 1 and (self.scaler is None or not self.scaler.is_enabled()):
+            # A large gradient's norm costs least right after autograd wrote it, while it
+            # is still in cache: 1-3 % of a 40 ms step less than reading it again in step().
+            for i, p in enumerate(self._unique):
+                if p.requires_grad and p.numel() >= HOT_NUMEL:
+                    self._handles.append(p.register_post_accumulate_grad_hook(
+                        self._hot_hook(i)))
         if self._world > 1 and not self._sharded:
             # Under DDP .grad ends up averaged over ranks; a tensor hook on the parameter
             # still sees this rank's own gradient: with both, the noise scale comes free.
@@ -344,6 +353,21 @@ class Recorder:
                     seen.add(id(p))
                     col = self.recording.history.column(("param", node, pname))
                     self._handles.append(p.register_hook(self._local_hook(col)))
+
+    def _hot_hook(self, i: int) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            # With gradient accumulation only the first backward of a step measures here:
+            # the later ones change .grad, and step() measures it again (see _record_one).
+            if self._passes > 1 or self._failed:
+                return
+            try:
+                g = p.grad
+                if g is not None:
+                    self._hot[i] = (g, g._version, _norm(g, self._dtype))
+            except Exception as e:  # never break the user's backward
+                self._fail(e)
+
+        return hook
 
     def _local_hook(self, col: int) -> Any:
         def hook(g: torch.Tensor) -> None:
@@ -604,6 +628,8 @@ class Recorder:
                         self._emit(col, acc)
         self._open_parts.clear()
         self._last = None  # no gradient outlives its step
+        if not emit:
+            self._hot.clear()
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -650,6 +676,7 @@ class Recorder:
 
     def _record_general(self, step: int, loss: torch.Tensor | float | None) -> None:
         """Any run: several ranks (one all-reduce), GradScaler (unscale in float64)."""
+        self._hot.clear()  # (only the one-process path uses norms taken in backward)
         hist = self.recording.history
         # Parameter gradients, final now: one fused norm per device over unique tensors
         # (of an FSDP2 DTensor gradient, this rank's shard).
@@ -789,8 +816,17 @@ class Recorder:
         """
         # (tuple(generator) would fill the tuple free lists step after step: lists here)
         present = tuple([i for i, p in enumerate(self._unique) if p.grad is not None])
-        grads = {i: g for i in present if (g := self._unique[i].grad) is not None}
-        norms = list(_fused_norms(grads, self._dtype).values()) if present else []
+        # Norms taken in backward (_hot_hook) stand if .grad is still that tensor, unchanged
+        # since (no clipping, no further accumulation); the rest in one fused call.
+        hot, self._hot = self._hot, {}
+        fresh: dict[int, torch.Tensor] = {}
+        for i in present:
+            g = self._unique[i].grad
+            h = hot.get(i)
+            if g is not None and (h is None or h[0] is not g or h[1] != g._version):
+                fresh[i] = g
+        done = _fused_norms(fresh, self._dtype) if fresh else {}
+        norms = [done[i] if i in done else hot[i][2] for i in present]
         pending, stats = self._pending, self._stats
         self._pending, self._stats = [], []
         self._local.clear()

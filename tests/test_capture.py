@@ -413,3 +413,48 @@ def test_forward_statistics_equal_the_plain_definitions() -> None:
     sat = float(((sig <= 0.01) | (sig >= 0.99)).float().mean())
     assert sat > 0.1
     assert run.node_history("2", "saturated_frac")[0] == pytest.approx(sat, abs=1e-7)
+
+
+def _big_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+
+
+def test_norms_taken_in_backward_are_used_and_exact() -> None:
+    """A large parameter's norm is taken right after autograd writes its gradient."""
+    model = _big_model()
+    assert model[0].weight.numel() >= capture.HOT_NUMEL > model[2].weight.numel()
+    x = torch.randn(8, 256)
+    with gradviz.record(model, path=None) as rec:
+        model(x).square().mean().backward()
+        assert set(rec._hot) == {0}  # fc 0's weight, and only it
+        rec.step()
+    run = rec.to_run()
+    want = float(torch.linalg.vector_norm(model[0].weight.grad))
+    assert run.param_history("0", "weight")[0] == pytest.approx(want, rel=1e-6)
+    assert not rec._hot
+
+
+def test_gradients_changed_after_backward_are_measured_again() -> None:
+    """Clipping (in place) or accumulating more micro-batches changes .grad after the
+    norm was taken in backward: the recorded norm is that of .grad at rec.step()."""
+    model = _big_model()
+    x = torch.randn(8, 256)
+    with gradviz.record(model, path=None) as rec:
+        model(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+        clipped = float(torch.linalg.vector_norm(model[0].weight.grad))
+        rec.step()
+        model.zero_grad()
+        for k in range(3):  # three micro-batches, one step
+            model(x * (k + 1)).square().mean().backward()
+        accumulated = float(torch.linalg.vector_norm(model[0].weight.grad))
+        rec.step()
+        model.zero_grad(set_to_none=False)  # zeroed in place: version changes, norm 0
+        model(x).square().mean().backward()
+        again = float(torch.linalg.vector_norm(model[0].weight.grad))
+        rec.step()
+    got = rec.to_run().param_history("0", "weight")
+    assert got[0] == pytest.approx(clipped, rel=1e-6) and clipped <= 1.001e-3
+    assert got[1] == pytest.approx(accumulated, rel=1e-6)
+    assert got[2] == pytest.approx(again, rel=1e-6)
