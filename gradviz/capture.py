@@ -233,6 +233,7 @@ class Recorder:
         # land in the history by what arrived (see _plan and _layout).
         self._plans: dict[Any, _Plan] = {}
         self._layouts: dict[Any, _Layout] = {}
+        self._indices: dict[Any, tuple[Any, Any, Any]] = {}  # _record_general's index arrays
         self._generic = False  # tests: always take the general (distributed/scaler) path
         self._ordered: set[str] = set()  # nodes whose first call has been numbered
         # Tests set this to see each measured gradient before it becomes a norm.
@@ -734,17 +735,31 @@ class Recorder:
             extras,
         ])
         w = width
-        idx_vals = np.concatenate([np.asarray(sq_cols, dtype=np.intp),
-                                   np.asarray(stat_cols, dtype=np.intp) + 2 * w,
-                                   np.asarray(local_cols, dtype=np.intp) + 4 * w,
-                                   np.arange(3, dtype=np.intp) + 5 * w])
-        idx_ones = np.concatenate([np.asarray(sq_cols, dtype=np.intp) + w,
-                                   np.asarray(stat_cols, dtype=np.intp) + 3 * w])
-        if self._world > 1:
+        # Index arrays, on the host and (several ranks) on the device, depend only on which
+        # series arrived: cached, so that a step sends nothing host-to-device.
+        key = (w, tuple(sq_cols), tuple(stat_cols), tuple(local_cols),
+               dev if self._world > 1 else None)
+        cached = self._indices.get(key)
+        if cached is None:
+            idx_vals = np.concatenate([np.asarray(sq_cols, dtype=np.intp),
+                                       np.asarray(stat_cols, dtype=np.intp) + 2 * w,
+                                       np.asarray(local_cols, dtype=np.intp) + 4 * w,
+                                       np.arange(3, dtype=np.intp) + 5 * w])
+            idx_ones = np.concatenate([np.asarray(sq_cols, dtype=np.intp) + w,
+                                       np.asarray(stat_cols, dtype=np.intp) + 3 * w])
+            on_dev = None
+            if self._world > 1:
+                on_dev = (torch.as_tensor(idx_vals).to(dev), torch.as_tensor(idx_ones).to(dev),
+                          torch.ones(len(idx_ones), dtype=f64, device=dev))
+            cached = (idx_vals, idx_ones, on_dev)
+            if len(self._indices) >= MAX_PLANS:
+                del self._indices[next(iter(self._indices))]
+            self._indices[key] = cached
+        idx_vals, idx_ones, on_dev = cached
+        if on_dev is not None:
             dense = torch.zeros(5 * w + 3, dtype=f64, device=dev)
-            dense.index_add_(0, torch.as_tensor(idx_vals).to(dev), flat)
-            dense.index_add_(0, torch.as_tensor(idx_ones).to(dev),
-                             torch.ones(len(idx_ones), dtype=f64, device=dev))
+            dense.index_add_(0, on_dev[0], flat)
+            dense.index_add_(0, on_dev[1], on_dev[2])
             torch.distributed.all_reduce(dense)
             host = np.asarray(dense.tolist(), dtype=np.float64)
         else:  # one process: scatter on the host, no device work beyond the transfer
