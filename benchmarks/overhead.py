@@ -21,7 +21,8 @@ median of those ratios over rounds and their interquartile range. A second untou
 this off): without it, two identical copies of the small MLP differed by up to 1.7x.
 
 Conditions: bare; gradviz every step; gradviz every 10th step; gradviz every step with
-forward activation statistics; the original project's naive hook (a full backward hook per
+forward activation statistics; gradviz every step with early_param_norms=True (large
+parameters' norms taken in backward); the original project's naive hook (a full backward hook per
 layer calling ``module.weight.grad.norm().item()``); the reference tutorial's
 GradientMonitor (forward and backward hooks, mean/std/min/max/... by ``.item()`` each).
 """
@@ -213,7 +214,7 @@ class GradientMonitor:
 
 # "bare again" is a second untouched copy: its ratio is the noise floor of the method
 CONDITIONS = ["bare", "bare again", "gradviz", "gradviz every=10", "gradviz + stats",
-              "naive hook", "GradientMonitor"]
+              "gradviz early norms", "naive hook", "GradientMonitor"]
 
 
 @dataclass
@@ -263,6 +264,8 @@ def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> lis
             t.rec = stack.enter_context(gradviz.record(model, path, every=BLOCK))
         elif cond == "gradviz + stats":
             t.rec = stack.enter_context(gradviz.record(model, path, activation_stats=True))
+        elif cond == "gradviz early norms":
+            t.rec = stack.enter_context(gradviz.record(model, path, early_param_norms=True))
         elif cond == "naive hook":
             t.watcher = NaiveHook(model)
             stack.callback(t.watcher.close)

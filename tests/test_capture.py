@@ -428,7 +428,12 @@ def test_norms_taken_in_backward_are_used_and_exact() -> None:
     model = _big_model()
     assert model[0].weight.numel() >= capture.HOT_NUMEL > model[2].weight.numel()
     x = torch.randn(8, 256)
-    with gradviz.record(model, path=None) as rec:
+    with gradviz.record(model, path=None) as rec:  # off by default
+        model(x).square().mean().backward()
+        assert not rec._hot
+        rec.step()
+    model.zero_grad()
+    with gradviz.record(model, path=None, early_param_norms=True) as rec:
         model(x).square().mean().backward()
         assert set(rec._hot) == {0}  # fc 0's weight, and only it
         rec.step()
@@ -443,7 +448,7 @@ def test_gradients_changed_after_backward_are_measured_again() -> None:
     norm was taken in backward: the recorded norm is that of .grad at rec.step()."""
     model = _big_model()
     x = torch.randn(8, 256)
-    with gradviz.record(model, path=None) as rec:
+    with gradviz.record(model, path=None, early_param_norms=True) as rec:
         model(x).square().mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
         clipped = float(torch.linalg.vector_norm(model[0].weight.grad))
@@ -461,3 +466,51 @@ def test_gradients_changed_after_backward_are_measured_again() -> None:
     assert got[0] == pytest.approx(clipped, rel=1e-6) and clipped <= 1.001e-3
     assert got[1] == pytest.approx(accumulated, rel=1e-6)
     assert got[2] == pytest.approx(again, rel=1e-6)
+
+
+def test_zero_fraction_counts_nan_as_not_zero() -> None:
+    t = torch.tensor([0.0, 1.0, float("nan"), 2.0, -0.0, 0.0, 3.0, float("inf")])
+    stats = capture._layer_stats(t).tolist()
+    assert stats[4] == pytest.approx(float((t == 0).float().mean()))  # 3 of 8
+    assert stats[2] == 0.0 or math.isnan(stats[2])
+
+
+@pytest.mark.parametrize("name", ["residual", "dense", "transformer"])
+def test_two_backwards_of_one_graph_count_every_series_twice(name: str) -> None:
+    """backward(retain_graph=True) twice: every series, multi-part edges included, gets the
+    same gradient twice, so sqrt(2) times the norm of one backward."""
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = batch(name)
+    runs = []
+    for times in (1, 2):
+        model.zero_grad()
+        with gradviz.record(model, path=None) as rec:
+            loss = nn.functional.cross_entropy(model(x), y)
+            for _ in range(times):
+                loss.backward(retain_graph=True)
+            rec.step(loss)
+        assert not rec._failed
+        runs.append(rec.recording.history)
+    one, two = runs
+    checked = 0
+    for key in one.columns:
+        if key[0] == "edge" or key[-1] in ("activation_grad_norm", "input_grad_norm"):
+            a, b = one.last(key), two.last(key)
+            if a:
+                assert b == pytest.approx(math.sqrt(2) * a, rel=1e-5), key
+                checked += 1
+    assert checked > 5
+
+
+def test_a_float64_model_is_recorded() -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS["residual"].build().double()
+    x, y = batch("residual")
+    with gradviz.record(model, path=None) as rec:
+        loss = nn.functional.cross_entropy(model(x.double()), y)
+        loss.backward()
+        rec.step(loss)
+    assert not rec._failed
+    run = rec.to_run()
+    assert all(n["gradient_norm"] is not None for n in run.nodes if n["kind"] == "layer")
