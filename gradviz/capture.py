@@ -71,8 +71,7 @@ def _layer_stats(t: torch.Tensor) -> torch.Tensor:
 
     Written for speed, not brevity: torch's std and (x == 0).mean() are slow elementwise
     passes on CPU. The sum, the norm of x - mean (the two-pass standard deviation) and
-    the sum of |sign(x)| and of isnan(x) (how many are not zero) are fast vectorised
-    reductions.
+    the sum of |sign(x)| (how many are not zero) are fast vectorised passes.
     """
     x = t.detach()
     if x.dtype not in (torch.float32, torch.float64):
@@ -84,9 +83,9 @@ def _layer_stats(t: torch.Tensor) -> torch.Tensor:
         std = torch.linalg.vector_norm(x - mean) / math.sqrt(n - 1)
     else:
         std = torch.zeros((), dtype=x.dtype, device=x.device)
-    # how many are not zero: |sign(x)| (-0.0 counts as zero, as with x == 0), plus the NaNs,
-    # whose sign is 0 but which are not zero
-    nonzero = x.sign().abs_().sum() + torch.isnan(x).sum()
+    # how many are not zero: |sign(x)| (-0.0 counts as zero, as with x == 0), with NaN, whose
+    # sign is 0 but which is not zero, made 1 first (isnan(x).sum() would cost 5x as much)
+    nonzero = x.nan_to_num(nan=1.0).sign_().abs_().sum()
     return torch.stack([mean, std, lo, hi, 1 - nonzero / n]).float()
 
 
