@@ -1,11 +1,13 @@
-"""Shared bits of the benchmark scripts: the machine line and markdown tables."""
+"""Shared bits of the benchmark scripts: the machine line, timing, markdown tables."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def machine() -> str:
@@ -21,6 +23,16 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores, Python {platform.python_version()}"
+
+
+def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """Median wall time of fn over repeat runs, and the last run's result."""
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

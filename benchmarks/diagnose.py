@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import machine, mark, table  # noqa: E402
+from _util import machine, mark, median_time, table  # noqa: E402
 
 from gradviz import store  # noqa: E402
 from gradviz.diagnose import diagnose  # noqa: E402
@@ -72,16 +71,6 @@ def chain_run(layers: int, steps: int, healthy: bool, seed: int = 0) -> store.Ru
     return store.parse(store.dumps(rec.to_document()))
 
 
-def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-    """Median wall time over repeat runs, and the last result."""
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Build both files, time diagnose on each, print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -109,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         run = chain_run(args.layers, args.steps, healthy)
         built = time.perf_counter() - t0
-        took, findings = timed(lambda run=run: diagnose(run), args.repeat)
+        took, findings = median_time(lambda run=run: diagnose(run), args.repeat)
         row = [name, str(len(findings)), f"{took:.3f}"]
         if reference is not None:
-            old_took, old = timed(lambda run=run: reference.diagnose(run), 1)
+            old_took, old = median_time(lambda run=run: reference.diagnose(run), 1)
             ok = repr(old) == repr(findings)
             same &= ok
             row += [f"{old_took:.2f}", f"{old_took / took:.0f}x", "yes" if ok else "**NO**"]

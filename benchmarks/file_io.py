@@ -18,11 +18,9 @@ graph and the page payload from the file) is timed too: it must not grow with th
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import machine, mark, table  # noqa: E402
+from _util import machine, mark, median_time, table  # noqa: E402
 
 from gradviz import render, store  # noqa: E402
 from gradviz.diagnose import diagnose  # noqa: E402
@@ -87,16 +85,6 @@ def _layer_keys(nid: str) -> list[tuple[str, ...]]:
             ("node", nid, "input_grad_norm"), ("param", nid, "weight"), ("param", nid, "bias")]
 
 
-def best(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    """Median wall time over repeat runs, and the last result."""
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Build the history, time writing and reading it, print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -120,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
           f"built in {time.perf_counter() - t0:.1f} s. Median of {args.repeat} runs.\n",
           flush=True)
 
-    t_doc, document = best(rec.to_document, args.repeat)
-    t_dumps, data = best(lambda: store.dumps(document), args.repeat)
-    t_write, _ = best(lambda: store.dumps(rec.to_document()), args.repeat)
-    t_parse, run = best(lambda: store.parse(data), args.repeat)
+    t_doc, document = median_time(rec.to_document, args.repeat)
+    t_dumps, data = median_time(lambda: store.dumps(document), args.repeat)
+    t_write, _ = median_time(lambda: store.dumps(rec.to_document()), args.repeat)
+    t_parse, run = median_time(lambda: store.parse(data), args.repeat)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "training_output.json"
-        t_disk_w, _ = best(lambda: store.write_atomic(path, data), args.repeat)
-        t_disk_r, _ = best(path.read_bytes, args.repeat)
-        t_load, _ = best(lambda: store.load(path), args.repeat)
+        t_disk_w, _ = median_time(lambda: store.write_atomic(path, data), args.repeat)
+        t_disk_r, _ = median_time(path.read_bytes, args.repeat)
+        t_load, _ = median_time(lambda: store.load(path), args.repeat)
 
     # the viewer's first request: graph, layout and page payload (per-step data stays on the
     # server). A file written by gradviz.record alone carries no findings, so the viewer
@@ -140,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return len(orjson.dumps(payload))
 
     run.findings = [{"kind": "none", "severity": "info", "layers": [], "steps": [0, 0]}]
-    t_view, page_bytes = best(first_view, args.repeat)
-    t_diag, _ = best(lambda: diagnose(run), 1)
+    t_view, page_bytes = median_time(first_view, args.repeat)
+    t_diag, _ = median_time(lambda: diagnose(run), 1)
     # sanity: what was read is what was written
     key = ("edge", next(iter(rec.edges)))
     assert np.array_equal(run.array(key).view("<u4"), h.series(key).view("<u4"))

@@ -26,8 +26,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import machine, mark, table  # noqa: E402
+from _util import machine, mark, median_time, table  # noqa: E402
 
 from gradviz import render, store  # noqa: E402
 from gradviz.web import create_app, parse_depth, read_run, snapshot  # noqa: E402
@@ -102,16 +100,6 @@ def transformer_file(path: Path, layers: int, steps: int, seed: int = 0) -> Path
     return path
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> float:
-    """Median wall time of fn over repeat runs."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def server_times(path: Path, depth: str, repeat: int) -> tuple[float, float, dict[str, Any]]:
     """Seconds to read the file, and to build one view of it as the server does (graph,
     roll-up, layout, page payload, per-step matrices and page HTML); and the payload."""
@@ -124,7 +112,8 @@ def server_times(path: Path, depth: str, repeat: int) -> tuple[float, float, dic
 
     run, _ = read_run(path)
     payload = build(run)
-    return timed(lambda: read_run(path), repeat), timed(lambda: build(run), repeat), payload
+    return (median_time(lambda: read_run(path), repeat)[0],
+            median_time(lambda: build(run), repeat)[0], payload)
 
 
 def browser_times(path: Path, depth: str, repeat: int) -> dict[str, float]:
