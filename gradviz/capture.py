@@ -914,8 +914,9 @@ class Recorder:
         at += range(len(present), len(present) + len(pending))
         cols += pending
         sq_cols, sq_group = np.unique(np.asarray(cols, dtype=np.intp), return_inverse=True)
-        node_names = list(dict.fromkeys(owners))
-        node_group = np.asarray([node_names.index(o) for o in owners], dtype=np.intp)
+        node_at = {o: k for k, o in enumerate(dict.fromkeys(owners))}
+        node_names = list(node_at)
+        node_group = np.asarray([node_at[o] for o in owners], dtype=np.intp)
         node_cols = [hist.column(("node", o, "gradient_norm")) for o in node_names]
         start = len(present) + len(pending)
         flat_stats = [c for group in stats for c in group]
