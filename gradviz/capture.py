@@ -244,7 +244,6 @@ class Recorder:
         self._layouts: dict[Any, _Layout] = {}
         self._indices: dict[Any, tuple[Any, Any, Any]] = {}  # _record_general's index arrays
         self._generic = False  # tests: always take the general (distributed/scaler) path
-        self._ordered: set[str] = set()  # nodes whose first call has been numbered
         # Tests set this to see each measured gradient before it becomes a norm.
         self._probe: Any = None
         self._order = 0
@@ -448,12 +447,10 @@ class Recorder:
                         self._stats.append((stat_cols, _layer_stats(first)))
                     for node, _ in outs:
                         self._made_by[id(node)] = name
-                if name not in self._ordered:
-                    self._ordered.add(name)
-                    info = self.recording.nodes[name]
-                    if "order" not in info:
-                        info["order"] = self._order
-                        self._order += 1
+                info = self.recording.nodes[name]
+                if "order" not in info:
+                    info["order"] = self._order
+                    self._order += 1
             except Exception as e:  # never break the user's forward
                 self._fail(e)
 
