@@ -2,14 +2,16 @@
 
 How it captures (DESIGN.md 4):
 
-- A forward hook on every recorded layer notes the call (the autograd nodes of its inputs and
-  outputs) and registers a tensor hook on each output: that hook sees dL/d(output), the
-  same tensor a full backward hook gets as ``grad_output``, but it survives in-place ops
-  after the layer (``nn.ReLU(inplace=True)``, ``out += identity``) and causes no graph break
-  under ``torch.compile``.
+- A forward hook on every recorded layer notes the call: the autograd nodes of its inputs
+  and outputs, nothing more (it runs for every layer of every recorded forward).
 - When the root module's forward returns, gradviz.dataflow walks the autograd graph between
-  those calls and returns the edges (and junctions). A post-hook on the last autograd node of
-  each edge's path sees that edge's share of dL/d(producer output), exactly.
+  those calls and returns the edges (and junctions). One post-hook per autograd node sees
+  both sides of it: its grad_outputs are dL/d(output) of the layer call or junction that
+  made it (what a full backward hook gets as ``grad_output``, but it survives in-place ops
+  after the layer, ``nn.ReLU(inplace=True)`` or ``out += identity``, and causes no graph
+  break under ``torch.compile``); its grad_inputs are the ports of edges: each edge's share
+  of dL/d(producer output), exactly. A layer called outside the root's forward (no pass end
+  follows) gets a tensor hook on its output at once instead.
 - Parameter gradients are read in :meth:`Recorder.step`, after ``backward()`` returned, when
   ``.grad`` is final: one fused ``torch._foreach_norm`` over all of them.
 
@@ -119,10 +121,15 @@ MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have 
 
 @dataclasses.dataclass
 class _Plan:
-    """Which autograd nodes of a pass to hook, by their place in dataflow.shape's walk."""
+    """Which autograd nodes of a pass to hook, by their place in dataflow.shape's walk.
 
-    junctions: list[tuple[int, int]]  # (node, column): a pre-hook sees the junction's gradient
-    ports: list[tuple[int, tuple[tuple[int, int, int], ...]]]  # node, ((input, column, group))
+    One post-hook per node sees both sides: its grad_outputs (dL/d(output) of the layer
+    call or junction that made the node) and its grad_inputs (the ports of edges).
+    """
+
+    # (node, outs, ins); outs: (output index or -1 for all, column, call index or -1),
+    # ins: (input index, column, group or -1)
+    hooks: list[tuple[int, tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]]
     groups: list[tuple[int, int]]  # (column, parts) of series that arrive in several parts
 
 
@@ -138,24 +145,30 @@ class _Parts:
 
 @dataclasses.dataclass
 class _Layout:
-    """Index arrays that put one step's vector of values into its history columns."""
+    """Index arrays that put one step's vector of values into its history columns.
 
-    cols: np.ndarray  # the row's columns: squared-norm series, node norms, statistics, loss
-    sq_at: np.ndarray  # per squared norm: its place in the vector
-    sq_group: np.ndarray  # ... and which squared-norm series it adds to
+    Most series get one value a step (a parameter's norm, a layer's output gradient, the
+    loss): those are taken from the vector as they are. Only series with several values (a
+    layer's norm over its parameters, a layer called twice) need arithmetic.
+    """
+
+    cols: np.ndarray  # the row's columns: taken as they are, squared-norm sums, means
+    take: np.ndarray  # places in the vector of the values taken as they are
+    sq_at: np.ndarray  # per squared norm added up: its place in the vector
+    sq_group: np.ndarray  # ... and which series it adds to
     n_sq: int
-    n_param: int  # the first n_param squared norms are parameters'
-    node_group: np.ndarray  # per parameter: its node (gradient_norm adds them all)
-    n_node: int
-    stat_at: np.ndarray
+    stat_at: np.ndarray  # per statistic averaged: its place in the vector
     stat_group: np.ndarray
     n_stat: int
-    stat_count: np.ndarray  # values per statistic series (a layer called twice: the mean)
+    stat_count: np.ndarray  # values per averaged series
     has_params: bool
 
 
 def _grad_fns(args: Any, kwargs: Any) -> list[Any]:
     """The autograd nodes of a call's input tensors (positional and keyword, nested too)."""
+    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+        fn = args[0].grad_fn  # the common case, without a generator
+        return [fn] if fn is not None else []
     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
         return [a.grad_fn for a in args if a.grad_fn is not None]
     return [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
@@ -232,6 +245,11 @@ class Recorder:
         # Per forward pass: calls seen so far and names of parameter-free module outputs.
         self._calls: list[dataflow.Call] = []
         self._glue: dict[int, str] = {}
+        # Inside the root's forward, a call's output gradient is hooked when the pass ends
+        # (with its edges, one hook per autograd node); a call outside it, right away.
+        self._in_root = False
+        self._root_from = 0  # where this root pass's calls start in _calls
+        self._eager: set[int] = set()  # id() of calls hooked right away
         # Per step: (column, 0-d float32 norm tensor) pairs filled in by the hooks, and
         # running vector sums for edges whose gradient arrives in several parts.
         self._pending: list[tuple[int, torch.Tensor]] = []
@@ -346,6 +364,7 @@ class Recorder:
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
         self._handles.append(self.model.register_forward_hook(self._on_pass_end))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_pass_start))
         if self.early_param_norms and self._world == 1 and not self._sharded and (
                 self.scaler is None or not self.scaler.is_enabled()):
             # A large gradient's norm costs least right after autograd wrote it, while it
@@ -415,6 +434,7 @@ class Recorder:
     def _call_hook(self, name: str) -> Any:
         col = self.recording.history.column(("node", name, "activation_grad_norm"))
         stat_cols = tuple(self.recording.history.column(("node", name, k)) for k in LAYER_STATS)
+        grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
 
         def on_grad(g: torch.Tensor) -> None:
             try:
@@ -423,44 +443,58 @@ class Recorder:
                 self._fail(e)
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if not self._armed():
+            # (_armed, inlined: hooks are attached only on recorded steps, and this runs for
+            # every layer of every recorded forward)
+            if self._failed or not grad_enabled() or task() != -1:
                 return
             try:
-                outs: list[tuple[Any, int]] = []
+                outs: list[tuple[Any, int]]
                 if isinstance(output, torch.Tensor):  # the common case, without a generator
-                    if output.grad_fn is not None:
-                        outs.append((output.grad_fn, output.output_nr))
-                        output.register_hook(on_grad)
+                    fn = output.grad_fn
+                    if fn is None:
+                        return
+                    outs = [(fn, output.output_nr)]
                 else:
+                    outs = []
                     for t in _tensors(output):
-                        if t.grad_fn is None or (t.grad_fn, t.output_nr) in outs:
-                            continue
-                        outs.append((t.grad_fn, t.output_nr))
-                        t.register_hook(on_grad)
-                if not outs:
-                    return
-                self._calls.append(dataflow.Call(name, outs, _grad_fns(args, kwargs)))
+                        if t.grad_fn is not None and (t.grad_fn, t.output_nr) not in outs:
+                            outs.append((t.grad_fn, t.output_nr))
+                    if not outs:
+                        return
+                call = dataflow.Call(name, outs, _grad_fns(args, kwargs))
+                self._calls.append(call)
                 self._calls_seen += 1
+                if not self._in_root:  # no pass end will hook this call: hook it now
+                    self._eager.add(id(call))
+                    done: list[tuple[Any, int]] = []
+                    for t in _tensors(output):
+                        if t.grad_fn is not None and (t.grad_fn, t.output_nr) not in done:
+                            done.append((t.grad_fn, t.output_nr))
+                            t.register_hook(on_grad)
+                    self._give_order(name)
                 if self.activation_stats:
                     first = next(t for t in _tensors(output) if t.grad_fn is not None)
                     if first.is_floating_point() and first.numel():
                         self._stats.append((stat_cols, _layer_stats(first)))
                     for node, _ in outs:
                         self._made_by[id(node)] = name
-                info = self.recording.nodes[name]
-                if "order" not in info:
-                    info["order"] = self._order
-                    self._order += 1
             except Exception as e:  # never break the user's forward
                 self._fail(e)
 
         return hook
 
+    def _give_order(self, name: str) -> None:
+        info = self.recording.nodes[name]
+        if "order" not in info:
+            info["order"] = self._order
+            self._order += 1
+
     def _glue_hook(self, name: str) -> Any:
         kind = _activation_kind(self.model.get_submodule(name))
+        grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if not self._armed():
+            if self._failed or not grad_enabled() or task() != -1:
                 return
             if isinstance(output, torch.Tensor):
                 if output.grad_fn is not None:
@@ -492,10 +526,17 @@ class Recorder:
         col = self.recording.history.column(("node", layer, kind))
         self._stats.append(((col,), _unit_stat(module, out, self.saturation_margin).reshape(1)))
 
+    def _on_pass_start(self, module: nn.Module, args: Any) -> None:
+        if self._in_root:  # the last pass raised before it ended: forget its calls
+            del self._calls[self._root_from:]
+        self._in_root = True
+        self._root_from = len(self._calls)
+
     def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The root's forward returned: find this pass's edges and hook their gradients."""
-        calls, glue = self._calls, self._glue
-        self._calls, self._glue = [], {}
+        calls, glue, eager = self._calls, self._glue, self._eager
+        self._calls, self._glue, self._eager = [], {}, set()
+        self._in_root = False
         self._made_by.clear()
         if self._armed():
             self._passes += 1
@@ -512,27 +553,35 @@ class Recorder:
                 # Junctions avoid node names only: one named after a folded-away activation
                 # (the fan-out after `act`) may take that module's name.
                 flow = dataflow.analyse(calls, glue, set(self._nodes))
-                plan = self._plan(flow, [c.name for c in calls], nodes)
+                plan = self._plan(flow, calls, nodes)
                 if len(self._plans) >= MAX_PLANS:  # a model whose graph changes every pass
                     del self._plans[next(iter(self._plans))]
                 self._plans[key] = plan
-            self._hook_pass(plan, nodes)
+            skip = frozenset(i for i, c in enumerate(calls) if id(c) in eager) if eager else None
+            self._hook_pass(plan, nodes, skip)
         except Exception as e:
             self._fail(e)
 
-    def _plan(self, flow: dataflow.Flow, call_names: list[str], nodes: list[Any]) -> _Plan:
+    def _plan(self, flow: dataflow.Flow, calls: list[dataflow.Call], nodes: list[Any]) -> _Plan:
         """Register the flow's junctions and edges; say which node of the walk gets which hook."""
         rec = self.recording
         hist = rec.history
         at = {id(n): i for i, n in enumerate(nodes)}
-        junctions = []
+        # What each hooked node measures on its output side: the layer calls and junctions
+        # that made it (dL/d(output)), by output index; -1: every output (a junction).
+        outs: dict[int, list[tuple[int, int, int]]] = {}
+        for ci, call in enumerate(calls):
+            self._give_order(call.name)
+            col = hist.column(("node", call.name, "activation_grad_norm"))
+            for node, nr in call.outs:
+                outs.setdefault(at[id(node)], []).append((nr, col, ci))
         for j in flow.junctions:
             if j.name not in rec.nodes:
                 rec.nodes[j.name] = {"kind": "junction", "type": j.op, "param_count": 0,
                                      "params": {}, "order": self._order}
                 self._order += 1
             col = hist.column(("node", j.name, "activation_grad_norm"))
-            junctions.append((at[id(j.node)], col))
+            outs.setdefault(at[id(j.node)], []).append((-1, col, -1))
         # Ports by node: (input index, column, group). A series whose gradient into one output
         # arrives through several ports is a group: its parts are summed as vectors before the
         # norm. One port alone (group -1) is measured directly.
@@ -559,19 +608,23 @@ class Recorder:
                 known = rec.edges[eid]["via"]
                 rec.edges[eid]["via"] = list(dict.fromkeys([*known, *e.via]))
             add(hist.column(("edge", eid)), e.ports)
-        for name, ports in zip(call_names, flow.input_ports, strict=True):
+        for call, ports in zip(calls, flow.input_ports, strict=True):
             if ports:
-                add(hist.column(("node", name, "input_grad_norm")), ports)
-        return _Plan(junctions, [(i, tuple(v)) for i, v in slots.items()], groups)
+                add(hist.column(("node", call.name, "input_grad_norm")), ports)
+        hooks = [(i, tuple(outs.get(i, ())), tuple(slots.get(i, ())))
+                 for i in sorted({*outs, *slots})]
+        return _Plan(hooks, groups)
 
-    def _hook_pass(self, plan: _Plan, nodes: list[Any]) -> None:
-        """Hook this pass's autograd nodes as the plan says."""
+    def _hook_pass(self, plan: _Plan, nodes: list[Any], skip: frozenset[int] | None) -> None:
+        """Hook this pass's autograd nodes as the plan says (skip: calls already hooked)."""
         parts = _Parts([[col, None, n, n] for col, n in plan.groups])
         self._open_parts.append(parts)
-        for i, col in plan.junctions:
-            nodes[i].register_prehook(self._junction_hook(col))
-        for i, slots in plan.ports:
-            nodes[i].register_hook(self._port_hook(slots, parts))
+        for i, outs, ins in plan.hooks:
+            if skip:
+                outs = tuple(o for o in outs if o[2] not in skip)
+                if not outs and not ins:
+                    continue
+            nodes[i].register_hook(self._node_hook(outs, ins, parts))
 
     # -- backward hooks ------------------------------------------------------------------
 
@@ -594,23 +647,23 @@ class Recorder:
         if self._probe is not None:
             self._probe(col, g)
 
-    def _junction_hook(self, col: int) -> Any:
-        def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
-            try:
-                for g in grad_outputs:
-                    if g is not None:
-                        self._emit(col, g)
-            except Exception as e:  # never break the user's backward
-                self._fail(e)
-
-        return hook
-
-    def _port_hook(self, slots: tuple[tuple[int, int, int], ...], parts: _Parts) -> Any:
-        def hook(grad_inputs: tuple[torch.Tensor | None, ...], grad_outputs: Any) -> None:
+    def _node_hook(self, outs: tuple[tuple[int, int, int], ...],
+                   ins: tuple[tuple[int, int, int], ...], parts: _Parts) -> Any:
+        def hook(grad_inputs: tuple[torch.Tensor | None, ...],
+                 grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
             if not parts.open:  # the step was already recorded: this pass came too late
                 return
             try:
-                for index, col, gi in slots:
+                for nr, col, _ in outs:
+                    if nr >= 0:
+                        g = grad_outputs[nr]
+                        if g is not None:
+                            self._emit(col, g)
+                    else:
+                        for g in grad_outputs:
+                            if g is not None:
+                                self._emit(col, g)
+                for index, col, gi in ins:
                     g = grad_inputs[index]
                     if g is None:
                         continue
@@ -657,7 +710,8 @@ class Recorder:
             )
         step = self.step_count
         self.step_count += 1
-        self._calls, self._glue = [], {}  # a forward without a root call leaves these
+        # a forward without a root call leaves these
+        self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
         if self._failed:
             self._detach()
             return
@@ -839,23 +893,26 @@ class Recorder:
     def _record_one(self, step: int, loss: torch.Tensor | float | None) -> None:
         """One process, no loss scaling: the common case, kept lean.
 
-        One fused norm over the parameter gradients, one concatenation with the norms and
-        statistics the hooks left, one transfer to the host; the rest is a few numpy
-        operations whose index arrays depend only on what arrived (cached by _layout).
+        One fused norm over the parameter gradients, one stack with the norms and statistics
+        the hooks left, one transfer to the host; the rest is a few numpy operations whose
+        index arrays depend only on what arrived (cached by _layout).
         """
         # (tuple(generator) would fill the tuple free lists step after step: lists here)
-        present = tuple([i for i, p in enumerate(self._unique) if p.grad is not None])
-        # Norms taken in backward (_hot_hook) stand if .grad is still that tensor, unchanged
-        # since (no clipping, no further accumulation); the rest in one fused call.
-        hot, self._hot = self._hot, {}
-        fresh: dict[int, torch.Tensor] = {}
-        for i in present:
-            g = self._unique[i].grad
-            h = hot.get(i)
-            if g is not None and (h is None or h[0] is not g or h[1] != g._version):
-                fresh[i] = g
-        done = _fused_norms(fresh, self._dtype) if fresh else {}
-        norms = [done[i] if i in done else hot[i][2] for i in present]
+        grads = [p.grad for p in self._unique]
+        present = tuple([i for i, g in enumerate(grads) if g is not None])
+        if self._hot:
+            # Norms taken in backward (_hot_hook) stand if .grad is still that tensor,
+            # unchanged since (no clipping, no further accumulation); the rest in one call.
+            hot, self._hot = self._hot, {}
+            fresh: dict[int, torch.Tensor] = {}
+            for i in present:
+                g, h = grads[i], hot.get(i)
+                if h is None or h[0] is not g or h[1] != g._version:
+                    fresh[i] = g  # type: ignore[assignment]
+            done = _fused_norms(fresh, self._dtype) if fresh else {}
+            norms = [done[i] if i in done else hot[i][2] for i in present]
+        else:
+            norms = _norms([grads[i] for i in present], self._dtype)  # type: ignore[misc]
         pending, stats = self._pending, self._stats
         self._pending, self._stats = [], []
         self._local.clear()
@@ -869,68 +926,90 @@ class Recorder:
                 del self._layouts[next(iter(self._layouts))]
             self._layouts[key] = lay
         self._check_calls(lay.has_params)
-        norms.extend(t for _, t in pending)
-        tail = [t.reshape(-1) for _, t in stats]
+        for _, t in pending:
+            norms.append(t)
         if isinstance(loss, torch.Tensor):
-            tail.append(loss.detach().reshape(1))
-        if tail:
-            dev = tail[0].device
-            head = [torch.stack(norms).to(dev, torch.float32)] if norms else []
-            flat = torch.cat([*head, *(t.to(dev, torch.float32) for t in tail)])
+            loss = loss.detach()
+        flat: torch.Tensor
+        if not stats and norms and (loss_kind != 1 or (  # the usual step: one stack
+                loss.dtype == norms[0].dtype and loss.device == norms[0].device  # type: ignore[union-attr]
+                and loss.dim() == 0)):  # type: ignore[union-attr]
+            if loss_kind == 1:
+                norms.append(loss)  # type: ignore[arg-type]
+            flat = torch.stack(norms)
         else:
-            flat = torch.stack(norms) if norms else torch.zeros(0)
-        host = flat.detach().cpu().numpy().astype(np.float64)  # the one transfer
-        sq = np.square(host[lay.sq_at])
-        values = [
-            np.sqrt(np.bincount(lay.sq_group, weights=sq, minlength=lay.n_sq)),
-            np.sqrt(np.bincount(lay.node_group, weights=sq[:lay.n_param],
-                                minlength=lay.n_node)),
-            np.bincount(lay.stat_group, weights=host[lay.stat_at], minlength=lay.n_stat)
-            / lay.stat_count,
-        ]
-        if loss_kind == 1:
-            values.append(host[-1:])
-        elif loss_kind == 2:
+            tail = [t.reshape(-1) for _, t in stats]
+            if isinstance(loss, torch.Tensor):
+                tail.append(loss.reshape(1))
+            if tail:
+                dev = tail[0].device
+                head = [torch.stack(norms).to(dev, torch.float32)] if norms else []
+                flat = torch.cat([*head, *(t.to(dev, torch.float32) for t in tail)])
+            else:
+                flat = torch.stack(norms) if norms else torch.zeros(0)
+        host = flat.cpu().numpy().astype(np.float64)  # the one transfer
+        values = [host[lay.take]]
+        if lay.n_sq:  # sqrt(x^2) of a float32 x in float64 is x: single values need none
+            values.append(np.sqrt(np.bincount(lay.sq_group, weights=np.square(host[lay.sq_at]),
+                                              minlength=lay.n_sq)))
+        if lay.n_stat:
+            values.append(np.bincount(lay.stat_group, weights=host[lay.stat_at],
+                                      minlength=lay.n_stat) / lay.stat_count)
+        if loss_kind == 2:
             values.append(np.array([float(loss)]))  # type: ignore[arg-type]
-        self.recording.history.append(step, lay.cols, np.concatenate(values))
+        self.recording.history.append(
+            step, lay.cols, values[0] if len(values) == 1 else np.concatenate(values))
 
     def _layout(self, present: tuple[int, ...], pending: tuple[int, ...],
                 stats: tuple[tuple[int, ...], ...], loss_kind: int) -> _Layout:
         """Where each value of _record_one's vector goes: index arrays for numpy."""
         hist = self.recording.history
         pos = {u: k for k, u in enumerate(present)}  # unique parameter -> place in the vector
-        at: list[int] = []  # per squared norm: its place in the vector
-        cols: list[int] = []
-        owners: list[str] = []
+        sq: dict[int, list[int]] = {}  # squared-norm series -> its places in the vector
+        per_node: dict[str, list[int]] = {}
         for (node, pname, _), u in zip(self._params, self._unique_of, strict=True):
             if u in pos:
-                at.append(pos[u])
-                cols.append(hist.column(("param", node, pname)))
-                owners.append(node)
-        n_param = len(at)
-        at += range(len(present), len(present) + len(pending))
-        cols += pending
-        sq_cols, sq_group = np.unique(np.asarray(cols, dtype=np.intp), return_inverse=True)
-        node_at = {o: k for k, o in enumerate(dict.fromkeys(owners))}
-        node_names = list(node_at)
-        node_group = np.asarray([node_at[o] for o in owners], dtype=np.intp)
-        node_cols = [hist.column(("node", o, "gradient_norm")) for o in node_names]
-        start = len(present) + len(pending)
-        flat_stats = [c for group in stats for c in group]
-        stat_cols, stat_group = np.unique(np.asarray(flat_stats, dtype=np.intp),
-                                          return_inverse=True)
-        row = [*sq_cols.tolist(), *node_cols, *stat_cols.tolist()]
-        if loss_kind:
-            row.append(hist.column(("loss",)))
+                sq.setdefault(hist.column(("param", node, pname)), []).append(pos[u])
+                per_node.setdefault(node, []).append(pos[u])
+        has_params = bool(per_node)
+        for k, col in enumerate(pending):
+            sq.setdefault(col, []).append(len(present) + k)
+        for node, at in per_node.items():  # gradient_norm: the layer's parameters together
+            sq[hist.column(("node", node, "gradient_norm"))] = at
+        mean: dict[int, list[int]] = {}  # statistic series -> its places (several: the mean)
+        k = len(present) + len(pending)
+        for group in stats:
+            for col in group:
+                mean.setdefault(col, []).append(k)
+                k += 1
+        take: list[int] = []
+        cols: list[int] = []
+        for series in (sq, mean):
+            for col, at in series.items():
+                if len(at) == 1:
+                    take.append(at[0])
+                    cols.append(col)
+        if loss_kind == 1:
+            take.append(k)
+            cols.append(hist.column(("loss",)))
+
+        def several(series: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+            many = [(col, at) for col, at in series.items() if len(at) > 1]
+            cols.extend(col for col, _ in many)
+            at_ = [i for _, at in many for i in at]
+            group = [g for g, (_, at) in enumerate(many) for _ in at]
+            return np.asarray(at_, dtype=np.intp), np.asarray(group, dtype=np.intp), len(many)
+
+        sq_at, sq_group, n_sq = several(sq)
+        stat_at, stat_group, n_stat = several(mean)
+        if loss_kind == 2:
+            cols.append(hist.column(("loss",)))
         return _Layout(
-            cols=np.asarray(row, dtype=np.intp),
-            sq_at=np.asarray(at, dtype=np.intp), sq_group=sq_group.reshape(-1),
-            n_sq=len(sq_cols), n_param=n_param, node_group=node_group, n_node=len(node_cols),
-            stat_at=np.arange(start, start + len(flat_stats), dtype=np.intp),
-            stat_group=stat_group.reshape(-1), n_stat=len(stat_cols),
-            stat_count=np.maximum(np.bincount(stat_group.reshape(-1),
-                                              minlength=len(stat_cols)), 1),
-            has_params=n_param > 0,
+            cols=np.asarray(cols, dtype=np.intp), take=np.asarray(take, dtype=np.intp),
+            sq_at=sq_at, sq_group=sq_group, n_sq=n_sq,
+            stat_at=stat_at, stat_group=stat_group, n_stat=n_stat,
+            stat_count=np.bincount(stat_group, minlength=n_stat).astype(np.float64),
+            has_params=has_params,
         )
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -957,7 +1036,7 @@ class Recorder:
             return
         self._detach()
         self._open = False
-        self._calls, self._glue = [], {}
+        self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
         self._pending.clear()
         self._close_parts(emit=False)
         self._stats.clear()
@@ -992,6 +1071,18 @@ def _fused_norms(grads: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int
             norms = list(torch._foreach_norm(tensors, 2, dtype=dtype))  # type: ignore[call-arg]
         out.update(zip(keys, norms, strict=True))
     return out
+
+
+def _norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """0-d norms of gradients, in order: one torch._foreach_norm when they share a device."""
+    if not grads:
+        return []
+    dev = grads[0].device
+    if dtype == torch.float64 or any(
+            g.device != dev or g.dtype == torch.float64 for g in grads):
+        done = _fused_norms(dict(enumerate(grads)), dtype)
+        return [done[i] for i in range(len(grads))]
+    return list(torch._foreach_norm(grads, 2, dtype=dtype))  # type: ignore[call-arg]
 
 
 def noise_scale(g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> float:

@@ -70,7 +70,8 @@ class History:
             grown[:, : chunk.shape[1]] = chunk
             chunk = self._chunks[-1] = grown
         row = np.array(values, dtype=np.float32)
-        row[np.isnan(row)] = np.float32("nan")  # one NaN bit pattern, never the absent one
+        if np.isnan(row.sum()):  # (a sum, to look for NaN with one pass in the usual case)
+            row[np.isnan(row)] = np.float32("nan")  # one NaN bit pattern, never the absent one
         chunk[self._used, np.asarray(cols, dtype=np.intp)] = row
         self._used += 1
         self.steps.append(step)

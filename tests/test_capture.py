@@ -226,6 +226,69 @@ def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
     assert rec.recording.history.steps == [0, 3, 6, 9]
 
 
+def test_layers_called_outside_the_root_forward_are_measured() -> None:
+    """Inside the root's forward, output gradients are hooked when the pass ends; a layer the
+    user calls directly (no pass end follows) is hooked at once, with the same numbers."""
+    torch.manual_seed(0)
+    model = demos.MLP()
+    x, y = batch("mlp")
+    ref_model = demos.MLP()
+    ref_model.load_state_dict(model.state_dict())
+    h = ref_model.fc1(x)
+    h.retain_grad()
+    nn.functional.cross_entropy(ref_model.fc2(torch.relu(h)), y).backward()
+    want = float(h.grad.norm())
+    with gradviz.record(model, path=None) as rec:
+        for _ in range(2):  # the second step: with a plan for the root's pass in the cache
+            model.zero_grad()
+            model(x)  # a root pass (not backpropagated), then the layers called by hand
+            out = model.fc2(torch.relu(model.fc1(x)))
+            nn.functional.cross_entropy(out, y).backward()
+            rec.step()
+        assert not rec._failed
+    series = rec.recording.history.series(("node", "fc1", "activation_grad_norm"))
+    assert len(series) == 2
+    for v in series:
+        assert rel_close(float(v), want)
+
+
+def test_a_forward_that_raised_is_forgotten() -> None:
+    """Calls of a root forward that raised before it returned must not reach the next pass:
+    its numbers and edges are those of a clean run."""
+
+    class Flaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.fail = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            if self.fail:
+                raise ValueError("bad batch")
+            return self.b(torch.relu(h))
+
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    runs = []
+    for flaky in (False, True):
+        torch.manual_seed(0)
+        model = Flaky()
+        with gradviz.record(model, path=None) as rec:
+            if flaky:
+                model.fail = True
+                with pytest.raises(ValueError):
+                    model(x)
+                model.fail = False
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+        assert not rec._failed
+        assert len(rec._plans) == 1
+        (key,) = rec._plans
+        assert [c[0] for c in key[1]] == ["a", "b"]  # the pass's calls: not the failed one's
+        runs.append((rec.recording.edges, _rows(rec)))
+    assert runs[0] == runs[1]
+
+
 def test_nan_and_absent_are_kept_apart_from_zero() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -473,6 +536,42 @@ def test_zero_fraction_counts_nan_as_not_zero() -> None:
     stats = capture._layer_stats(t).tolist()
     assert stats[4] == pytest.approx(float((t == 0).float().mean()))  # 3 of 8
     assert stats[2] == 0.0 or math.isnan(stats[2])
+
+
+def test_lean_path_combines_several_values_bit_for_bit() -> None:
+    """Series with several values a step (a layer called three times, a weight tied to
+    another layer, two micro-batches, statistics averaged over calls) take the lean path's
+    summing branch: the same bits as the general path."""
+
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.cell, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+            self.out.weight = self.cell.weight  # tied
+            self.act = nn.Tanh()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.inp(x))
+            for _ in range(3):
+                h = self.act(self.cell(h)) + h
+            return self.out(h)
+
+    rows = []
+    for generic in (False, True):
+        torch.manual_seed(0)
+        model = Looped()
+        with gradviz.record(model, path=None, activation_stats=True) as rec:
+            rec._generic = generic
+            for step in range(3):
+                model.zero_grad()
+                for s in (step, step + 10):
+                    x, y = batch("mlp", n=5, seed=s)
+                    nn.functional.cross_entropy(model(x[:, :4]), y % 6).backward()
+                rec.step(0.5 * step)
+        assert not rec._failed
+        rows.append(_rows(rec))
+    assert rows[0] == rows[1]
+    assert len(rows[0]) > 20
 
 
 @pytest.mark.parametrize("name", ["residual", "dense", "transformer"])
