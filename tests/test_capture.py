@@ -538,6 +538,36 @@ def test_zero_fraction_counts_nan_as_not_zero() -> None:
     assert stats[2] == 0.0 or math.isnan(stats[2])
 
 
+def test_buffered_rows_reach_the_history_in_order_and_bit_for_bit() -> None:
+    """Lean steps wait in a buffer of ROWS_AT_ONCE rows before they become history rows: a
+    full buffer, a change of layout (a layer frozen, the loss given as a number), and reading
+    the recording all put them in, in order, with the general path's bits."""
+    x, y = batch("mlp")
+    rows = []
+    for generic in (False, True):
+        torch.manual_seed(0)
+        model = demos.MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with gradviz.record(model, path=None) as rec:
+            rec._generic = generic
+            for step in range(capture.ROWS_AT_ONCE + 40):
+                if step == capture.ROWS_AT_ONCE + 10:
+                    model.fc2.requires_grad_(False)  # other parameters: another layout
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                rec.step(float(loss.detach()) if step % 7 == 0 else loss)
+                opt.step()
+                if step == 5:
+                    assert rec.recording.history.steps == list(range(6))  # read: drained
+        assert not rec._failed
+        assert rec.recording.history.steps == list(range(capture.ROWS_AT_ONCE + 40))
+        rows.append(_rows(rec))
+    assert rows[0] == rows[1]
+    loss_bits = rows[0][("loss",)]
+    assert len(set(loss_bits)) > 50  # the loss changed step by step: real rows, not copies
+
+
 def test_lean_path_combines_several_values_bit_for_bit() -> None:
     """Series with several values a step (a layer called three times, a weight tied to
     another layer, two micro-batches, statistics averaged over calls) take the lean path's
