@@ -565,11 +565,13 @@ class Recorder:
         self._calls, self._glue, self._eager = [], {}, set()
         self._in_root = False
         self._made_by.clear()
-        if self._armed():
+        armed = self._armed()
+        if armed:
             self._passes += 1
-            first = next(_tensors(args), None)
+            first = (args[0] if args and isinstance(args[0], torch.Tensor)
+                     else next(_tensors(args), None))
             self._batch += int(first.shape[0]) if first is not None and first.dim() else 0
-        if not calls or not self._armed():
+        if not calls or not armed:
             return
         try:
             # A training loop runs the same graph step after step: walk it (cheap), and only
