@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(n + 1):
             if i in (0, n // 2, n):
                 gc.collect()
-                marks.append((tracemalloc.get_traced_memory()[0], rss(), h.nbytes(),
+                # (rec.recording, not h: it first puts the buffered steps into the history)
+                held_now = rec.recording.history.nbytes()
+                marks.append((tracemalloc.get_traced_memory()[0], rss(), held_now,
                               time.perf_counter()))
             if i < n:
                 step(rec)
