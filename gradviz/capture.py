@@ -269,7 +269,7 @@ class Recorder:
         # Inside the root's forward, a call's output gradient is hooked when the pass ends
         # (with its edges, one hook per autograd node); a call outside it, right away.
         self._in_root = False
-        self._root_from = 0  # where this root pass's calls start in _calls
+        self._root_from = self._stats_from = 0  # where this root pass's calls and stats start
         self._eager: set[int] = set()  # id() of calls hooked right away
         # Per step: (column, 0-d float32 norm tensor) pairs filled in by the hooks, and
         # running vector sums for edges whose gradient arrives in several parts.
@@ -554,10 +554,13 @@ class Recorder:
         self._stats.append(((col,), _unit_stat(module, out, self.saturation_margin).reshape(1)))
 
     def _on_pass_start(self, module: nn.Module, args: Any) -> None:
-        if self._in_root:  # the last pass raised before it ended: forget its calls
+        if self._in_root:  # the last pass raised before it ended: forget what it left
             del self._calls[self._root_from:]
+            del self._stats[self._stats_from:]
+            self._glue.clear()  # (keyed by id: a dead node's id may come back)
+            self._made_by.clear()
         self._in_root = True
-        self._root_from = len(self._calls)
+        self._root_from, self._stats_from = len(self._calls), len(self._stats)
 
     def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
         """The root's forward returned: find this pass's edges and hook their gradients."""

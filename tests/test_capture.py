@@ -253,8 +253,8 @@ def test_layers_called_outside_the_root_forward_are_measured() -> None:
 
 
 def test_a_forward_that_raised_is_forgotten() -> None:
-    """Calls of a root forward that raised before it returned must not reach the next pass:
-    its numbers and edges are those of a clean run."""
+    """Calls and statistics of a root forward that raised before it returned must not reach
+    the next pass: its numbers and edges are those of a clean run."""
 
     class Flaky(nn.Module):
         def __init__(self) -> None:
@@ -273,11 +273,11 @@ def test_a_forward_that_raised_is_forgotten() -> None:
     for flaky in (False, True):
         torch.manual_seed(0)
         model = Flaky()
-        with gradviz.record(model, path=None) as rec:
+        with gradviz.record(model, path=None, activation_stats=True) as rec:
             if flaky:
                 model.fail = True
                 with pytest.raises(ValueError):
-                    model(x)
+                    model(10 * x)  # other statistics: they must not count either
                 model.fail = False
             nn.functional.cross_entropy(model(x), y).backward()
             rec.step()
