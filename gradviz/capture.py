@@ -927,8 +927,9 @@ class Recorder:
         """One process, no loss scaling: the common case, kept lean.
 
         One fused norm over the parameter gradients, one stack with the norms and statistics
-        the hooks left, one transfer to the host; the rest is a few numpy operations whose
-        index arrays depend only on what arrived (cached by _layout).
+        the hooks left, one copy into the host row buffer (the one transfer). The numpy work
+        waits for _drain, which does it for many steps at once, with index arrays that
+        depend only on what arrived (cached by _layout).
         """
         # (tuple(generator) would fill the tuple free lists step after step: lists here)
         grads = [p.grad for p in self._unique]
