@@ -184,6 +184,17 @@ class _Rows:
         self.losses: list[float] = []  # a loss passed as a number
 
 
+def _grad_outputs(output: Any) -> list[torch.Tensor]:
+    """A call's output tensors that have an autograd node, one per (node, output index)."""
+    seen: list[tuple[Any, int]] = []
+    out = []
+    for t in _tensors(output):
+        if t.grad_fn is not None and (t.grad_fn, t.output_nr) not in seen:
+            seen.append((t.grad_fn, t.output_nr))
+            out.append(t)
+    return out
+
+
 def _grad_fns(args: Any, kwargs: Any) -> list[Any]:
     """The autograd nodes of a call's input tensors (positional and keyword, nested too)."""
     if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
@@ -481,26 +492,22 @@ class Recorder:
                     if fn is None:
                         return
                     outs = [(fn, output.output_nr)]
+                    tensors = [output]
                 else:
-                    outs = []
-                    for t in _tensors(output):
-                        if t.grad_fn is not None and (t.grad_fn, t.output_nr) not in outs:
-                            outs.append((t.grad_fn, t.output_nr))
-                    if not outs:
+                    tensors = _grad_outputs(output)
+                    if not tensors:
                         return
+                    outs = [(t.grad_fn, t.output_nr) for t in tensors]
                 call = dataflow.Call(name, outs, _grad_fns(args, kwargs))
                 self._calls.append(call)
                 self._calls_seen += 1
                 if not self._in_root:  # no pass end will hook this call: hook it now
                     self._eager.add(id(call))
-                    done: list[tuple[Any, int]] = []
-                    for t in _tensors(output):
-                        if t.grad_fn is not None and (t.grad_fn, t.output_nr) not in done:
-                            done.append((t.grad_fn, t.output_nr))
-                            t.register_hook(on_grad)
+                    for t in tensors:
+                        t.register_hook(on_grad)
                     self._give_order(name)
                 if self.activation_stats:
-                    first = next(t for t in _tensors(output) if t.grad_fn is not None)
+                    first = tensors[0]
                     if first.is_floating_point() and first.numel():
                         self._stats.append((stat_cols, _layer_stats(first)))
                     for node, _ in outs:
