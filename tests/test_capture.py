@@ -381,31 +381,40 @@ def _rows(rec: gradviz.Recorder) -> dict[tuple[str, ...], list[float]]:
     return {k: h.series(k).view("u4").tolist() for k in h.columns}  # bit patterns
 
 
+def _lean_and_general(build, train, **opts) -> list[gradviz.Recorder]:
+    """The same training recorded twice from the same seed: on the lean path of step() (one
+    process, no loss scaling) and on the general one. train(model, rec, general) runs it."""
+    recs = []
+    for general in (False, True):
+        torch.manual_seed(0)
+        model = build()
+        with gradviz.record(model, path=None, **opts) as rec:
+            rec._generic = general
+            train(model, rec, general)
+        assert not rec._failed
+        recs.append(rec)
+    return recs
+
+
 @pytest.mark.parametrize("name", list(demos.DEMOS))
 def test_reused_hooks_and_the_lean_path_record_the_same_bits(name: str) -> None:
     """From the second pass on, capture hooks by a cached plan (dataflow.shape), and one
     process without loss scaling takes a lean path in step(). Both must change nothing: the
     same model and data, recorded with a fresh analysis every pass and the general path, give
     bit-identical histories over several steps, forward statistics included."""
-    torch.manual_seed(0)
-    build = demos.DEMOS[name].build
     xs = [batch(name, seed=s) for s in (1, 2, 1)]
-    recs = []
-    for fresh in (False, True):
-        torch.manual_seed(0)
-        model = build()
-        with gradviz.record(model, path=None, activation_stats=True) as rec:
-            rec._generic = fresh
-            for x, y in xs:
-                if fresh:
-                    rec._plans.clear()
-                model.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                rec.step(loss)
-        assert not rec._failed
-        recs.append(rec)
-    cached, fresh_rec = recs
+
+    def train(model: nn.Module, rec: gradviz.Recorder, fresh: bool) -> None:
+        for x, y in xs:
+            if fresh:
+                rec._plans.clear()
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+
+    cached, fresh_rec = _lean_and_general(demos.DEMOS[name].build, train,
+                                          activation_stats=True)
     assert len(cached._plans) == 1  # one shape, analysed once
     # the general path's index arrays: built for the first step (whose own series widen the
     # history) and once more, then reused
@@ -543,26 +552,24 @@ def test_buffered_rows_reach_the_history_in_order_and_bit_for_bit() -> None:
     full buffer, a change of layout (a layer frozen, the loss given as a number), and reading
     the recording all put them in, in order, with the general path's bits."""
     x, y = batch("mlp")
-    rows = []
-    for generic in (False, True):
-        torch.manual_seed(0)
-        model = demos.MLP()
+
+    def train(model: nn.Module, rec: gradviz.Recorder, general: bool) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        with gradviz.record(model, path=None) as rec:
-            rec._generic = generic
-            for step in range(capture.ROWS_AT_ONCE + 40):
-                if step == capture.ROWS_AT_ONCE + 10:
-                    model.fc2.requires_grad_(False)  # other parameters: another layout
-                opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                rec.step(float(loss.detach()) if step % 7 == 0 else loss)
-                opt.step()
-                if step == 5:
-                    assert rec.recording.history.steps == list(range(6))  # read: drained
-        assert not rec._failed
+        for step in range(capture.ROWS_AT_ONCE + 40):
+            if step == capture.ROWS_AT_ONCE + 10:
+                model.fc2.requires_grad_(False)  # other parameters: another layout
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(float(loss.detach()) if step % 7 == 0 else loss)
+            opt.step()
+            if step == 5:
+                assert rec.recording.history.steps == list(range(6))  # read: drained
+
+    recs = _lean_and_general(demos.MLP, train)
+    for rec in recs:
         assert rec.recording.history.steps == list(range(capture.ROWS_AT_ONCE + 40))
-        rows.append(_rows(rec))
+    rows = [_rows(rec) for rec in recs]
     assert rows[0] == rows[1]
     loss_bits = rows[0][("loss",)]
     assert len(set(loss_bits)) > 50  # the loss changed step by step: real rows, not copies
@@ -586,20 +593,15 @@ def test_lean_path_combines_several_values_bit_for_bit() -> None:
                 h = self.act(self.cell(h)) + h
             return self.out(h)
 
-    rows = []
-    for generic in (False, True):
-        torch.manual_seed(0)
-        model = Looped()
-        with gradviz.record(model, path=None, activation_stats=True) as rec:
-            rec._generic = generic
-            for step in range(3):
-                model.zero_grad()
-                for s in (step, step + 10):
-                    x, y = batch("mlp", n=5, seed=s)
-                    nn.functional.cross_entropy(model(x[:, :4]), y % 6).backward()
-                rec.step(0.5 * step)
-        assert not rec._failed
-        rows.append(_rows(rec))
+    def train(model: nn.Module, rec: gradviz.Recorder, general: bool) -> None:
+        for step in range(3):
+            model.zero_grad()
+            for s in (step, step + 10):
+                x, y = batch("mlp", n=5, seed=s)
+                nn.functional.cross_entropy(model(x[:, :4]), y % 6).backward()
+            rec.step(0.5 * step)
+
+    rows = [_rows(rec) for rec in _lean_and_general(Looped, train, activation_stats=True)]
     assert rows[0] == rows[1]
     assert len(rows[0]) > 20
 
