@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -23,6 +24,14 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores, Python {platform.python_version()}"
+
+
+def history_size_args(p: argparse.ArgumentParser) -> None:
+    """--steps, --layers, --repeat and --quick, shared by the scripts timing a big history."""
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--layers", type=int, default=500)
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    p.add_argument("--quick", action="store_true", help="500 steps x 50 layers, one run")
 
 
 def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:

@@ -30,7 +30,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import machine, mark, median_time, table  # noqa: E402
+from _util import history_size_args, machine, mark, median_time, table  # noqa: E402
 
 from gradviz import render, store  # noqa: E402
 from gradviz.diagnose import diagnose  # noqa: E402
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:6]))
-    p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--layers", type=int, default=500)
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
-    p.add_argument("--quick", action="store_true", help="500 steps x 50 layers, one run")
+    history_size_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.layers, args.repeat = 500, 50, 1
