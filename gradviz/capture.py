@@ -28,8 +28,10 @@ import math
 import os
 import platform
 import sys
+import threading
 import warnings
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +269,10 @@ class Recorder:
         self._batch = 0
         self._recording = store.Recording()
         self._rows: _Rows | None = None  # recorded steps not yet in the history (_drain)
+        # A History held on to (h = rec.recording.history) catches up whenever it is read,
+        # from any thread: the lock keeps such a read from draining a half-added row.
+        self._rows_lock = threading.RLock()
+        self._recording.history.before_read = _drain_of(self)
         self.step_count = 0  # rec.step() calls so far
         self._writer = (store.Writer(self.path, flush_seconds)
                         if self.path and self._rank == 0 else None)
@@ -988,21 +994,27 @@ class Recorder:
                 flat = torch.cat([*head, *(t.to(dev, torch.float32) for t in tail)])
             else:
                 flat = torch.stack(norms) if norms else torch.zeros(0)
-        rows = self._rows
-        if rows is not None and (rows.layout is not lay or len(rows.steps) == ROWS_AT_ONCE):
-            self._drain()
-        if rows is None or rows.layout is not lay:
-            rows = self._rows = _Rows(lay)
-        rows.buf[len(rows.steps)].copy_(flat)  # the one transfer (from a GPU: to the host)
-        rows.steps.append(step)
-        if loss_kind == 2:
-            rows.losses.append(float(loss))  # type: ignore[arg-type]
+        with self._rows_lock:
+            rows = self._rows
+            if rows is not None and (rows.layout is not lay or len(rows.steps) == ROWS_AT_ONCE):
+                self._drain()
+            if rows is None or rows.layout is not lay:
+                rows = self._rows = _Rows(lay)
+            rows.buf[len(rows.steps)].copy_(flat)  # the one transfer (from a GPU: to the host)
+            rows.steps.append(step)
+            if loss_kind == 2:
+                rows.losses.append(float(loss))  # type: ignore[arg-type]
 
     def _drain(self) -> None:
         """Put the buffered lean steps into the history, all in one go."""
-        rows = self._rows
-        if rows is None or not rows.steps:
+        if self._rows is None or not self._rows.steps:  # (the usual read: nothing waiting)
             return
+        with self._rows_lock:
+            rows = self._rows  # (again: another thread may have drained them meanwhile)
+            if rows is not None and rows.steps:
+                self._drain_locked(rows)
+
+    def _drain_locked(self, rows: _Rows) -> None:
         k, lay = len(rows.steps), rows.layout
         try:
             host = rows.buf[:k].numpy().astype(np.float64)
@@ -1114,6 +1126,18 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+def _drain_of(rec: Recorder) -> Callable[[], None]:
+    """rec._drain, without keeping rec alive: a Recording may outlive its recorder."""
+    ref = weakref.ref(rec)
+
+    def drain() -> None:
+        r = ref()
+        if r is not None:
+            r._drain()
+
+    return drain
 
 
 def _local(g: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,30 @@ class History:
     """
 
     def __init__(self) -> None:
-        self.steps: list[int] = []
+        self._steps: list[int] = []
         self.columns: dict[SeriesKey, int] = {}
         self._chunks: list[np.ndarray] = []  # (capacity, width) each; all but the last full
         self._used = 0  # rows used in the last chunk
+        # Called before anything reads the values: a recorder that keeps steps in a buffer
+        # of its own puts them in here, so that a History held on to is never behind.
+        self.before_read: Callable[[], None] | None = None
+        # Reads from another thread than the one appending see whole rows. (Taken after
+        # before_read, never around it: the recorder takes its own lock, then this one.)
+        self._lock = threading.RLock()
+
+    def _catch_up(self) -> None:
+        if self.before_read is not None:
+            self.before_read()
+
+    @property
+    def steps(self) -> list[int]:
+        """The recorded step numbers, in order: one per row."""
+        self._catch_up()
+        return self._steps
 
     def __len__(self) -> int:
-        return len(self.steps)
+        self._catch_up()
+        return len(self._steps)
 
     def column(self, key: SeriesKey) -> int:
         """Index of a series' column, created (absent so far) on first use."""
@@ -57,11 +74,18 @@ class History:
         self, step: int, cols: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray
     ) -> None:
         """Add one recorded step; series not named in cols are absent in it."""
-        if self.steps and step <= self.steps[-1]:
-            raise ValueError(f"step {step} is not after step {self.steps[-1]}")
+        with self._lock:
+            self._append(step, cols, values)
+
+    def _append(
+        self, step: int, cols: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray
+    ) -> None:
+        steps = self._steps  # (not self.steps: a recorder's buffer appends through here)
+        if steps and step <= steps[-1]:
+            raise ValueError(f"step {step} is not after step {steps[-1]}")
         ncols = len(self.columns)
         if not self._chunks or self._used == self._chunks[-1].shape[0]:
-            rows = min(CHUNK_ROWS, max(16, len(self.steps)))  # small runs stay small
+            rows = min(CHUNK_ROWS, max(16, len(steps)))  # small runs stay small
             self._chunks.append(_absent((rows, ncols)))
             self._used = 0
         chunk = self._chunks[-1]
@@ -74,7 +98,7 @@ class History:
             row[np.isnan(row)] = np.float32("nan")  # one NaN bit pattern, never the absent one
         chunk[self._used, np.asarray(cols, dtype=np.intp)] = row
         self._used += 1
-        self.steps.append(step)
+        steps.append(step)
 
     def _blocks(self) -> list[tuple[np.ndarray, int]]:
         """(chunk, rows used) for every chunk, oldest first."""
@@ -84,46 +108,56 @@ class History:
 
     def series(self, key: SeriesKey) -> np.ndarray:
         """A copy of one series over all recorded steps (absent marker where missing)."""
-        col = self.columns.get(key)
-        if col is None or not self.steps:
-            return schema.absent_array(len(self.steps))
-        return np.concatenate([
-            c[:rows, col] if col < c.shape[1] else schema.absent_array(rows)
-            for c, rows in self._blocks()
-        ])
+        self._catch_up()
+        with self._lock:
+            col = self.columns.get(key)
+            if col is None or not self._steps:
+                return schema.absent_array(len(self._steps))
+            return np.concatenate([
+                c[:rows, col] if col < c.shape[1] else schema.absent_array(rows)
+                for c, rows in self._blocks()
+            ])
 
     def matrix(self) -> np.ndarray:
         """Every series at once, one contiguous row per column: (series x steps) float32."""
-        width, n = len(self.columns), len(self.steps)
-        out = _absent((width, n))
-        at = 0
-        for c, rows in self._blocks():
-            w = min(c.shape[1], width)
-            out[:w, at : at + rows] = c[:rows, :w].T
-            at += rows
-        return out
+        self._catch_up()
+        with self._lock:
+            width, n = len(self.columns), len(self._steps)
+            out = _absent((width, n))
+            at = 0
+            for c, rows in self._blocks():
+                w = min(c.shape[1], width)
+                out[:w, at : at + rows] = c[:rows, :w].T
+                at += rows
+            return out
 
     def last(self, key: SeriesKey) -> float | None:
         """The latest recorded value of a series, None if absent."""
-        col = self.columns.get(key)
-        if col is None or not self.steps or col >= self._chunks[-1].shape[1]:
-            return None
-        v = self._chunks[-1][self._used - 1 : self._used, col]
-        return None if bool(schema.absent_mask(v)[0]) else float(v[0])
+        self._catch_up()
+        with self._lock:
+            col = self.columns.get(key)
+            if col is None or not self._steps or col >= self._chunks[-1].shape[1]:
+                return None
+            v = self._chunks[-1][self._used - 1 : self._used, col]
+            return None if bool(schema.absent_mask(v)[0]) else float(v[0])
 
     def snapshot(self) -> History:
         """An independent copy, for writing in another thread (full chunks are shared)."""
+        self._catch_up()
         h = History()
-        h.steps = list(self.steps)
-        h.columns = dict(self.columns)
-        if self._chunks:
-            h._chunks = [*self._chunks[:-1], self._chunks[-1][: self._used].copy()]
-            h._used = self._used
+        with self._lock:
+            h._steps = list(self._steps)
+            h.columns = dict(self.columns)
+            if self._chunks:
+                h._chunks = [*self._chunks[:-1], self._chunks[-1][: self._used].copy()]
+                h._used = self._used
         return h
 
     def nbytes(self) -> int:
         """Memory held by the values (allocated, not only used)."""
-        return sum(c.nbytes for c in self._chunks)
+        self._catch_up()
+        with self._lock:
+            return sum(c.nbytes for c in self._chunks)
 
 
 def _absent(shape: tuple[int, int]) -> np.ndarray:

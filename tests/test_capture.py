@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import threading
 from collections import defaultdict
 
 import pytest
@@ -573,6 +575,64 @@ def test_buffered_rows_reach_the_history_in_order_and_bit_for_bit() -> None:
     assert rows[0] == rows[1]
     loss_bits = rows[0][("loss",)]
     assert len(set(loss_bits)) > 50  # the loss changed step by step: real rows, not copies
+
+
+def test_a_history_held_on_to_is_never_behind() -> None:
+    """h = rec.recording.history, taken once before training: every read of it (steps, len,
+    last, series, matrix) sees each lean step at once, though the steps wait in the row
+    buffer. A thread reading it all along, while training runs past full buffers, changes
+    no bit of what is recorded."""
+    x, y = batch("mlp")
+    steps = 3 * capture.ROWS_AT_ONCE
+
+    def train(read_along: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = demos.MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        stop, errors, reads = threading.Event(), [], [0]
+        with gradviz.record(model, path=None) as rec:
+            h = rec.recording.history
+
+            def reader() -> None:
+                while not stop.is_set():
+                    try:
+                        n = len(h.steps)
+                        assert h.steps[:n] == list(range(n))
+                        assert h.matrix().shape[1] >= n
+                        reads[0] += 1
+                    except Exception as e:  # (reported below, in the test's thread)
+                        errors.append(e)
+                        return
+
+            thread = threading.Thread(target=reader)
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)  # threads take turns often: races show
+            try:
+                for step in range(steps):
+                    if step == 10 and read_along:
+                        thread.start()
+                    opt.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    rec.step(loss)
+                    opt.step()
+                    if step < 10:  # read straight after the step: nothing may be missing
+                        assert h.steps == list(range(step + 1)) and len(h) == step + 1
+                        assert h.last(("loss",)) == float(loss.detach())
+                        assert h.series(("loss",))[-1] == float(loss.detach())
+                        assert h.matrix().shape[1] == step + 1
+            finally:
+                stop.set()
+                if thread.is_alive():
+                    thread.join()
+                sys.setswitchinterval(switch)
+        assert not errors, errors
+        assert not rec._failed
+        assert h.steps == list(range(steps))
+        assert not read_along or reads[0] > 0
+        return rec
+
+    assert _rows(train(read_along=True)) == _rows(train(read_along=False))
 
 
 def test_lean_path_combines_several_values_bit_for_bit() -> None:
