@@ -1028,6 +1028,8 @@ class Recorder:
             if rows.losses:
                 values.append(np.asarray(rows.losses, dtype=np.float64).reshape(k, 1))
             table = np.concatenate(values, axis=1) if len(values) > 1 else values[0]
+            with np.errstate(over="ignore"):  # a norm beyond float32's range is inf, quietly
+                table = table.astype(np.float32)
             hist = self._recording.history
             for step, row in zip(rows.steps, table, strict=True):
                 hist.append(step, lay.cols, row)

@@ -93,9 +93,14 @@ class History:
             grown = _absent((chunk.shape[0], max(2 * chunk.shape[1], ncols)))
             grown[:, : chunk.shape[1]] = chunk
             chunk = self._chunks[-1] = grown
-        row = np.array(values, dtype=np.float32)
-        if np.isnan(row.sum()):  # (a sum, to look for NaN with one pass in the usual case)
-            row[np.isnan(row)] = np.float32("nan")  # one NaN bit pattern, never the absent one
+        if isinstance(values, np.ndarray) and values.dtype == np.float32:
+            row = values.copy()
+        else:
+            with np.errstate(over="ignore"):  # beyond float32's range is inf, quietly
+                row = np.array(values, dtype=np.float32)
+        nan = np.isnan(row)  # (not isnan(row.sum()): inf - inf and overflow would warn)
+        if nan.any():
+            row[nan] = np.float32("nan")  # one NaN bit pattern, never the absent one
         chunk[self._used, np.asarray(cols, dtype=np.intp)] = row
         self._used += 1
         steps.append(step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -633,6 +634,30 @@ def test_a_history_held_on_to_is_never_behind() -> None:
         return rec
 
     assert _rows(train(read_along=True)) == _rows(train(read_along=False))
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_exploding_norms_are_recorded_without_numpy_warnings(general: bool) -> None:
+    """A layer whose two parameter norms are each near float32's top has a norm past it:
+    recorded as inf, with nothing printed on the user's console, on both step() paths."""
+    model = nn.Sequential(nn.Linear(1, 1))
+    nn.init.zeros_(model[0].weight)
+    nn.init.zeros_(model[0].bias)
+    big = 3e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradviz.record(model, path=None) as rec:
+            rec._generic = general
+            for _ in range(2):
+                model.zero_grad()
+                loss = model(torch.ones(1, 1)).sum() * big
+                loss.backward()
+                rec.step(loss)
+            run = rec.to_run()
+    assert not rec._failed
+    assert run.param_history("0", "weight") == [pytest.approx(big)] * 2
+    assert run.param_history("0", "bias") == [pytest.approx(big)] * 2
+    assert run.node_history("0") == [math.inf] * 2  # sqrt(2) * 3e38
 
 
 def test_lean_path_combines_several_values_bit_for_bit() -> None:

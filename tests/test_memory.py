@@ -152,6 +152,26 @@ def test_history_across_chunks_and_late_columns() -> None:
     assert own <= h.nbytes() <= own + store.CHUNK_ROWS * len(h.columns) * 4
 
 
+def test_huge_and_non_finite_values_append_quietly_and_exactly() -> None:
+    """Exploding norms near float32's top must not make numpy warn on the user's console
+    (a float32 sum of them overflows), and NaN keeps its one bit pattern."""
+    h = store.History()
+    cols = [h.column(("edge", str(k))) for k in range(4)]
+    big = float(np.finfo(np.float32).max)
+    rows = [[big, big, big, 1.0], [big, float("inf"), -float("inf"), 2.0],
+            [float("nan"), big, 0.0, 3.0], [1e39, -1e39, big, 4.0]]  # (1e39: past float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step, row in enumerate(rows):
+            h.append(step, cols, row)
+    got = h.matrix().T
+    assert got[0].tolist() == rows[0] and got[1].tolist() == rows[1]
+    assert np.isnan(got[2][0]) and got[2][1:].tolist() == rows[2][1:]
+    assert got[2][:1].view("<u4")[0] == np.float32("nan").view("<u4")
+    assert not schema.absent_mask(got[2][:1])[0]
+    assert got[3].tolist() == [float("inf"), -float("inf"), big, 4.0]
+
+
 def test_snapshot_shares_full_chunks_and_stays_independent() -> None:
     h = store.History()
     col = h.column(("loss",))
