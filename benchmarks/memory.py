@@ -14,7 +14,8 @@ Two measurements, in one process:
    grow by about one row of the history (series x 4 bytes) and nothing else.
 2. The same recording's History, driven on to STEPS rows with that row's values: memory
    grows by the float32 matrix itself (steps x series x 4 bytes), within one chunk of rows;
-   and what writing the file costs on top, transiently (to_document + dumps).
+   and what writing the file costs on top, transiently: store.write streams the series
+   (what gradviz does), against the whole document at once (to_document + dumps).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import gc
 import os
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -147,12 +149,21 @@ def main(argv: list[str] | None = None) -> int:
         py1, rss1 = tracemalloc.get_traced_memory()[0], rss()
         added = args.steps - start
         own = added * row
+        recording = rec.recording
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "training_output.json"
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            t0 = time.perf_counter()
+            store.write(path, recording)
+            t_write = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1] - before
+            size = path.stat().st_size
         tracemalloc.reset_peak()
         before = tracemalloc.get_traced_memory()[0]
-        t0 = time.perf_counter()
-        data = store.dumps(rec.recording.to_document())
-        t_write = time.perf_counter() - t0
-        peak = tracemalloc.get_traced_memory()[1] - before
+        data = store.dumps(recording.to_document())
+        peak_whole = tracemalloc.get_traced_memory()[1] - before
+        del data
         tracemalloc.stop()
         total_own = len(h) * row
         rows = [
@@ -161,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             ["process RSS grew by", mb(rss1 - rss0), f"{(rss1 - rss0) / own:.2f}"],
             ["History holds (allocated chunks)", mb(h.nbytes()),
              f"{h.nbytes() / total_own:.2f} of its {len(h):,} rows"],
-            ["writing the file: transient peak on top (to_document + dumps)", mb(peak),
+            ["writing the file: transient peak on top (store.write, streamed)", mb(peak),
              f"{peak / total_own:.2f}"],
-            ["the file itself", mb(len(data)), f"{len(data) / total_own:.2f}"],
+            ["  the whole document at once instead (to_document + dumps)", mb(peak_whole),
+             f"{peak_whole / total_own:.2f}"],
+            ["the file itself", mb(size), f"{size / total_own:.2f}"],
         ]
         print(f"## 2. The history alone, to {len(h):,} steps ({t_append:.1f} s of appends; "
               f"one write {t_write:.1f} s)\n")
         print(table(["", "MB", "x own size"], rows))
-        del data
     return 0
 
 

@@ -84,6 +84,55 @@ def encode_series(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
 
 
+_ALPHABET = np.frombuffer(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", dtype=np.uint8)
+_PIECE = 1 << 18  # characters mapped at once
+
+
+def encode_rows(block: np.ndarray) -> np.ndarray:
+    """encode_series of each row of a float32 matrix at once, as rows of ASCII bytes.
+
+    Numpy does the work, in place on uint8 arrays, and lets go of Python's GIL while it
+    does: a background writer encoding a big history this way hardly holds up the training
+    thread, where the standard library's base64 holds the GIL throughout.
+    """
+    raw = np.ascontiguousarray(block, dtype="<f4").view(np.uint8)
+    return _base64_rows(raw.reshape(raw.shape[0], -1))
+
+
+def _base64_rows(raw: np.ndarray) -> np.ndarray:
+    """(rows, n) bytes -> (rows, 4 ceil(n / 3)): each row's standard base64, = padded."""
+    rows, n = raw.shape
+    full, rem = divmod(n, 3)
+    out = np.empty((rows, 4 * (full + (rem > 0))), dtype=np.uint8)
+    if full:  # 3 bytes -> 4 six-bit values
+        trio = raw[:, : 3 * full].reshape(rows, full, 3)
+        b0, b1, b2 = trio[:, :, 0], trio[:, :, 1], trio[:, :, 2]
+        quad = out[:, : 4 * full].reshape(rows, full, 4)  # (a view: written in place)
+        np.right_shift(b0, 2, out=quad[:, :, 0])
+        np.bitwise_or((b0 & 3) << 4, b1 >> 4, out=quad[:, :, 1])
+        np.bitwise_or((b1 & 15) << 2, b2 >> 6, out=quad[:, :, 2])
+        np.bitwise_and(b2, 63, out=quad[:, :, 3])
+    if rem:  # the last 1 or 2 bytes, zero-filled to 3; = below for what was not there
+        tail = np.zeros((rows, 3), dtype=np.uint8)
+        tail[:, :rem] = raw[:, 3 * full :]
+        out[:, 4 * full :] = _six_bits(tail)
+    # 0-63 -> A-Z a-z 0-9 + /, a piece at a time: np.take widens each index to 8 bytes
+    flat = out.reshape(-1)
+    for at in range(0, flat.size, _PIECE):
+        np.take(_ALPHABET, flat[at : at + _PIECE], out=flat[at : at + _PIECE])
+    if rem:
+        out[:, 4 * full + rem + 1 :] = ord("=")
+    return out
+
+
+def _six_bits(trio: np.ndarray) -> np.ndarray:
+    """(rows, 3) bytes -> (rows, 4) six-bit values."""
+    b0, b1, b2 = trio[:, 0], trio[:, 1], trio[:, 2]
+    return np.stack([b0 >> 2, ((b0 & 3) << 4) | (b1 >> 4), ((b1 & 15) << 2) | (b2 >> 6),
+                     b2 & 63], axis=1)
+
+
 def decode_series(text: Any, n: int, where: str) -> np.ndarray:
     """Base64 text back to a float32 array of exactly n values."""
     if not isinstance(text, str):

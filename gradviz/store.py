@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import secrets
 import sys
 import threading
 import time
@@ -125,14 +126,18 @@ class History:
 
     def matrix(self) -> np.ndarray:
         """Every series at once, one contiguous row per column: (series x steps) float32."""
+        return self.rows(range(len(self.columns)))
+
+    def rows(self, cols: Sequence[int]) -> np.ndarray:
+        """Some series at once, one contiguous row per column: (len(cols) x steps) float32."""
         self._catch_up()
         with self._lock:
-            width, n = len(self.columns), len(self._steps)
-            out = _absent((width, n))
+            idx = np.asarray(cols, dtype=np.intp)
+            out = _absent((len(idx), len(self._steps)))
             at = 0
             for c, rows in self._blocks():
-                w = min(c.shape[1], width)
-                out[:w, at : at + rows] = c[:rows, :w].T
+                inside = idx < c.shape[1]  # (a series added later is absent before)
+                out[inside, at : at + rows] = c[:rows, idx[inside]].T
                 at += rows
             return out
 
@@ -193,7 +198,6 @@ class Recording:
     def to_document(self) -> dict[str, Any]:
         """The JSON document: latest step at top level, whole history below."""
         h = self.history
-        enc = schema.encode_value
         mat = h.matrix()  # one transposing copy: each series is then a contiguous row
         absent = schema.encode_series(schema.absent_array(len(h)))
 
@@ -201,6 +205,12 @@ class Recording:
             col = h.columns.get(key)
             return absent if col is None else schema.encode_series(mat[col])
 
+        return self._document(series)
+
+    def _document(self, series: Callable[[SeriesKey], str]) -> dict[str, Any]:
+        """to_document, with each history series' text from series(key)."""
+        h = self.history
+        enc = schema.encode_value
         nodes = []
         hist_nodes: dict[str, Any] = {}
         for nid, info in self.nodes.items():
@@ -255,10 +265,15 @@ def dumps(doc: dict[str, Any]) -> bytes:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file beside path, then rename: readers never see half a file."""
+    _write_atomic_parts(path, (data,))
+
+
+def _write_atomic_parts(path: Path, parts: Iterable[bytes | memoryview]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for data in parts:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -267,9 +282,57 @@ def write_atomic(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+SERIES_AT_ONCE = 64  # series gathered and encoded together when a file is streamed
+
+
+def write(path: Path, rec: Recording) -> None:
+    """Write rec to path atomically: the bytes of ``dumps(rec.to_document())``, streamed.
+
+    rec must not change meanwhile: pass a snapshot of a recording that is still growing.
+
+    The document goes through orjson with a short placeholder for each history series; the
+    series are then encoded, SERIES_AT_ONCE at a time, into the file between the skeleton's
+    pieces. So no copy of the whole history is ever held, and this thread (often a
+    background writer) hardly holds the GIL: numpy encodes without it, where one orjson call
+    over a big history holds it for a third of a second and stalls the training thread
+    that long (benchmarks/file_io.py).
+    """
+    h = rec.history
+    nonce = secrets.token_hex(8)
+    keys: list[SeriesKey] = []
+
+    def placeholder(key: SeriesKey) -> str:
+        keys.append(key)
+        return f"{nonce}{len(keys) - 1:08d}"
+
+    pieces = dumps(rec._document(placeholder)).split(nonce.encode())
+    if len(pieces) != len(keys) + 1:  # the nonce also in the user's own text: not streamed
+        write_atomic(path, dumps(rec.to_document()))
+        return
+    order = [keys[int(p[:8])] for p in pieces[1:]]
+    absent = schema.encode_rows(schema.absent_array(len(h)).reshape(1, -1))[0].data
+
+    def chunks() -> Iterable[bytes | memoryview]:
+        yield pieces[0]
+        for at in range(0, len(order), SERIES_AT_ONCE):
+            cols = [h.columns.get(k) for k in order[at : at + SERIES_AT_ONCE]]
+            text = schema.encode_rows(h.rows([c for c in cols if c is not None]))
+            row = 0
+            for i, col in enumerate(cols):
+                if col is None:
+                    yield absent
+                else:
+                    yield text[row].data
+                    row += 1
+                yield pieces[1 + at + i][8:]
+            time.sleep(0)  # let the training thread have the GIL
+
+    _write_atomic_parts(path, chunks())
+
+
 def save(path: Path, rec: Recording) -> None:
-    """Write a whole Recording now (atomically)."""
-    write_atomic(path, dumps(rec.to_document()))
+    """Write a whole Recording now (atomically), as it is when called."""
+    write(path, rec.snapshot())
 
 
 def backup_existing(path: Path) -> Path | None:
@@ -289,9 +352,12 @@ class Writer:
     """Writes a Recording now and then from a background thread, and once more at the end.
 
     Training never waits for the disk: a flush takes a snapshot and hands it over. The
-    interval stretches when writes get slow (big histories), so writing stays a small
-    fraction of wall time.
+    interval stretches when writes get slow (big histories) to WRITE_COST_SHARE's
+    inverse times the last write, so writing takes at most a tenth of wall time (and
+    slows training by a fifth of that on 2 cores: benchmarks/file_io.py).
     """
+
+    WRITE_COST_SHARE = 0.1
 
     def __init__(self, path: Path, every_seconds: float = 2.0) -> None:
         self.path = path
@@ -304,7 +370,7 @@ class Writer:
 
     def due(self) -> bool:
         """Whether enough time has passed since the last flush."""
-        interval = max(self.every_seconds, 4 * self._last_cost)
+        interval = max(self.every_seconds, self._last_cost / self.WRITE_COST_SHARE)
         return time.monotonic() - self._last_flush >= interval
 
     def flush(self, rec: Recording, wait: bool = False) -> None:
@@ -327,7 +393,7 @@ class Writer:
         t0 = time.monotonic()
         try:
             with self._lock:
-                write_atomic(self.path, dumps(rec.to_document()))
+                write(self.path, rec)
             self.error = None
         except BaseException as e:  # reported by the next flush(wait=True)
             self.error = e

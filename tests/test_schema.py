@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from importlib import resources
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 import gradviz
-from gradviz import store
+from gradviz import schema, store
 from gradviz.errors import FileFormatError, UnknownVersionError
 
 SCHEMA = json.loads(resources.files("gradviz").joinpath("schema.json").read_text())
@@ -169,3 +170,73 @@ def test_recording_without_steps_writes_a_valid_file(tmp_path) -> None:
     path.write_bytes(store.dumps(rec.to_document()))
     validate_against_schema(path)
     assert gradviz.load(path).steps == []
+
+
+def _many_series(steps: int = 2 * store.CHUNK_ROWS + 5, layers: int = 45) -> store.Recording:
+    """Over SERIES_AT_ONCE series over several chunks: columns that start late, a parameter
+    that never gets one (absent throughout), NaN and inf, and user text that needs escaping."""
+    rec = store.Recording(meta={"model": "Toy", "note": 'a "quote", a \\ and \u00fc'})
+    rng = np.random.default_rng(0)
+    h = rec.history
+    for i in range(layers):
+        rec.nodes[f"l{i}"] = {
+            "kind": "layer", "type": "Linear", "param_count": 6, "order": i,
+            "params": {"weight": {"shape": [2, 2], "numel": 4, "trainable": True},
+                       "bias": {"shape": [2], "numel": 2, "trainable": True}}}
+        if i:
+            rec.edges[f"l{i - 1}->l{i}"] = {"source": f"l{i - 1}", "target": f"l{i}", "via": []}
+    h.column(("loss",))
+    for step in range(steps):
+        i = step // 40
+        if i < layers and step % 40 == 0:  # layer i's series start at step 40 i
+            h.column(("node", f"l{i}", "gradient_norm"))
+            h.column(("param", f"l{i}", "weight"))
+            if i % 2:
+                h.column(("param", f"l{i}", "bias"))  # even layers' biases: never
+            if i:
+                h.column(("edge", f"l{i - 1}->l{i}"))
+        values = np.abs(rng.standard_normal(len(h.columns))).astype(np.float32)
+        values[rng.random(len(values)) < 0.01] = np.nan
+        values[rng.random(len(values)) < 0.01] = np.inf
+        h.append(step, list(h.columns.values()), values)
+    return rec
+
+
+def test_streamed_write_gives_the_documents_exact_bytes(tmp_path) -> None:
+    """store.write streams the series between the pieces of a skeleton: the file must be
+    byte for byte what orjson makes of the whole document."""
+    rec = _many_series()
+    assert len(rec.history.columns) > 2 * store.SERIES_AT_ONCE
+    path = tmp_path / "t.json"
+    store.write(path, rec)
+    assert path.read_bytes() == store.dumps(rec.to_document())
+    validate_against_schema(path)
+    run = gradviz.load(path)
+    assert run.param_history("l0", "bias") == [None] * len(run.steps)  # absent throughout
+    assert run.edge_history("l3->l4")[:160] == [None] * 160  # starts at step 160
+    assert run.edge_history("l3->l4")[160] is not None
+
+
+def test_streamed_write_with_the_placeholder_in_the_users_text(tmp_path, monkeypatch) -> None:
+    """The placeholders carry a random nonce; should the user's text contain it, the write
+    falls back to the whole document at once, with the same bytes."""
+    rec = _many_series(steps=30, layers=3)
+    monkeypatch.setattr(store.secrets, "token_hex", lambda n: "Linear")  # in every node
+    path = tmp_path / "t.json"
+    store.write(path, rec)
+    assert path.read_bytes() == store.dumps(rec.to_document())
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4, 5, 7, 100])
+def test_encode_rows_is_base64_of_each_row(steps: int) -> None:
+    """The numpy encoder the file writer uses gives the standard library's bytes, whatever
+    the length mod 3 (the = padding), for NaN, inf, absent and every other bit pattern."""
+    rng = np.random.default_rng(steps)
+    block = rng.integers(0, 2**32, size=(9, steps), dtype=np.uint32).view(np.float32)
+    if steps:
+        block[0, 0], block[1, -1], block[2, 0] = np.nan, np.inf, schema.absent_array(1)[0]
+    got = schema.encode_rows(block)
+    assert got.dtype == np.uint8 and got.shape[0] == 9
+    for row, text in zip(block, got, strict=True):
+        assert text.tobytes() == base64.b64encode(row.astype("<f4").tobytes())
+        assert schema.encode_series(row) == text.tobytes().decode("ascii")
