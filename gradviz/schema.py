@@ -96,8 +96,9 @@ def encode_rows(block: np.ndarray) -> np.ndarray:
     does: a background writer encoding a big history this way hardly holds up the training
     thread, where the standard library's base64 holds the GIL throughout.
     """
-    raw = np.ascontiguousarray(block, dtype="<f4").view(np.uint8)
-    return _base64_rows(raw.reshape(raw.shape[0], -1))
+    rows, n = block.shape
+    raw = np.ascontiguousarray(block, dtype="<f4").view(np.uint8).reshape(rows, 4 * n)
+    return _base64_rows(raw)
 
 
 def _base64_rows(raw: np.ndarray) -> np.ndarray:

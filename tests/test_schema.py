@@ -240,3 +240,24 @@ def test_encode_rows_is_base64_of_each_row(steps: int) -> None:
     for row, text in zip(block, got, strict=True):
         assert text.tobytes() == base64.b64encode(row.astype("<f4").tobytes())
         assert schema.encode_series(row) == text.tobytes().decode("ascii")
+    assert schema.encode_rows(block[:0]).shape[0] == 0  # no series at all
+
+
+def test_streamed_write_of_no_steps_and_of_long_runs_of_absent_series(tmp_path) -> None:
+    """A block of series may all be absent (frozen layers' parameters), and a recording
+    may have no step yet: the same bytes as the whole document, and a file that loads."""
+    rec = store.Recording(meta={"model": "Toy"})
+    path = tmp_path / "t.json"
+    store.write(path, rec)  # nothing at all
+    assert path.read_bytes() == store.dumps(rec.to_document())
+    for i in range(3 * store.SERIES_AT_ONCE):
+        rec.nodes[f"l{i}"] = {"kind": "layer", "type": "Linear", "param_count": 2, "params": {
+            "weight": {"shape": [2], "numel": 2, "trainable": False}}}
+    col = rec.history.column(("node", "l0", "gradient_norm"))
+    store.write(path, rec)  # no step yet
+    assert path.read_bytes() == store.dumps(rec.to_document())
+    rec.history.append(0, [col], [1.0])  # one series present, 3 blocks of absent weights
+    store.write(path, rec)
+    assert path.read_bytes() == store.dumps(rec.to_document())
+    run = gradviz.load(path)
+    assert run.node_history("l0") == [1.0] and run.param_history("l9", "weight") == [None]
