@@ -1015,7 +1015,11 @@ class Recorder:
                 self._drain_locked(rows)
 
     def _drain_locked(self, rows: _Rows) -> None:
-        k, lay = len(rows.steps), rows.layout
+        # Taken off the buffer first: a read coming back in here from the same thread (a
+        # signal handler saving the file mid-drain) finds nothing left to add twice.
+        steps, losses = rows.steps, rows.losses
+        rows.steps, rows.losses = [], []
+        k, lay = len(steps), rows.layout
         try:
             host = rows.buf[:k].numpy().astype(np.float64)
             values = [host[:, lay.take]]  # sqrt(x^2) of a float32 x is x in float64
@@ -1025,19 +1029,16 @@ class Recorder:
             if lay.n_stat:
                 values.append(_sums(host[:, lay.stat_at], lay.stat_group, lay.n_stat)
                               / lay.stat_count)
-            if rows.losses:
-                values.append(np.asarray(rows.losses, dtype=np.float64).reshape(k, 1))
+            if losses:
+                values.append(np.asarray(losses, dtype=np.float64).reshape(k, 1))
             table = np.concatenate(values, axis=1) if len(values) > 1 else values[0]
             with np.errstate(over="ignore"):  # a norm beyond float32's range is inf, quietly
                 table = table.astype(np.float32)
             hist = self._recording.history
-            for step, row in zip(rows.steps, table, strict=True):
+            for step, row in zip(steps, table, strict=True):
                 hist.append(step, lay.cols, row)
         except Exception as e:
             self._fail(e)
-        finally:
-            rows.steps.clear()
-            rows.losses.clear()
 
     def _layout(self, present: tuple[int, ...], pending: tuple[int, ...],
                 stats: tuple[tuple[int, ...], ...], loss_kind: int) -> _Layout:
@@ -1121,8 +1122,9 @@ class Recorder:
         self._stats.clear()
         self._local.clear()
         self._made_by.clear()
+        self._drain()  # (without a file too: a History kept from rec.recording has it all)
         if self._writer is not None:
-            self._writer.flush(self.recording, wait=True)
+            self._writer.flush(self._recording, wait=True)
 
     def to_run(self) -> store.Run:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""

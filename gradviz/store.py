@@ -106,49 +106,65 @@ class History:
         self._used += 1
         steps.append(step)
 
-    def _blocks(self) -> list[tuple[np.ndarray, int]]:
-        """(chunk, rows used) for every chunk, oldest first."""
-        return [(c, c.shape[0]) for c in self._chunks[:-1]] + (
-            [(self._chunks[-1], self._used)] if self._chunks else []
-        )
+    def _blocks(self, start: int = 0, stop: int | None = None) -> list[tuple[np.ndarray, int, int]]:
+        """(chunk, first row, end row) of the recorded rows start:stop, oldest first.
+
+        Counted from len(steps), which _append changes last: a read that comes in the
+        middle of an append (a signal handler saving the file) sees the rows before it.
+        """
+        n = len(self._steps)
+        stop = n if stop is None else min(stop, n)
+        out, at = [], 0  # at: the first row of chunk c
+        for c in self._chunks:
+            if at >= stop:
+                break
+            lo, hi = max(start - at, 0), min(stop - at, c.shape[0])
+            if lo < hi:
+                out.append((c, lo, hi))
+            at += c.shape[0]
+        return out
 
     def series(self, key: SeriesKey) -> np.ndarray:
         """A copy of one series over all recorded steps (absent marker where missing)."""
-        self._catch_up()
-        with self._lock:
-            col = self.columns.get(key)
-            if col is None or not self._steps:
-                return schema.absent_array(len(self._steps))
-            return np.concatenate([
-                c[:rows, col] if col < c.shape[1] else schema.absent_array(rows)
-                for c, rows in self._blocks()
-            ])
+        col = self.columns.get(key)
+        if col is None:
+            return schema.absent_array(len(self))
+        return self.rows([col])[0]
 
     def matrix(self) -> np.ndarray:
         """Every series at once, one contiguous row per column: (series x steps) float32."""
-        return self.rows(range(len(self.columns)))
-
-    def rows(self, cols: Sequence[int]) -> np.ndarray:
-        """Some series at once, one contiguous row per column: (len(cols) x steps) float32."""
         self._catch_up()
         with self._lock:
-            idx = np.asarray(cols, dtype=np.intp)
-            out = _absent((len(idx), len(self._steps)))
-            at = 0
-            for c, rows in self._blocks():
-                inside = idx < c.shape[1]  # (a series added later is absent before)
-                out[inside, at : at + rows] = c[:rows, idx[inside]].T
-                at += rows
-            return out
+            return self._rows(range(len(self.columns)), 0, None)
+
+    def rows(self, cols: Sequence[int], start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Some series at once, one contiguous row per column: (len(cols) x steps) float32,
+        of the recorded steps start:stop (by place, not step number)."""
+        self._catch_up()
+        with self._lock:
+            return self._rows(cols, start, stop)
+
+    def _rows(self, cols: Sequence[int], start: int, stop: int | None) -> np.ndarray:
+        idx = np.asarray(cols, dtype=np.intp)
+        blocks = self._blocks(start, stop)
+        out = _absent((len(idx), sum(hi - lo for _, lo, hi in blocks)))
+        at = 0
+        for c, lo, hi in blocks:
+            inside = idx < c.shape[1]  # (a series added later is absent before)
+            out[inside, at : at + hi - lo] = c[lo:hi, idx[inside]].T
+            at += hi - lo
+        return out
 
     def last(self, key: SeriesKey) -> float | None:
         """The latest recorded value of a series, None if absent."""
         self._catch_up()
         with self._lock:
             col = self.columns.get(key)
-            if col is None or not self._steps or col >= self._chunks[-1].shape[1]:
+            blocks = self._blocks(len(self._steps) - 1)
+            if col is None or not blocks or col >= blocks[-1][0].shape[1]:
                 return None
-            v = self._chunks[-1][self._used - 1 : self._used, col]
+            c, _, hi = blocks[-1]
+            v = c[hi - 1 : hi, col]
             return None if bool(schema.absent_mask(v)[0]) else float(v[0])
 
     def snapshot(self) -> History:
@@ -156,11 +172,13 @@ class History:
         self._catch_up()
         h = History()
         with self._lock:
-            h._steps = list(self._steps)
+            blocks = self._blocks()
+            h._steps = self._steps[: sum(hi - lo for _, lo, hi in blocks)]
             h.columns = dict(self.columns)
-            if self._chunks:
-                h._chunks = [*self._chunks[:-1], self._chunks[-1][: self._used].copy()]
-                h._used = self._used
+            if blocks:
+                c, _, used = blocks[-1]
+                h._chunks = [*[b[0] for b in blocks[:-1]], c[:used].copy()]
+                h._used = used
         return h
 
     def nbytes(self) -> int:
@@ -168,6 +186,17 @@ class History:
         self._catch_up()
         with self._lock:
             return sum(c.nbytes for c in self._chunks)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (or deep-copied) without the lock and the recorder's callback."""
+        snap = self.snapshot()
+        return {"steps": snap._steps, "columns": snap.columns, "chunks": snap._chunks,
+                "used": snap._used}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+        self._steps, self.columns = state["steps"], state["columns"]
+        self._chunks, self._used = state["chunks"], state["used"]
 
 
 def _absent(shape: tuple[int, int]) -> np.ndarray:
@@ -187,17 +216,24 @@ class Recording:
 
     def snapshot(self) -> Recording:
         """A copy that training may not change while it is written."""
+        # (list(d.items()) copies in one go: a layer or edge added meanwhile by another
+        # thread cannot change the dict while it is walked)
         return Recording(
             meta=dict(self.meta),
-            nodes={k: dict(v) for k, v in self.nodes.items()},
-            edges={k: dict(v) for k, v in self.edges.items()},
+            nodes={k: dict(v) for k, v in list(self.nodes.items())},
+            edges={k: dict(v) for k, v in list(self.edges.items())},
             history=self.history.snapshot(),
             findings=list(self.findings),
         )
 
     def to_document(self) -> dict[str, Any]:
-        """The JSON document: latest step at top level, whole history below."""
-        h = self.history
+        """The JSON document: latest step at top level, whole history below.
+
+        Made from a snapshot: one consistent step count, also while training goes on in
+        another thread.
+        """
+        rec = self.snapshot()
+        h = rec.history
         mat = h.matrix()  # one transposing copy: each series is then a contiguous row
         absent = schema.encode_series(schema.absent_array(len(h)))
 
@@ -205,10 +241,12 @@ class Recording:
             col = h.columns.get(key)
             return absent if col is None else schema.encode_series(mat[col])
 
-        return self._document(series)
+        return rec._document(series)
 
-    def _document(self, series: Callable[[SeriesKey], str]) -> dict[str, Any]:
-        """to_document, with each history series' text from series(key)."""
+    def _document(self, series: Callable[[SeriesKey], str],
+                  steps: Any = None) -> dict[str, Any]:
+        """to_document, with each history series' text from series(key) (and the step list
+        replaced by steps, if given)."""
         h = self.history
         enc = schema.encode_value
         nodes = []
@@ -250,7 +288,7 @@ class Recording:
             "findings": self.findings,
             "history": {
                 "encoding": schema.SERIES_ENCODING,
-                "steps": list(h.steps),
+                "steps": list(h.steps) if steps is None else steps,
                 "loss": series(("loss",)),
                 "nodes": hist_nodes,
                 "edges": hist_edges,
@@ -282,7 +320,10 @@ def _write_atomic_parts(path: Path, parts: Iterable[bytes | memoryview]) -> None
             tmp.unlink()
 
 
-SERIES_AT_ONCE = 64  # series gathered and encoded together when a file is streamed
+SERIES_AT_ONCE = 64  # series gathered and encoded together when a file is streamed...
+BLOCK_VALUES = 1 << 20  # ... up to this many values at once (4 MB of float32)
+STEPS_AT_ONCE = 1 << 12  # step numbers written at once
+_STEPS: SeriesKey = ("history.steps",)  # (the step list's placeholder, beside the series)
 
 
 def write(path: Path, rec: Recording) -> None:
@@ -290,12 +331,14 @@ def write(path: Path, rec: Recording) -> None:
 
     rec must not change meanwhile: pass a snapshot of a recording that is still growing.
 
-    The document goes through orjson with a short placeholder for each history series; the
-    series are then encoded, SERIES_AT_ONCE at a time, into the file between the skeleton's
-    pieces. So no copy of the whole history is ever held, and this thread (often a
-    background writer) hardly holds the GIL: numpy encodes without it, where one orjson call
-    over a big history holds it for a third of a second and stalls the training thread
-    that long (benchmarks/file_io.py).
+    The document goes through orjson with a short placeholder for each history series and
+    for the step list; these are then written into the file between the skeleton's
+    pieces: the series up to SERIES_AT_ONCE series or BLOCK_VALUES values at a time (a
+    longer series in pieces), base64-encoded by numpy. So memory on top stays within a
+    few blocks whatever the history's size, and this thread (often a background writer)
+    hardly holds the GIL: numpy encodes without it, where one orjson call over a big
+    history holds it for a third of a second and stalls the training thread that long
+    (benchmarks/file_io.py).
     """
     h = rec.history
     nonce = secrets.token_hex(8)
@@ -305,29 +348,85 @@ def write(path: Path, rec: Recording) -> None:
         keys.append(key)
         return f"{nonce}{len(keys) - 1:08d}"
 
-    pieces = dumps(rec._document(placeholder)).split(nonce.encode())
+    # (the step list too: orjson takes about 15 bytes a step to indent one, 33 MB for
+    # 200,000 steps)
+    pieces = dumps(rec._document(placeholder, placeholder(_STEPS))).split(nonce.encode())
     if len(pieces) != len(keys) + 1:  # the nonce also in the user's own text: not streamed
         write_atomic(path, dumps(rec.to_document()))
         return
     order = [keys[int(p[:8])] for p in pieces[1:]]
-    absent = schema.encode_rows(schema.absent_array(len(h)).reshape(1, -1))[0].data
+    # after placeholder i comes pieces[1 + i][8:]; the step list is a list, not a string
+    at = order.index(_STEPS)
+    pieces[at], pieces[at + 1] = pieces[at][:-1], pieces[at + 1][:8] + pieces[at + 1][9:]
+    indent = pieces[at].rsplit(b"\n", 1)[-1][: -len(b'"steps": ')]
+    n = len(h)
+    # Steps encoded at once: a multiple of 3 values (12 bytes), so that the base64 texts
+    # of consecutive pieces of a series join into the base64 text of the whole series.
+    span = max(3, BLOCK_VALUES // 3 * 3)
+    per = max(1, min(SERIES_AT_ONCE, BLOCK_VALUES // max(n, 1)))
+    absent: dict[int, memoryview] = {}
 
-    def chunks() -> Iterable[bytes | memoryview]:
-        yield pieces[0]
-        for at in range(0, len(order), SERIES_AT_ONCE):
-            cols = [h.columns.get(k) for k in order[at : at + SERIES_AT_ONCE]]
+    def absent_text(length: int) -> memoryview:
+        if length not in absent:
+            one = schema.absent_array(length).reshape(1, length)
+            absent[length] = schema.encode_rows(one)[0].data
+        return absent[length]
+
+    def block(first: int, cols: list[int | None]) -> Iterable[bytes | memoryview]:
+        """The texts of the series at order[first:first + len(cols)], each with the piece
+        after it."""
+        if n <= span:  # each series whole, the block's together
             text = schema.encode_rows(h.rows([c for c in cols if c is not None]))
             row = 0
             for i, col in enumerate(cols):
                 if col is None:
-                    yield absent
+                    yield absent_text(n)
                 else:
                     yield text[row].data
                     row += 1
-                yield pieces[1 + at + i][8:]
+                yield pieces[1 + first + i][8:]
+            return
+        for i, col in enumerate(cols):  # a long series, span steps at a time
+            for lo in range(0, n, span):
+                hi = min(n, lo + span)
+                yield (absent_text(hi - lo) if col is None
+                       else schema.encode_rows(h.rows([col], lo, hi))[0].data)
+                time.sleep(0)
+            yield pieces[1 + first + i][8:]
+
+    def chunks() -> Iterable[bytes | memoryview]:
+        yield pieces[0]
+        first = 0
+        while first < len(order):
+            if order[first] == _STEPS:
+                yield from _steps_text(h.steps, indent)
+                yield pieces[1 + first][8:]
+                first += 1
+                continue
+            cols: list[int | None] = []
+            while (first + len(cols) < len(order) and len(cols) < per
+                   and order[first + len(cols)] != _STEPS):
+                cols.append(h.columns.get(order[first + len(cols)]))
+            yield from block(first, cols)
+            first += len(cols)
             time.sleep(0)  # let the training thread have the GIL
 
     _write_atomic_parts(path, chunks())
+
+
+def _steps_text(steps: list[int], indent: bytes) -> Iterable[bytes]:
+    """A list of step numbers as orjson writes it with OPT_INDENT_2, at this indent."""
+    if not steps:
+        yield b"[]"
+        return
+    between = b",\n" + indent + b"  "
+    yield b"[\n" + indent + b"  "
+    for at in range(0, len(steps), STEPS_AT_ONCE):
+        if at:
+            yield between
+        yield between.join([b"%d" % s for s in steps[at : at + STEPS_AT_ONCE]])
+        time.sleep(0)
+    yield b"\n" + indent + b"]"
 
 
 def save(path: Path, rec: Recording) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import threading
 import warnings
 from collections import defaultdict
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from autograd_reference import Reference, rel_close
 from torch import nn
 
 import gradviz
-from gradviz import capture, demos
+from gradviz import capture, demos, store
 from gradviz.errors import RecordingError
 
 
@@ -600,6 +602,8 @@ def test_a_history_held_on_to_is_never_behind() -> None:
                         n = len(h.steps)
                         assert h.steps[:n] == list(range(n))
                         assert h.matrix().shape[1] >= n
+                        run = rec.to_run()  # one consistent document, checked on the way
+                        assert len(run.steps) >= n and len(run.loss) == len(run.steps)
                         reads[0] += 1
                     except Exception as e:  # (reported below, in the test's thread)
                         errors.append(e)
@@ -658,6 +662,54 @@ def test_exploding_norms_are_recorded_without_numpy_warnings(general: bool) -> N
     assert run.param_history("0", "weight") == [pytest.approx(big)] * 2
     assert run.param_history("0", "bias") == [pytest.approx(big)] * 2
     assert run.node_history("0") == [math.inf] * 2  # sqrt(2) * 3e38
+
+
+def test_a_kept_history_has_every_step_after_the_recorder_is_gone() -> None:
+    """Without a file, leaving the with block still empties the row buffer: a History kept
+    from rec.recording does not depend on the recorder living on."""
+    x, y = batch("mlp")
+    model = demos.MLP()
+
+    def train() -> store.History:
+        with gradviz.record(model, path=None) as rec:
+            h = rec.recording.history  # (taken before: reading rec.recording drains)
+            for _ in range(10):
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                rec.step(loss)
+        return h
+
+    h = train()
+    gc.collect()  # (the recorder is in reference cycles: now it is gone)
+    assert h.before_read is not None  # its callback outlived it, harmlessly
+    assert h.steps == list(range(10)) and len(h.series(("loss",))) == 10
+
+
+def test_a_read_from_inside_a_drain_adds_nothing_twice() -> None:
+    """A read of the history that comes back into the drain from the same thread (a signal
+    handler saving the file while buffered rows go in) must not add them twice."""
+    x, y = batch("mlp")
+    model = demos.MLP()
+    with gradviz.record(model, path=None) as rec:
+        for _ in range(5):
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+        h = rec._recording.history
+        append, seen = h.append, []
+
+        def append_then_read(*args: Any) -> None:
+            append(*args)
+            seen.append(len(h.snapshot()))  # a read: catches up, from inside the drain
+
+        h.append = append_then_read  # type: ignore[method-assign]
+        assert len(rec.recording.history) == 5
+        h.append = append  # type: ignore[method-assign]
+    assert not rec._failed
+    assert seen == [1, 2, 3, 4, 5]
+    assert h.steps == list(range(5))
 
 
 def test_lean_path_combines_several_values_bit_for_bit() -> None:

@@ -8,7 +8,9 @@ when no tensor and no graph of that step survived it.
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import time
 import tracemalloc
 import warnings
@@ -225,10 +227,85 @@ def test_the_writer_waits_longer_after_a_slow_write(tmp_path) -> None:
     now = time.monotonic()
     w._last_flush, w._last_cost = now - 3.0, 0.01  # a quick write: the usual 2 s
     assert w.due()
-    w._last_flush, w._last_cost = now - 3.0, 1.0
+    w._last_flush, w._last_cost = now - 8.0, 1.0  # (due at 4x the last write: not now)
     assert not w.due()
     w._last_flush = now - 10.5
     assert w.due()
+
+
+def test_a_long_narrow_history_is_written_in_pieces(tmp_path, monkeypatch) -> None:
+    """Few series over many steps: blocks are bounded by BLOCK_VALUES, a series longer than
+    that goes in pieces whose base64 joins into the series' own, and memory on top stays
+    within a few blocks however long the history is."""
+    monkeypatch.setattr(store, "BLOCK_VALUES", 1 << 12)
+    rec = store.Recording(meta={"model": "Toy"})
+    h = rec.history
+    rec.nodes["a"] = {"kind": "layer", "type": "Linear", "param_count": 4, "params": {
+        "weight": {"shape": [4], "numel": 4, "trainable": True},
+        "bias": {"shape": [4], "numel": 4, "trainable": True}}}  # bias: absent throughout
+    for k in range(8):
+        rec.edges[f"e{k}"] = {"source": "a", "target": "a", "via": []}
+    cols = [h.column(("edge", f"e{k}")) for k in range(8)] + [h.column(("loss",)),
+                                                              h.column(("param", "a", "weight"))]
+    steps = 12 * (1 << 12) + 7  # (not a multiple of the piece length)
+    rng = np.random.default_rng(0)
+    values = rng.random((steps, len(cols))).astype(np.float32)
+    for step in range(steps):
+        h.append(step, cols, values[step])
+    own = steps * len(cols) * 4  # 2 MB
+    path = tmp_path / "t.json"
+    tracemalloc.start()
+    try:
+        store.write(path, rec)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert path.read_bytes() == store.dumps(rec.to_document())
+    run = gradviz.load(path)
+    assert np.array_equal(run.array(("edge", "e3")), values[:, 3])
+    assert run.param_history("a", "bias") == [None] * steps
+    assert peak < 0.5 * own, f"writing took {peak / own:.2f}x the history on top"
+
+
+def test_reads_in_the_middle_of_an_append_see_the_rows_before_it() -> None:
+    """append changes len(steps) last, and every read counts rows from it: a read that
+    comes in the middle (a signal handler) sees a whole history, without the new row."""
+    h = store.History()
+    col = h.column(("loss",))
+    for step in range(16):  # the first chunk (16 rows) exactly full
+        h.append(step, [col], [float(step)])
+    before = (h.matrix().copy(), h.steps[:], h.last(("loss",)))
+    h._chunks.append(store._absent((16, 1)))  # an append that has made its new chunk,
+    h._chunks[-1][0, 0] = 99.0  # written its row
+    h._used = 1  # and moved its cursor, but not yet added the step
+    assert np.array_equal(h.matrix(), before[0]) and h.steps == before[1]
+    assert h.last(("loss",)) == before[2] == 15.0
+    snap = h.snapshot()
+    assert len(snap) == 16 and np.array_equal(snap.matrix(), before[0])
+    assert h.series(("loss",)).tolist() == list(map(float, range(16)))
+    h._steps.append(16)  # the append ends: now the row is there
+    assert h.last(("loss",)) == 99.0 and h.matrix().shape == (1, 17)
+
+
+def test_a_recording_pickles_and_deep_copies_without_its_recorder() -> None:
+    """torch.save(rec.recording) or a multiprocessing queue: the lock and the recorder's
+    callback stay behind, every buffered step comes along."""
+    model, x, y, opt = _setup("mlp")
+    with gradviz.record(model, path=None) as rec:
+        h = rec.recording.history
+        for _ in range(5):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+        assert h.before_read is not None
+        for copied in (pickle.loads(pickle.dumps(rec._recording)), copy.deepcopy(rec._recording)):
+            assert copied.history.before_read is None
+            assert copied.history.steps == list(range(5))
+            assert np.array_equal(copied.history.matrix().view("<u4"), h.matrix().view("<u4"))
+            copied.history.append(5, [0], [1.0])  # it is a History of its own
+        assert len(h) == 5
 
 
 def test_recording_grows_by_about_the_history_size() -> None:

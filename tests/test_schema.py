@@ -202,9 +202,14 @@ def _many_series(steps: int = 2 * store.CHUNK_ROWS + 5, layers: int = 45) -> sto
     return rec
 
 
-def test_streamed_write_gives_the_documents_exact_bytes(tmp_path) -> None:
-    """store.write streams the series between the pieces of a skeleton: the file must be
-    byte for byte what orjson makes of the whole document."""
+@pytest.mark.parametrize("block", [None, 5 * (2 * store.CHUNK_ROWS + 5), 7])
+def test_streamed_write_gives_the_documents_exact_bytes(tmp_path, monkeypatch, block) -> None:
+    """store.write streams the step list and the series between the pieces of a skeleton:
+    the file must be byte for byte what orjson makes of the whole document, with blocks of
+    64 series, of 5 (BLOCK_VALUES), and with every series in pieces of 6 steps."""
+    if block is not None:
+        monkeypatch.setattr(store, "BLOCK_VALUES", block)
+        monkeypatch.setattr(store, "STEPS_AT_ONCE", 100)
     rec = _many_series()
     assert len(rec.history.columns) > 2 * store.SERIES_AT_ONCE
     path = tmp_path / "t.json"
