@@ -248,24 +248,33 @@ class Recording:
         """to_document, with each history series' text from series(key) (and the step list
         replaced by steps, if given)."""
         h = self.history
-        enc = schema.encode_value
+        n = len(h)
+        final = h.rows(range(len(h.columns)), max(n - 1, 0))[:, -1:].reshape(-1)  # last row
+        absent = schema.absent_mask(final)
+
+        def enc(key: SeriesKey) -> Any:  # the latest value of a series, as JSON
+            col = h.columns.get(key)
+            if col is None or col >= len(final) or absent[col]:
+                return None
+            return schema.encode_value(float(final[col]))
+
         nodes = []
         hist_nodes: dict[str, Any] = {}
         for nid, info in self.nodes.items():
             node = {"id": nid, **info}
             params = {}
             for pname, pinfo in info.get("params", {}).items():
-                params[pname] = {**pinfo, "gradient_norm": enc(h.last(("param", nid, pname)))}
+                params[pname] = {**pinfo, "gradient_norm": enc(("param", nid, pname))}
             node["params"] = params
             hist: dict[str, Any] = {}
             for key in schema.NODE_SERIES:
-                node[key] = enc(h.last(("node", nid, key)))
+                node[key] = enc(("node", nid, key))
                 if ("node", nid, key) in h.columns:
                     hist[key] = series(("node", nid, key))
             stats = {}
             for key in schema.STAT_SERIES:
                 if ("node", nid, key) in h.columns:
-                    stats[key] = enc(h.last(("node", nid, key)))
+                    stats[key] = enc(("node", nid, key))
                     hist[key] = series(("node", nid, key))
             if stats:
                 node["stats"] = stats
@@ -276,9 +285,9 @@ class Recording:
         edges = []
         hist_edges = {}
         for eid, info in self.edges.items():
-            edges.append({"id": eid, **info, "gradient_norm": enc(h.last(("edge", eid)))})
+            edges.append({"id": eid, **info, "gradient_norm": enc(("edge", eid))})
             hist_edges[eid] = {"gradient_norm": series(("edge", eid))}
-        meta = {**self.meta, "steps": len(h), "last_step": h.steps[-1] if h.steps else None}
+        meta = {**self.meta, "steps": n, "last_step": h.steps[-1] if n else None}
         return {
             "format": schema.FORMAT_NAME,
             "version": schema.FORMAT_VERSION,
