@@ -177,13 +177,17 @@ class _Rows:
     costs a step a fraction of what it would alone (with the caches cold after backward).
     """
 
-    __slots__ = ("buf", "layout", "losses", "steps")
+    __slots__ = ("buf", "layout", "next", "steps")
 
     def __init__(self, layout: _Layout) -> None:
         self.layout = layout
         self.buf = torch.empty((ROWS_AT_ONCE, layout.width), dtype=torch.float32)
-        self.steps: list[int] = []
-        self.losses: list[float] = []  # a loss passed as a number
+        # (step, its row of buf, its loss if given as a number), added once the row is
+        # written, in one append: a drain between the two (a signal handler reading the
+        # history) leaves this step for the next. Rows are used in turn (next), so the at
+        # most ROWS_AT_ONCE steps waiting are in different rows.
+        self.steps: list[tuple[int, int, float | None]] = []
+        self.next = 0
 
 
 def _grad_outputs(output: Any) -> list[torch.Tensor]:
@@ -1000,10 +1004,10 @@ class Recorder:
                 self._drain()
             if rows is None or rows.layout is not lay:
                 rows = self._rows = _Rows(lay)
-            rows.buf[len(rows.steps)].copy_(flat)  # the one transfer (from a GPU: to the host)
-            rows.steps.append(step)
-            if loss_kind == 2:
-                rows.losses.append(float(loss))  # type: ignore[arg-type]
+            at = rows.next % ROWS_AT_ONCE
+            rows.buf[at].copy_(flat)  # the one transfer (from a GPU: to the host)
+            rows.next += 1
+            rows.steps.append((step, at, float(loss) if loss_kind == 2 else None))  # type: ignore[arg-type]
 
     def _drain(self) -> None:
         """Put the buffered lean steps into the history, all in one go."""
@@ -1017,11 +1021,11 @@ class Recorder:
     def _drain_locked(self, rows: _Rows) -> None:
         # Taken off the buffer first: a read coming back in here from the same thread (a
         # signal handler saving the file mid-drain) finds nothing left to add twice.
-        steps, losses = rows.steps, rows.losses
-        rows.steps, rows.losses = [], []
-        k, lay = len(steps), rows.layout
+        waiting, rows.steps = rows.steps, []
+        k, lay = len(waiting), rows.layout
         try:
-            host = rows.buf[:k].numpy().astype(np.float64)
+            at = [a for _, a, _ in waiting]
+            host = rows.buf.numpy()[at].astype(np.float64)
             values = [host[:, lay.take]]  # sqrt(x^2) of a float32 x is x in float64
             if lay.n_sq:
                 values.append(np.sqrt(_sums(np.square(host[:, lay.sq_at]), lay.sq_group,
@@ -1029,13 +1033,14 @@ class Recorder:
             if lay.n_stat:
                 values.append(_sums(host[:, lay.stat_at], lay.stat_group, lay.n_stat)
                               / lay.stat_count)
-            if losses:
+            if waiting[0][2] is not None:  # (the layout says how the loss came: all alike)
+                losses = [loss for _, _, loss in waiting]
                 values.append(np.asarray(losses, dtype=np.float64).reshape(k, 1))
             table = np.concatenate(values, axis=1) if len(values) > 1 else values[0]
             with np.errstate(over="ignore"):  # a norm beyond float32's range is inf, quietly
                 table = table.astype(np.float32)
             hist = self._recording.history
-            for step, row in zip(steps, table, strict=True):
+            for (step, _, _), row in zip(waiting, table, strict=True):
                 hist.append(step, lay.cols, row)
         except Exception as e:
             self._fail(e)

@@ -8,6 +8,7 @@ doubling; on disk each series is one base64 string (see gradviz.schema).
 from __future__ import annotations
 
 import binascii
+import operator
 import os
 import secrets
 import sys
@@ -81,6 +82,7 @@ class History:
     def _append(
         self, step: int, cols: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray
     ) -> None:
+        step = operator.index(step)  # (an int, as the file writes it: not 1.0, not True)
         steps = self._steps  # (not self.steps: a recorder's buffer appends through here)
         if steps and step <= steps[-1]:
             raise ValueError(f"step {step} is not after step {steps[-1]}")
@@ -139,7 +141,9 @@ class History:
 
     def rows(self, cols: Sequence[int], start: int = 0, stop: int | None = None) -> np.ndarray:
         """Some series at once, one contiguous row per column: (len(cols) x steps) float32,
-        of the recorded steps start:stop (by place, not step number)."""
+        of the recorded steps start:stop (by place, not step number; not negative)."""
+        if start < 0 or (stop is not None and stop < 0):
+            raise ValueError(f"rows({start}, {stop}): places count from 0, not from the end")
         self._catch_up()
         with self._lock:
             return self._rows(cols, start, stop)

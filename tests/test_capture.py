@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import sys
 import threading
@@ -710,6 +711,53 @@ def test_a_read_from_inside_a_drain_adds_nothing_twice() -> None:
     assert not rec._failed
     assert seen == [1, 2, 3, 4, 5]
     assert h.steps == list(range(5))
+
+
+def test_a_read_between_writing_a_row_and_noting_its_step_changes_nothing() -> None:
+    """A signal handler may read the history right after step() has written a step's row
+    into the buffer and before it has noted the step: that drain must leave this step (and
+    its row) for the next, not pair it later with another row."""
+    src, first = inspect.getsourcelines(capture.Recorder._record_one)
+    copy_line = first + next(i for i, line in enumerate(src) if ".copy_(flat)" in line)
+    x, y = batch("mlp")
+
+    def train(read_between: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = demos.MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        reads: list[int] = []
+        with gradviz.record(model, path=None) as rec:
+            h = rec.recording.history
+
+            def tracer(frame: Any, event: str, arg: Any) -> Any:
+                if frame.f_code is not capture.Recorder._record_one.__code__:
+                    return None
+                done = [False]
+
+                def local(frame: Any, event: str, arg: Any) -> Any:
+                    if event == "line" and frame.f_lineno > copy_line and not done[0]:
+                        done[0] = True  # one read a call, on the line after the copy
+                        reads.append(len(h))
+                    return local
+
+                return local
+
+            for step in range(20):
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                if read_between:
+                    sys.settrace(tracer)
+                try:
+                    rec.step(loss if step % 3 else float(loss.detach()))
+                finally:
+                    sys.settrace(None)
+                opt.step()
+        assert not rec._failed and h.steps == list(range(20))
+        assert not read_between or len(reads) == 20
+        return rec
+
+    assert _rows(train(read_between=True)) == _rows(train(read_between=False))
 
 
 def test_lean_path_combines_several_values_bit_for_bit() -> None:

@@ -287,6 +287,24 @@ def test_reads_in_the_middle_of_an_append_see_the_rows_before_it() -> None:
     assert h.last(("loss",)) == 99.0 and h.matrix().shape == (1, 17)
 
 
+def test_step_numbers_are_ints_and_places_are_not_negative() -> None:
+    """The file writes step numbers as integers: a float step is refused at append, a numpy
+    or bool one becomes an int (so the streamed file and orjson's agree); rows() counts
+    places from 0 and refuses negative ones rather than read them as slices would."""
+    h = store.History()
+    col = h.column(("loss",))
+    h.append(True, [col], [1.0])  # type: ignore[arg-type]
+    h.append(np.int64(3), [col], [2.0])  # type: ignore[arg-type]
+    assert h.steps == [1, 3] and all(type(s) is int for s in h.steps)
+    with pytest.raises(TypeError):
+        h.append(6.5, [col], [3.0])  # type: ignore[arg-type]
+    assert h.steps == [1, 3]
+    assert h.rows([col], 1).tolist() == [[2.0]]
+    for start, stop in ((-1, None), (0, -1)):
+        with pytest.raises(ValueError, match="count from 0"):
+            h.rows([col], start, stop)
+
+
 def test_a_recording_pickles_and_deep_copies_without_its_recorder() -> None:
     """torch.save(rec.recording) or a multiprocessing queue: the lock and the recorder's
     callback stay behind, every buffered step comes along."""

@@ -266,3 +266,25 @@ def test_streamed_write_of_no_steps_and_of_long_runs_of_absent_series(tmp_path) 
     assert path.read_bytes() == store.dumps(rec.to_document())
     run = gradviz.load(path)
     assert run.node_history("l0") == [1.0] and run.param_history("l9", "weight") == [None]
+
+
+def test_a_document_of_a_growing_history_is_consistent(tmp_path) -> None:
+    """to_document and save work on a snapshot: a history that gains a step at every read
+    (as one that training keeps adding to from another thread) still gives series exactly
+    as long as the step list."""
+    rec = _many_series(steps=40, layers=4)
+    h = rec.history
+    cols = list(h.columns.values())
+
+    def grow() -> None:  # a step more at every read
+        h.before_read = None
+        h.append(h._steps[-1] + 1, cols, np.ones(len(cols), dtype=np.float32))
+        h.before_read = grow
+
+    h.before_read = grow
+    run = store.parse(store.dumps(rec.to_document()))  # (parse checks every length)
+    assert len(run.steps) > 40 and len(run.loss) == len(run.steps)
+    path = tmp_path / "t.json"
+    store.save(path, rec)
+    validate_against_schema(path)
+    assert len(gradviz.load(path).steps) > len(run.steps)
