@@ -161,15 +161,13 @@ class History:
 
     def last(self, key: SeriesKey) -> float | None:
         """The latest recorded value of a series, None if absent."""
+        col = self.columns.get(key)
+        if col is None:
+            return None
         self._catch_up()
         with self._lock:
-            col = self.columns.get(key)
-            blocks = self._blocks(len(self._steps) - 1)
-            if col is None or not blocks or col >= blocks[-1][0].shape[1]:
-                return None
-            c, _, hi = blocks[-1]
-            v = c[hi - 1 : hi, col]
-            return None if bool(schema.absent_mask(v)[0]) else float(v[0])
+            v = self._rows([col], max(len(self._steps) - 1, 0), None)[0]
+        return None if not len(v) or schema.absent_mask(v)[0] else float(v[0])
 
     def snapshot(self) -> History:
         """An independent copy, for writing in another thread (full chunks are shared)."""
