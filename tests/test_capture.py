@@ -34,6 +34,16 @@ def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **opts) -> grad
     return rec
 
 
+def recorded_steps(model: nn.Module, rec: gradviz.Recorder, x: torch.Tensor, y: torch.Tensor,
+                   n: int) -> None:
+    """n recorded steps on the same batch (gradients zeroed, no optimizer update)."""
+    for _ in range(n):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        rec.step(loss)
+
+
 @pytest.mark.parametrize("name", list(demos.DEMOS))
 def test_norms_equal_plain_autograd(name: str) -> None:
     torch.manual_seed(0)
@@ -414,10 +424,7 @@ def test_reused_hooks_and_the_lean_path_record_the_same_bits(name: str) -> None:
         for x, y in xs:
             if fresh:
                 rec._plans.clear()
-            model.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            rec.step(loss)
+            recorded_steps(model, rec, x, y, 1)
 
     cached, fresh_rec = _lean_and_general(demos.DEMOS[name].build, train,
                                           activation_stats=True)
@@ -443,11 +450,7 @@ def test_norms_equal_plain_autograd_on_a_reused_plan(name: str) -> None:
     x, y = batch(name)
     ref = Reference(model, x, y)
     with gradviz.record(model, path=None) as rec:
-        for _ in range(3):
-            model.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            rec.step(loss)
+        recorded_steps(model, rec, x, y, 3)
     run = rec.to_run()
     for node in run.nodes:
         if node["kind"] == "layer":
@@ -674,11 +677,7 @@ def test_a_kept_history_has_every_step_after_the_recorder_is_gone() -> None:
     def train() -> store.History:
         with gradviz.record(model, path=None) as rec:
             h = rec.recording.history  # (taken before: reading rec.recording drains)
-            for _ in range(10):
-                model.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                rec.step(loss)
+            recorded_steps(model, rec, x, y, 10)
         return h
 
     h = train()
@@ -693,11 +692,7 @@ def test_a_read_from_inside_a_drain_adds_nothing_twice() -> None:
     x, y = batch("mlp")
     model = demos.MLP()
     with gradviz.record(model, path=None) as rec:
-        for _ in range(5):
-            model.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            rec.step(loss)
+        recorded_steps(model, rec, x, y, 5)
         h = rec._recording.history
         append, seen = h.append, []
 

@@ -16,6 +16,7 @@ import tracemalloc
 import warnings
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -193,6 +194,16 @@ def test_snapshot_shares_full_chunks_and_stays_independent() -> None:
     assert snap.last(("loss",)) == 7.0 and h.last(("loss",)) == -2.0
 
 
+def _write_peak(path: Path, rec: store.Recording) -> int:
+    """store.write(path, rec), and the most it had allocated at once (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        store.write(path, rec)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_writing_the_file_holds_no_copy_of_the_history(tmp_path) -> None:
     """store.write streams the series: what it allocates on top of the history stays a small
     fraction of it (the whole document at once, to_document + dumps, took 2.8 times the
@@ -209,12 +220,7 @@ def test_writing_the_file_holds_no_copy_of_the_history(tmp_path) -> None:
         h.append(step, cols, values)
     own = len(h) * series * 4  # 12 MB
     path = tmp_path / "t.json"
-    tracemalloc.start()
-    try:
-        store.write(path, h_rec)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _write_peak(path, h_rec)
     assert path.stat().st_size > own  # (base64: the whole history went in)
     assert peak < 0.5 * own, f"writing took {peak / own:.2f}x the history on top"
 
@@ -254,12 +260,7 @@ def test_a_long_narrow_history_is_written_in_pieces(tmp_path, monkeypatch) -> No
         h.append(step, cols, values[step])
     own = steps * len(cols) * 4  # 2 MB
     path = tmp_path / "t.json"
-    tracemalloc.start()
-    try:
-        store.write(path, rec)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _write_peak(path, rec)
     assert path.read_bytes() == store.dumps(rec.to_document())
     run = gradviz.load(path)
     assert np.array_equal(run.array(("edge", "e3")), values[:, 3])
