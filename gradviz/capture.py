@@ -175,19 +175,57 @@ class _Rows:
 
     Turning values into history rows is a dozen numpy calls: done for 64 steps at once, it
     costs a step a fraction of what it would alone (with the caches cold after backward).
+
+    From a CUDA device the buffer is pinned and each row is copied in with non_blocking:
+    the step queues its one transfer behind the backward's kernels and goes on at once,
+    without waiting for the device. A CUDA event recorded after each copy says when that
+    row has arrived; _drain waits for those events before it reads (once per 64 steps, or
+    when the history is read), so the device's queue is not emptied at every step.
     """
 
-    __slots__ = ("buf", "layout", "next", "steps")
+    __slots__ = ("buf", "events", "layout", "next", "steps")
 
-    def __init__(self, layout: _Layout) -> None:
+    def __init__(self, layout: _Layout, device: torch.device) -> None:
         self.layout = layout
-        self.buf = torch.empty((ROWS_AT_ONCE, layout.width), dtype=torch.float32)
+        shape = (ROWS_AT_ONCE, layout.width)
+        # per row: the event recorded after its copy from the device (None: copied already)
+        self.events: list[Any] | None = None
+        if device.type == "cuda":
+            try:
+                self.buf = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+                self.events = [None] * ROWS_AT_ONCE
+            except RuntimeError:  # no pinned memory to be had: blocking copies, as on CPU
+                self.buf = torch.empty(shape, dtype=torch.float32)
+        else:
+            self.buf = torch.empty(shape, dtype=torch.float32)
         # (step, its row of buf, its loss if given as a number), added once the row is
         # written, in one append: a drain between the two (a signal handler reading the
         # history) leaves this step for the next. Rows are used in turn (next), so the at
         # most ROWS_AT_ONCE steps waiting are in different rows.
         self.steps: list[tuple[int, int, float | None]] = []
         self.next = 0
+
+    def put(self, at: int, flat: torch.Tensor) -> None:
+        """Copy a step's vector into row ``at``: the step's one transfer from the device."""
+        events = self.events
+        if events is not None and flat.is_cuda:
+            self.buf[at].copy_(flat, non_blocking=True)
+            event = events[at]
+            if event is None:
+                event = events[at] = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(flat.device))
+        else:
+            self.buf[at].copy_(flat)
+            if events is not None:
+                events[at] = None
+
+    def wait(self, at: list[int]) -> None:
+        """Until the copies into these rows have arrived (nothing to wait for on CPU)."""
+        if self.events is not None:
+            for a in at:
+                event = self.events[a]
+                if event is not None:
+                    event.synchronize()
 
 
 def _grad_outputs(output: Any) -> list[torch.Tensor]:
@@ -944,9 +982,10 @@ class Recorder:
         """One process, no loss scaling: the common case, kept lean.
 
         One fused norm over the parameter gradients, one stack with the norms and statistics
-        the hooks left, one copy into the host row buffer (the one transfer). The numpy work
-        waits for _drain, which does it for many steps at once, with index arrays that
-        depend only on what arrived (cached by _layout).
+        the hooks left, one copy into the host row buffer (the one transfer: from a CUDA
+        device queued, not waited for, see _Rows). The numpy work waits for _drain, which
+        does it for many steps at once, with index arrays that depend only on what arrived
+        (cached by _layout).
         """
         # (tuple(generator) would fill the tuple free lists step after step: lists here)
         grads = [p.grad for p in self._unique]
@@ -1003,9 +1042,9 @@ class Recorder:
             if rows is not None and (rows.layout is not lay or len(rows.steps) == ROWS_AT_ONCE):
                 self._drain()
             if rows is None or rows.layout is not lay:
-                rows = self._rows = _Rows(lay)
+                rows = self._rows = _Rows(lay, flat.device)
             at = rows.next % ROWS_AT_ONCE
-            rows.buf[at].copy_(flat)  # the one transfer (from a GPU: to the host)
+            rows.put(at, flat)  # the one transfer (from a GPU: queued, not waited for)
             rows.next += 1
             rows.steps.append((step, at, float(loss) if loss_kind == 2 else None))  # type: ignore[arg-type]
 
@@ -1025,6 +1064,7 @@ class Recorder:
         k, lay = len(waiting), rows.layout
         try:
             at = [a for _, a, _ in waiting]
+            rows.wait(at)
             host = rows.buf.numpy()[at].astype(np.float64)
             values = [host[:, lay.take]]  # sqrt(x^2) of a float32 x is x in float64
             if lay.n_sq:

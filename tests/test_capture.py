@@ -713,7 +713,7 @@ def test_a_read_between_writing_a_row_and_noting_its_step_changes_nothing() -> N
     into the buffer and before it has noted the step: that drain must leave this step (and
     its row) for the next, not pair it later with another row."""
     src, first = inspect.getsourcelines(capture.Recorder._record_one)
-    copy_line = first + next(i for i, line in enumerate(src) if ".copy_(flat)" in line)
+    copy_line = first + next(i for i, line in enumerate(src) if "rows.put(at, flat)" in line)
     x, y = batch("mlp")
 
     def train(read_between: bool) -> gradviz.Recorder:

@@ -3,7 +3,8 @@
 torch.cuda.set_sync_debug_mode("error") makes every operation that synchronises the host
 with the device (``.item()``, ``.tolist()``, a blocking copy to the host, ``nonzero``...)
 raise. Forward and backward of a recorded step must run under it untouched: the norms stay
-device tensors until ``rec.step()``, which moves them to the host in one copy. Skipped
+device tensors until ``rec.step()``, which queues them to the host in one copy without
+waiting for it (a pinned buffer, non_blocking); the wait comes when rows are read. Skipped
 without CUDA.
 """
 
@@ -57,9 +58,9 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     return loss
 
 
-@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("how", ["plain", "stats", "early"])
 @pytest.mark.parametrize("name", MODELS)
-def test_no_sync_during_forward_and_backward(name: str, stats: bool) -> None:
+def test_no_sync_during_forward_and_backward(name: str, how: str) -> None:
     model, x, y, opt = _setup(name)
     try:
         with sync_debug("error"):  # control: the same step without gradviz
@@ -67,11 +68,12 @@ def test_no_sync_during_forward_and_backward(name: str, stats: bool) -> None:
     except RuntimeError as e:  # e.g. a CUDA embedding backward counts its unique indices
         pytest.skip(f"torch itself synchronises in this model's step ({e}): nothing to check")
     opt.zero_grad()
-    with gradviz.record(model, path=None, activation_stats=stats) as rec:
+    with gradviz.record(model, path=None, activation_stats=how == "stats",
+                        early_param_norms=how == "early") as rec:
         for _ in range(3):
             with sync_debug("error"):
                 loss = _forward_backward(model, x, y)
-            rec.step(loss)  # allowed its one transfer (checked below)
+                rec.step(loss)  # its one transfer is queued, not waited for
             opt.step()
             opt.zero_grad()
     assert not rec._failed
@@ -109,18 +111,76 @@ def _device_to_host_copies(fn: Callable[[], object]) -> int | None:
 def test_one_transfer_per_recorded_step(name: str, stats: bool) -> None:
     model, x, y, opt = _setup(name)
     with gradviz.record(model, path=None, activation_stats=stats, every=2) as rec:
-        for step in range(6):
+        for step in range(8):
             loss = _forward_backward(model, x, y)
             torch.cuda.synchronize()
-            if step == 4:  # profile a late recorded step: columns exist, nothing is new
+            if step in (4, 5):  # profile a late step of each kind: columns exist, nothing new
                 copies = _device_to_host_copies(functools.partial(rec.step, loss))
                 if copies is not None:
-                    assert copies == 1, f"{copies} device-to-host copies in one rec.step()"
+                    want = 1 if step % 2 == 0 else 0
+                    assert copies == want, f"step {step}: {copies} device-to-host copies"
             else:
+                # a recorded step queues every norm (and the loss) to the host in one copy
+                # and does not wait for it; a step that is not recorded touches the device
+                # not at all
                 n = _syncs(functools.partial(rec.step, loss))
-                # a recorded step moves every norm (and the loss) to the host at once;
-                # a step that is not recorded touches the device not at all
-                assert n == (1 if step % 2 == 0 else 0), f"step {step}: {n} synchronisations"
+                assert n == 0, f"step {step}: {n} synchronisations in rec.step()"
             opt.step()
             opt.zero_grad()
-    assert rec.to_run().steps == [0, 2, 4]
+    assert rec.to_run().steps == [0, 2, 4, 6]
+
+
+def _layer_norms(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's gradient norm (all its parameters together), as device tensors."""
+    out = {}
+    for name in names:
+        grads = [p.grad for p in model.get_submodule(name).parameters() if p.grad is not None]
+        out[name] = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g.float()) for g in grads]))
+    return out
+
+
+def test_a_read_right_after_a_step_waits_for_its_transfer() -> None:
+    """The copy is queued, not waited for: reading the history while the device is still
+    busy (a long kernel queued before the step) must wait for the row, not read the buffer
+    as it was."""
+    model, x, y, opt = _setup("mlp")
+    with gradviz.record(model, path=None) as rec:
+        for step in range(3):
+            loss = _forward_backward(model, x, y)
+            torch.cuda._sleep(300_000_000)  # about 0.2 s of device time, queued first
+            rec.step(loss)
+            busy = not torch.cuda.current_stream().query()
+            run = rec.to_run()  # reads the history now
+            layers = [n["id"] for n in run.nodes if n["kind"] == "layer"]
+            got = {name: run.node_history(name)[-1] for name in layers}
+            got_loss = run.loss[-1]
+            want = {k: float(v) for k, v in _layer_norms(model, layers).items()}
+            assert busy, "the device finished before the read: this checks nothing"
+            assert got == pytest.approx(want, rel=1e-5), f"step {step}"
+            assert got_loss == pytest.approx(float(loss), rel=1e-6)
+            opt.step()
+            opt.zero_grad()
+    assert rec.to_run().steps == [0, 1, 2]
+
+
+def test_layer_statistics_on_the_device_match_the_cpu() -> None:
+    """On CUDA the forward statistics take a shorter path (std_mean, count_nonzero): the
+    same numbers as the CPU's passes, NaN, infinities and negative zeros included."""
+    from gradviz import capture
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(64, 256, generator=g),
+        torch.randn(64, 256, generator=g).relu(),
+        torch.randn(4000, generator=g, dtype=torch.float64) * 1e3 + 5,
+        torch.tensor([0.0, 1.0, float("nan"), 2.0, -0.0, 0.0, 3.0, float("inf")]),
+        torch.tensor([-0.0, 0.0, 0.0]),
+        torch.tensor([2.5]),
+        torch.randn(32, 8, generator=g).half(),
+    ]
+    for t in cases:
+        cpu = capture._layer_stats(t)
+        gpu = capture._layer_stats(t.cuda()).cpu()
+        assert gpu.dtype == cpu.dtype == torch.float32
+        torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6, equal_nan=True)
