@@ -109,13 +109,18 @@ def cnn() -> nn.Sequential:
 
 @dataclass(frozen=True)
 class Workload:
-    """A model, how to make a batch for it, and its loss."""
+    """A model, how to make a batch of a given size for it, and its loss."""
 
     name: str
-    describe: str
+    model: str
     build: Callable[[], nn.Module]
-    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    batch_size: int  # the issue's: --batch changes it
+    batch: Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def describe(self, batch: int | None = None) -> str:
+        """The model and the batch size it is measured at."""
+        return f"{self.model}, batch {batch or self.batch_size}"
 
 
 def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -125,22 +130,23 @@ def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 WORKLOADS = {
     w.name: w
     for w in [
-        Workload("mlp", "MLP 784-256-128-64-10, batch 64", lambda: mlp([784, 256, 128, 64, 10]),
-                 lambda g: (torch.randn(64, 784, generator=g),
-                            torch.randint(0, 10, (64,), generator=g)), _ce),
-        Workload("mlp-6x1024", "MLP 6 x Linear(1024, 1024) + head, batch 64",
-                 lambda: mlp([1024] * 7 + [10]),
-                 lambda g: (torch.randn(64, 1024, generator=g),
-                            torch.randint(0, 10, (64,), generator=g)), _ce),
-        Workload("cnn", "CNN 3 conv + 2 linear on 3x32x32, batch 64", cnn,
-                 lambda g: (torch.randn(64, 3, 32, 32, generator=g),
-                            torch.randint(0, 10, (64,), generator=g)), _ce),
-        Workload("transformer", "transformer LM, 2 blocks, dim 128, 64 tokens, batch 16",
-                 TinyTransformer,
-                 lambda g: (torch.randint(0, 256, (16, 64), generator=g),
-                            torch.randint(0, 256, (16, 64), generator=g)), _ce),
+        Workload("mlp", "MLP 784-256-128-64-10", lambda: mlp([784, 256, 128, 64, 10]), 64,
+                 lambda g, b: (torch.randn(b, 784, generator=g),
+                               torch.randint(0, 10, (b,), generator=g)), _ce),
+        Workload("mlp-6x1024", "MLP 6 x Linear(1024, 1024) + head",
+                 lambda: mlp([1024] * 7 + [10]), 64,
+                 lambda g, b: (torch.randn(b, 1024, generator=g),
+                               torch.randint(0, 10, (b,), generator=g)), _ce),
+        Workload("cnn", "CNN 3 conv + 2 linear on 3x32x32", cnn, 64,
+                 lambda g, b: (torch.randn(b, 3, 32, 32, generator=g),
+                               torch.randint(0, 10, (b,), generator=g)), _ce),
+        Workload("transformer", "transformer LM, 2 blocks, dim 128, 64 tokens",
+                 TinyTransformer, 16,
+                 lambda g, b: (torch.randint(0, 256, (b, 64), generator=g),
+                               torch.randint(0, 256, (b, 64), generator=g)), _ce),
     ]
 }
+BATCH: int | None = None  # --batch: every model's batch size (None: each model's own)
 
 
 # -- the peers gradviz is compared with ---------------------------------------------------
@@ -250,7 +256,8 @@ def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> lis
     torch.manual_seed(0)
     base = w.build()
     g = torch.Generator().manual_seed(1)
-    batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in (w.batch(g) for _ in range(4))]
+    size = BATCH or w.batch_size
+    batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in (w.batch(g, size) for _ in range(4))]
     out = []
     for cond in CONDITIONS:
         model = w.build().to(DEVICE)
@@ -340,7 +347,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         w = WORKLOADS[name]
         t0 = time.perf_counter()
         r = measure(w, args.rounds, args.blocks, args.warmup)
-        row: list[object] = [f"{name}: {w.describe}", f"{r['_ms'][0]:.2f}"]
+        row: list[object] = [f"{name}: {w.describe(BATCH)}", f"{r['_ms'][0]:.2f}"]
         for c in CONDITIONS[1:]:
             lo, med, hi = quartiles(r[c])
             row.append(f"{med:.3f}x ({lo:.2f}-{hi:.2f})")
@@ -442,6 +449,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up blocks (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where to train")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="every model's batch size (default: each its own, as in the issue); "
+                        "on a GPU, a large one makes the step bound by the device, not by "
+                        "launching kernels")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep (default): glibc keeps freed memory, less noise; default: as is")
     p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
@@ -449,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling", nargs="*", type=int, metavar="LAYERS",
                    help="recorded step time against depth (default 25 50 100 200 500) and exit")
     args = p.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be at least 1, not {args.batch}")
     if args.quick:
         args.rounds, args.blocks, args.warmup = 2, 1, 1
         if args.models == list(WORKLOADS):
@@ -461,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.kept = args.malloc == "keep" and keep_freed_memory()
-    global DEVICE
+    global DEVICE, BATCH
     DEVICE = torch.device(args.device)
+    BATCH = args.batch
     warnings.simplefilter("ignore")  # full backward hooks on embeddings warn every step
     gc.collect()
     if args.scaling is not None:
