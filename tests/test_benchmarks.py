@@ -40,10 +40,35 @@ def test_benchmark_runs(script: str, words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("script", ["overhead.py", "memory.py", "file_io.py", "viewer.py",
-                                    "diagnose.py"])
+                                    "diagnose.py", "gpu_copy.py"])
 def test_benchmark_help(script: str) -> None:
     r = run(script, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout and "--quick" in r.stdout
+
+
+def test_gpu_copy_runs_or_says_it_needs_cuda() -> None:
+    import torch
+
+    r = run("gpu_copy.py", "--quick")
+    if torch.cuda.is_available():
+        assert r.returncode == 0, r.stderr[-3000:]
+        cells = [[c.strip() for c in line.split("|")[1:-1]]
+                 for line in r.stdout.splitlines() if line.startswith("|")]
+        assert cells[0][-1] == "gradviz, blocking copy"
+        assert [row[0] for row in cells[2:]] == ["64", "4096"]
+    else:
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.strip().splitlines() == [
+            "gpu_copy.py: no CUDA device here (torch.cuda.is_available() is False); "
+            "run it on a machine with an NVIDIA GPU"]
+
+
+def test_overhead_batch_size() -> None:
+    r = run("overhead.py", "--quick", "--models", "cnn", "--batch", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 3x32x32, batch 3 |" in r.stdout
+    r = run("overhead.py", "--batch", "0")
+    assert r.returncode == 2 and "--batch must be at least 1, not 0" in r.stderr
 
 
 def test_overhead_profile_and_scaling_run() -> None:
