@@ -101,6 +101,12 @@ with gradviz.record(m, path=sys.argv[1]) as rec:
     loss.backward()
     rec.step(loss)
 dist.destroy_process_group()
+# torch 2.13 (CPU, gloo): with an empty FSDP2 shard, rank 1 aborts in interpreter teardown
+# ("terminate called without an active exception") in about 1 run in 3, gradviz or not.
+# The file is written (the with block closed); leave without that teardown.
+sys.stdout.flush()
+sys.stderr.flush()
+import os; os._exit(0)
 """
 
 
