@@ -190,10 +190,11 @@ class _Rows:
     when the history is read), so the device's queue is not emptied at every step.
     """
 
-    __slots__ = ("buf", "events", "layout", "next", "steps")
+    __slots__ = ("buf", "device", "events", "layout", "next", "steps")
 
     def __init__(self, layout: _Layout, device: torch.device) -> None:
         self.layout = layout
+        self.device = device  # where the vectors come from (a new one: new _Rows)
         shape = (ROWS_AT_ONCE, layout.width)
         # per row: the event recorded after its copy from the device (None: copied already)
         self.events: list[Any] | None = None
@@ -225,6 +226,18 @@ class _Rows:
             self.buf[at].copy_(flat)
             if events is not None:
                 events[at] = None
+
+    def arrived(self, waiting: list[tuple[int, int, float | None]]) -> int:
+        """How many of the waiting steps, from the first, have their row on the host."""
+        if self.events is None:
+            return len(waiting)
+        k = 0
+        for _, a, _ in waiting:
+            event = self.events[a]
+            if event is not None and not event.query():  # (query: does not wait)
+                break
+            k += 1
+        return k
 
     def wait(self, at: list[int]) -> None:
         """Until the copies into these rows have arrived (nothing to wait for on CPU)."""
@@ -321,6 +334,8 @@ class Recorder:
         # A History held on to (h = rec.recording.history) catches up whenever it is read,
         # from any thread: the lock keeps such a read from draining a half-added row.
         self._rows_lock = threading.RLock()
+        # the thread in step()'s periodic flush: its drains take only rows already arrived
+        self._ready_only: int | None = None
         self._recording.history.before_read = _drain_of(self)
         self.step_count = 0  # rec.step() calls so far
         self._writer = (store.Writer(self.path, flush_seconds)
@@ -827,7 +842,14 @@ class Recorder:
             self._fail(e)
             return
         if self._writer is not None and self._writer.due():
-            self._writer.flush(self.recording)
+            # The periodic file takes the rows already on the host and leaves this step's
+            # (its copy may still be queued behind the backward) for the next: waiting for
+            # it here would stall the device's queue. The last write, at close, has all.
+            self._ready_only = threading.get_ident()
+            try:
+                self._writer.flush(self.recording)
+            finally:
+                self._ready_only = None
 
     def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
         self._close_parts(emit=True)
@@ -1046,10 +1068,13 @@ class Recorder:
                 flat = torch.stack(norms) if norms else torch.zeros(0)
         with self._rows_lock:
             rows = self._rows
-            if rows is not None and (rows.layout is not lay or len(rows.steps) == ROWS_AT_ONCE):
-                self._drain()
-            if rows is None or rows.layout is not lay:
+            if rows is None or rows.layout is not lay or rows.device != flat.device:
+                if rows is not None:
+                    self._drain()
+                # (a new layout, or a model moved to the GPU: its pinned buffer and events)
                 rows = self._rows = _Rows(lay, flat.device)
+            elif len(rows.steps) == ROWS_AT_ONCE:
+                self._drain()
             at = rows.next % ROWS_AT_ONCE
             rows.put(at, flat)  # the one transfer (from a GPU: queued, not waited for)
             rows.next += 1
@@ -1068,8 +1093,14 @@ class Recorder:
         # Taken off the buffer first: a read coming back in here from the same thread (a
         # signal handler saving the file mid-drain) finds nothing left to add twice.
         waiting, rows.steps = rows.steps, []
+        rest: list[tuple[int, int, float | None]] = []
+        if self._ready_only == threading.get_ident():  # (step()'s periodic flush)
+            k = rows.arrived(waiting)
+            waiting, rest = waiting[:k], waiting[k:]
         k, lay = len(waiting), rows.layout
         try:
+            if not waiting:
+                return
             at = [a for _, a, _ in waiting]
             rows.wait(at)
             host = rows.buf.numpy()[at].astype(np.float64)
@@ -1091,6 +1122,9 @@ class Recorder:
                 hist.append(step, lay.cols, row)
         except Exception as e:
             self._fail(e)
+        finally:
+            if rest:  # back in front, after those taken have gone in: order is kept
+                rows.steps[:0] = rest
 
     def _layout(self, present: tuple[int, ...], pending: tuple[int, ...],
                 stats: tuple[tuple[int, ...], ...], loss_kind: int) -> _Layout:

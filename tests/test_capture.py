@@ -556,6 +556,92 @@ def test_zero_fraction_counts_nan_as_not_zero() -> None:
     assert stats[2] == 0.0 or math.isnan(stats[2])
 
 
+class _Copy:
+    """Stands in for the CUDA event after a row's queued copy: it arrives when waited for."""
+
+    def __init__(self, arrived: bool) -> None:
+        self.arrived = arrived
+        self.waited = 0
+
+    def query(self) -> bool:
+        return self.arrived
+
+    def synchronize(self) -> None:
+        if not self.arrived:  # (on one that has arrived, synchronize returns at once)
+            self.waited += 1
+        self.arrived = True
+
+
+def test_a_periodic_flush_takes_only_rows_already_on_the_host() -> None:
+    """step()'s periodic file flush must not wait for a copy still on its way (that would
+    stall the device's queue): its drains take the rows that have arrived, from the first,
+    and leave the rest, in order, for the next read, which waits for them."""
+    x, y = batch("mlp")
+
+    def train(rec: gradviz.Recorder, model: nn.Module) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+
+    torch.manual_seed(0)
+    model = demos.MLP()
+    with gradviz.record(model, path=None) as rec:
+        train(rec, model)
+        rows = rec._rows
+        assert rows is not None and [s for s, _, _ in rows.steps] == [0, 1, 2, 3, 4]
+        copies = [_Copy(arrived=at in (0, 1, 2, 4)) for at in range(capture.ROWS_AT_ONCE)]
+        rows.events = copies  # row 3 still on its way (and so row 4 after it)
+        rec._ready_only = threading.get_ident()  # as in step()'s flush
+        try:
+            assert rec.recording.history.steps == [0, 1, 2]
+            assert [s for s, _, _ in rows.steps] == [3, 4]
+            assert rec.recording.history.snapshot().steps == [0, 1, 2]  # (the flush's read)
+            assert sum(c.waited for c in copies) == 0
+        finally:
+            rec._ready_only = None
+        seen_elsewhere: list[list[int]] = []  # another thread's read is a full read
+        t = threading.Thread(target=lambda: seen_elsewhere.append(rec.recording.history.steps))
+        t.start()
+        t.join()
+        assert seen_elsewhere == [[0, 1, 2, 3, 4]] and rows.steps == []
+        assert copies[3].waited == 1 and copies[4].waited == 0  # (4 had arrived: kept
+        # back only to keep the order)
+        got = rec.recording.history.matrix()
+    torch.manual_seed(0)
+    model = demos.MLP()
+    with gradviz.record(model, path=None) as plain:
+        train(plain, model)
+        want = plain.recording.history.matrix()
+    assert got.tobytes() == want.tobytes()  # the same rows, in the same order
+
+
+def test_step_flushes_the_file_with_its_drains_taking_only_rows_on_the_host(tmp_path) -> None:
+    x, y = batch("mlp")
+    model = demos.MLP()
+    flags: list[bool] = []
+    with gradviz.record(model, path=tmp_path / "run.json", flush_seconds=0.0) as rec:
+        writer = rec._writer
+        assert writer is not None
+        flush = writer.flush
+
+        def watched(recording: store.Recording, wait: bool = False) -> None:
+            flags.append(rec._ready_only == threading.get_ident())
+            flush(recording, wait)
+
+        writer.flush = watched  # type: ignore[method-assign]
+        for _ in range(3):
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+            model.zero_grad()
+        assert flags and all(flags) and rec._ready_only is None
+    assert flags[-1] is False  # the last write, at close, takes every row
+    assert gradviz.load(tmp_path / "run.json").steps == [0, 1, 2]
+
+
 def test_buffered_rows_reach_the_history_in_order_and_bit_for_bit() -> None:
     """Lean steps wait in a buffer of ROWS_AT_ONCE rows before they become history rows: a
     full buffer, a change of layout (a layer frozen, the loss given as a number), and reading
