@@ -84,9 +84,13 @@ def _layer_stats(t: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.aminmax(x)
     if x.is_cuda and n > 1:
         # On a GPU a small model's step is bound by kernel launches, not arithmetic: there
-        # torch's one-kernel std_mean (Welford) and count_nonzero (NaN is not zero, -0.0 is)
-        # cost 6 launches where the passes below cost 14.
-        std, mean = torch.std_mean(x)
+        # torch's one-kernel std (Welford) and count_nonzero (NaN is not zero, -0.0 is) cost
+        # about 8 launches where the passes below cost 14. The mean is the CPU's (an inf
+        # activation gives inf, where std_mean's Welford mean would give NaN); the std
+        # agrees too, except that it stays finite where the CPU's passes overflow (a sum
+        # of values beyond float32's range).
+        mean = x.mean()
+        std = torch.std(x)
         nonzero = torch.count_nonzero(x).to(x.dtype)
         return torch.stack([mean, std, lo, hi, 1 - nonzero / n]).float()
     mean = x.sum() / n

@@ -14,6 +14,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,7 +166,7 @@ def test_a_read_right_after_a_step_waits_for_its_transfer() -> None:
 
 
 def test_layer_statistics_on_the_device_match_the_cpu() -> None:
-    """On CUDA the forward statistics take a shorter path (std_mean, count_nonzero): the
+    """On CUDA the forward statistics take a shorter path (mean, std, count_nonzero): the
     same numbers as the CPU's passes, NaN, infinities and negative zeros included."""
     from gradviz import capture
 
@@ -175,6 +176,9 @@ def test_layer_statistics_on_the_device_match_the_cpu() -> None:
         torch.randn(64, 256, generator=g).relu(),
         torch.randn(4000, generator=g, dtype=torch.float64) * 1e3 + 5,
         torch.tensor([0.0, 1.0, float("nan"), 2.0, -0.0, 0.0, 3.0, float("inf")]),
+        torch.tensor([1.0, float("inf"), 2.0]),  # the mean is inf, as on the CPU
+        torch.tensor([float("inf"), float("inf")]),
+        torch.tensor([-float("inf"), float("inf"), 1.0]),
         torch.tensor([-0.0, 0.0, 0.0]),
         torch.tensor([2.5]),
         torch.randn(32, 8, generator=g).half(),
@@ -184,3 +188,68 @@ def test_layer_statistics_on_the_device_match_the_cpu() -> None:
         gpu = capture._layer_stats(t.cuda()).cpu()
         assert gpu.dtype == cpu.dtype == torch.float32
         torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_no_step_waits_for_the_device_and_every_row_arrives(tmp_path: Path) -> None:
+    """150 recorded steps, each with the device kept busy past its rec.step(): the step
+    returns while the device still works at every one (full-buffer drains at 64 and 128,
+    a change of layout at 100, the file flushed as often as it can be: the flush takes only
+    rows already on the host), and every row in the file equals autograd's norms."""
+    model, x, y, opt = _setup("mlp")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    want: list[dict[str, torch.Tensor]] = []
+    waited = []
+    stream = torch.cuda.current_stream()
+    path = tmp_path / "run.json"
+    with gradviz.record(model, path=path, flush_seconds=0.0) as rec:
+        for step in range(150):
+            if step == 100:  # no gradient for the first layer from here: another layout
+                model.get_submodule(linears[0]).requires_grad_(False)
+            loss = _forward_backward(model, x, y)
+            live = [n for n in linears if model.get_submodule(n).weight.grad is not None]
+            want.append(_layer_norms(model, live))
+            torch.cuda._sleep(20_000_000)  # about 10 ms of device time, queued before
+            rec.step(loss)
+            if stream.query():  # the device is idle: this rec.step() waited for it
+                waited.append(step)
+            opt.step()
+            opt.zero_grad()
+    assert not rec._failed
+    assert waited == [], f"rec.step() waited for the device at steps {waited}"
+    run = gradviz.load(path)
+    assert run.steps == list(range(150))
+    for name in linears:
+        got = run.node_history(name)
+        for step in range(150):
+            if name in want[step]:
+                assert got[step] == pytest.approx(float(want[step][name]), rel=1e-5), (
+                    name, step)
+            else:
+                assert got[step] is None, (name, step)
+
+
+def test_a_model_moved_to_the_gpu_mid_run_gets_the_queued_copy() -> None:
+    """Recording starts on the CPU; the model moves to the GPU at step 3: from there the
+    rows go through a pinned buffer with events, and every norm is right on both sides."""
+    demo = demos.DEMOS["mlp"]
+    torch.manual_seed(0)
+    model = demo.build()
+    x, y = demo.data(32, torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    want = []
+    with gradviz.record(model, path=None) as rec:
+        for step in range(6):
+            if step == 3:
+                model.cuda()
+                x, y = x.cuda(), y.cuda()
+            loss = _forward_backward(model, x, y)
+            want.append(float(_layer_norms(model, [first])[first]))
+            rec.step(loss)
+            rows = rec._rows
+            assert rows is not None and rows.device.type == ("cuda" if step >= 3 else "cpu")
+            assert (rows.events is not None) == (step >= 3)
+            opt.step()
+            opt.zero_grad()
+    got = rec.to_run().node_history(first)
+    assert got == pytest.approx(want, rel=1e-5)
