@@ -1098,13 +1098,13 @@ class Recorder:
         # signal handler saving the file mid-drain) finds nothing left to add twice.
         waiting, rows.steps = rows.steps, []
         rest: list[tuple[int, int, float | None]] = []
-        if self._ready_only == threading.get_ident():  # (step()'s periodic flush)
-            k = rows.arrived(waiting)
-            waiting, rest = waiting[:k], waiting[k:]
-        k, lay = len(waiting), rows.layout
         try:
+            if self._ready_only == threading.get_ident():  # (step()'s periodic flush)
+                k = rows.arrived(waiting)  # (a CUDA error here goes to _fail too)
+                waiting, rest = waiting[:k], waiting[k:]
             if not waiting:
                 return
+            k, lay = len(waiting), rows.layout
             at = [a for _, a, _ in waiting]
             rows.wait(at)
             host = rows.buf.numpy()[at].astype(np.float64)
@@ -1212,6 +1212,9 @@ class Recorder:
         self._stats.clear()
         self._local.clear()
         self._made_by.clear()
+        # The last drain and write take every row, even from a signal handler that came in
+        # during step()'s periodic flush (whose drains take only rows already arrived).
+        self._ready_only = None
         self._drain()  # (without a file too: a History kept from rec.recording has it all)
         if self._writer is not None:
             self._writer.flush(self._recording, wait=True)

@@ -611,12 +611,102 @@ def test_a_periodic_flush_takes_only_rows_already_on_the_host() -> None:
         assert copies[3].waited == 1 and copies[4].waited == 0  # (4 had arrived: kept
         # back only to keep the order)
         got = rec.recording.history.matrix()
+        assert not rec._failed
     torch.manual_seed(0)
     model = demos.MLP()
     with gradviz.record(model, path=None) as plain:
         train(plain, model)
         want = plain.recording.history.matrix()
     assert got.tobytes() == want.tobytes()  # the same rows, in the same order
+
+
+def test_a_flush_whose_copy_check_fails_stops_recording_not_training() -> None:
+    """A CUDA error while asking whether a copy has arrived (it would come again at every
+    call) must go where every gradviz failure goes: a warning, recording stops, the user's
+    loop goes on."""
+
+    class Broken:
+        def query(self) -> bool:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        def synchronize(self) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    x, y = batch("mlp")
+    model = demos.MLP()
+    with gradviz.record(model, path=None) as rec:
+        for step in range(4):
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+            model.zero_grad()
+            if step == 1:
+                rows = rec._rows
+                assert rows is not None
+                rows.events = [Broken() for _ in range(capture.ROWS_AT_ONCE)]
+                rec._ready_only = threading.get_ident()
+                try:
+                    with pytest.warns(RuntimeWarning, match="illegal memory access"):
+                        rec.recording  # noqa: B018  (a read: the flush's drain)
+                finally:
+                    rec._ready_only = None
+    assert rec._failed
+
+
+def test_close_from_inside_a_flush_still_takes_every_row(tmp_path) -> None:
+    """A signal handler that closes the recorder while step()'s flush is under way runs in
+    the flush's thread: its last drain and write must still take the rows in transit."""
+    x, y = batch("mlp")
+    model = demos.MLP()
+    path = tmp_path / "run.json"
+    rec = gradviz.record(model, path=path, flush_seconds=1e9).start()
+    for _ in range(4):
+        nn.functional.cross_entropy(model(x), y).backward()
+        rec.step()
+        model.zero_grad()
+    rows = rec._rows
+    assert rows is not None and len(rows.steps) == 3  # (step 0 went out with the first flush)
+    copies = [_Copy(arrived=False) for _ in range(capture.ROWS_AT_ONCE)]
+    rows.events = copies
+    rec._ready_only = threading.get_ident()  # inside step()'s flush
+    rec.close()  # (the handler)
+    assert not rec._failed and rec.recording.history.steps == [0, 1, 2, 3]
+    assert gradviz.load(path).steps == [0, 1, 2, 3]
+    assert sum(c.waited for c in copies) == 3
+
+
+def test_the_row_buffer_follows_the_vectors_to_another_device() -> None:
+    """A model moved to another device (CPU to GPU, cuda:0 to cuda:1) gets a new row
+    buffer, pinned and with events of that device: one kept from the old device would
+    copy blocking, or record one device's event on another's stream. Here the buffer is
+    marked as made for another device; the next step must drain it and make a new one."""
+    x, y = batch("mlp")
+
+    def train(rec: gradviz.Recorder, model: nn.Module, move_at: int | None) -> None:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(6):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+            opt.step()
+            if step == move_at:
+                old = rec._rows
+                assert old is not None
+                old.device = torch.device("meta")  # as if made for another device
+        if move_at is not None:
+            assert rec._rows is not old and rec._rows.device == torch.device("cpu")
+
+    torch.manual_seed(0)
+    model = demos.MLP()
+    with gradviz.record(model, path=None) as rec:
+        train(rec, model, move_at=2)
+        got = rec.recording.history
+    torch.manual_seed(0)
+    model = demos.MLP()
+    with gradviz.record(model, path=None) as plain:
+        train(plain, model, move_at=None)
+        want = plain.recording.history
+    assert not rec._failed and got.steps == want.steps == list(range(6))
+    assert got.matrix().tobytes() == want.matrix().tobytes()
 
 
 def test_step_flushes_the_file_with_its_drains_taking_only_rows_on_the_host(tmp_path) -> None:
@@ -639,6 +729,7 @@ def test_step_flushes_the_file_with_its_drains_taking_only_rows_on_the_host(tmp_
             model.zero_grad()
         assert flags and all(flags) and rec._ready_only is None
     assert flags[-1] is False  # the last write, at close, takes every row
+    assert not rec._failed
     assert gradviz.load(tmp_path / "run.json").steps == [0, 1, 2]
 
 

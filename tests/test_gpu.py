@@ -192,9 +192,10 @@ def test_layer_statistics_on_the_device_match_the_cpu() -> None:
 
 def test_no_step_waits_for_the_device_and_every_row_arrives(tmp_path: Path) -> None:
     """150 recorded steps, each with the device kept busy past its rec.step(): the step
-    returns while the device still works at every one (full-buffer drains at 64 and 128,
-    a change of layout at 100, the file flushed as often as it can be: the flush takes only
-    rows already on the host), and every row in the file equals autograd's norms."""
+    returns while the device still works at every one (through full-buffer drains when
+    they come, a change of layout at 100, the first step's setup, the file flushed as often
+    as it can be: the flush takes only rows already on the host), and every row in the file
+    equals autograd's norms."""
     model, x, y, opt = _setup("mlp")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     want: list[dict[str, torch.Tensor]] = []
@@ -208,7 +209,9 @@ def test_no_step_waits_for_the_device_and_every_row_arrives(tmp_path: Path) -> N
             loss = _forward_backward(model, x, y)
             live = [n for n in linears if model.get_submodule(n).weight.grad is not None]
             want.append(_layer_norms(model, live))
-            torch.cuda._sleep(20_000_000)  # about 10 ms of device time, queued before
+            # about 50 ms of device time, queued before: far more than the host needs for
+            # a step, even the first (pinned buffer, writer thread) on a slow host
+            torch.cuda._sleep(100_000_000)
             rec.step(loss)
             if stream.query():  # the device is idle: this rec.step() waited for it
                 waited.append(step)
