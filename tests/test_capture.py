@@ -9,6 +9,8 @@ import sys
 import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -572,6 +574,16 @@ class _Copy:
         self.arrived = True
 
 
+@contextmanager
+def _inside_flush(rec: gradviz.Recorder) -> Iterator[None]:
+    """As during step()'s periodic flush: this thread's drains take only arrived rows."""
+    rec._ready_only = threading.get_ident()
+    try:
+        yield
+    finally:
+        rec._ready_only = None
+
+
 def test_a_periodic_flush_takes_only_rows_already_on_the_host() -> None:
     """step()'s periodic file flush must not wait for a copy still on its way (that would
     stall the device's queue): its drains take the rows that have arrived, from the first,
@@ -595,14 +607,11 @@ def test_a_periodic_flush_takes_only_rows_already_on_the_host() -> None:
         assert rows is not None and [s for s, _, _ in rows.steps] == [0, 1, 2, 3, 4]
         copies = [_Copy(arrived=at in (0, 1, 2, 4)) for at in range(capture.ROWS_AT_ONCE)]
         rows.events = copies  # row 3 still on its way (and so row 4 after it)
-        rec._ready_only = threading.get_ident()  # as in step()'s flush
-        try:
+        with _inside_flush(rec):
             assert rec.recording.history.steps == [0, 1, 2]
             assert [s for s, _, _ in rows.steps] == [3, 4]
             assert rec.recording.history.snapshot().steps == [0, 1, 2]  # (the flush's read)
             assert sum(c.waited for c in copies) == 0
-        finally:
-            rec._ready_only = None
         seen_elsewhere: list[list[int]] = []  # another thread's read is a full read
         t = threading.Thread(target=lambda: seen_elsewhere.append(rec.recording.history.steps))
         t.start()
@@ -635,20 +644,13 @@ def test_a_flush_whose_copy_check_fails_stops_recording_not_training() -> None:
     x, y = batch("mlp")
     model = demos.MLP()
     with gradviz.record(model, path=None) as rec:
-        for step in range(4):
-            nn.functional.cross_entropy(model(x), y).backward()
-            rec.step()
-            model.zero_grad()
-            if step == 1:
-                rows = rec._rows
-                assert rows is not None
-                rows.events = [Broken() for _ in range(capture.ROWS_AT_ONCE)]
-                rec._ready_only = threading.get_ident()
-                try:
-                    with pytest.warns(RuntimeWarning, match="illegal memory access"):
-                        rec.recording  # noqa: B018  (a read: the flush's drain)
-                finally:
-                    rec._ready_only = None
+        recorded_steps(model, rec, x, y, 2)
+        rows = rec._rows
+        assert rows is not None
+        rows.events = [Broken() for _ in range(capture.ROWS_AT_ONCE)]
+        with _inside_flush(rec), pytest.warns(RuntimeWarning, match="illegal memory access"):
+            rec.recording  # noqa: B018  (a read: the flush's drain)
+        recorded_steps(model, rec, x, y, 2)  # training goes on
     assert rec._failed
 
 
@@ -659,16 +661,13 @@ def test_close_from_inside_a_flush_still_takes_every_row(tmp_path) -> None:
     model = demos.MLP()
     path = tmp_path / "run.json"
     rec = gradviz.record(model, path=path, flush_seconds=1e9).start()
-    for _ in range(4):
-        nn.functional.cross_entropy(model(x), y).backward()
-        rec.step()
-        model.zero_grad()
+    recorded_steps(model, rec, x, y, 4)
     rows = rec._rows
     assert rows is not None and len(rows.steps) == 3  # (step 0 went out with the first flush)
     copies = [_Copy(arrived=False) for _ in range(capture.ROWS_AT_ONCE)]
     rows.events = copies
-    rec._ready_only = threading.get_ident()  # inside step()'s flush
-    rec.close()  # (the handler)
+    with _inside_flush(rec):
+        rec.close()  # (the handler)
     assert not rec._failed and rec.recording.history.steps == [0, 1, 2, 3]
     assert gradviz.load(path).steps == [0, 1, 2, 3]
     assert sum(c.waited for c in copies) == 3
@@ -723,10 +722,7 @@ def test_step_flushes_the_file_with_its_drains_taking_only_rows_on_the_host(tmp_
             flush(recording, wait)
 
         writer.flush = watched  # type: ignore[method-assign]
-        for _ in range(3):
-            nn.functional.cross_entropy(model(x), y).backward()
-            rec.step()
-            model.zero_grad()
+        recorded_steps(model, rec, x, y, 3)
         assert flags and all(flags) and rec._ready_only is None
     assert flags[-1] is False  # the last write, at close, takes every row
     assert not rec._failed
