@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import machine, table  # noqa: E402
+from overhead import WORKLOADS  # noqa: E402
 
 import gradviz  # noqa: E402
 from gradviz import capture  # noqa: E402
@@ -61,10 +62,7 @@ def blocking_put(rows: Any, at: int, flat: torch.Tensor) -> None:
 def build(dev: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The 6x1024 MLP of benchmarks/overhead.py, with Adam."""
     torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(6):
-        layers += [nn.Linear(1024, 1024), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(1024, 10)).to(dev)
+    model = WORKLOADS["mlp-6x1024"].build().to(dev)
     return model, torch.optim.Adam(model.parameters(), lr=1e-4)
 
 
