@@ -5,6 +5,7 @@ Their results, measured on a full run, are in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run(script: str, *args: str, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+                          text=True, cwd=ROOT, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.parametrize(
@@ -40,7 +43,7 @@ def test_benchmark_runs(script: str, words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("script", ["overhead.py", "memory.py", "file_io.py", "viewer.py",
-                                    "diagnose.py", "gpu_copy.py"])
+                                    "diagnose.py", "gpu_copy.py", "floor.py"])
 def test_benchmark_help(script: str) -> None:
     r = run(script, "--help")
     assert r.returncode == 0 and "usage:" in r.stdout and "--quick" in r.stdout
@@ -78,3 +81,61 @@ def test_overhead_profile_and_scaling_run() -> None:
     r = run("overhead.py", "--scaling", "--quick")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "added us per layer" in r.stdout
+
+
+def _floor_table(out: str) -> dict[str, str]:
+    """floor.py's one model row, by column."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    header, row = ([c.strip() for c in line.split("|")[1:-1]] for line in (lines[0], lines[2]))
+    return dict(zip(header, row, strict=True))
+
+
+@pytest.mark.slow
+def test_floor_builds_its_cpp_floor_and_checks_both_floors(tmp_path: Path) -> None:
+    # (a fresh cache: the C++ floor is compiled here, about 20 s)
+    r = run("floor.py", "--quick", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "C++ floor ready" in r.stderr
+    row = _floor_table(r.stdout)
+    assert row["model"].startswith("mlp: MLP 784-256-128-64-10")
+    for cond in ("gradviz", "root hook", "Python floor", "C++ floor"):
+        assert row[cond].endswith(")") and "x (" in row[cond], (cond, row)
+    assert "the same values" in r.stdout  # each floor's row equalled gradviz's history
+
+
+def test_floor_without_a_compiler_says_so_in_one_line(tmp_path: Path) -> None:
+    r = run("floor.py", "--quick", env={"XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [line for line in r.stderr.splitlines() if "could not be built" in line]
+    assert len(said) == 1 and said[0].startswith("floor.py: the C++ floor could not be built")
+    assert "Traceback" not in r.stderr
+    row = _floor_table(r.stdout)
+    assert "C++ floor" not in row and "x (" in row["Python floor"]
+    r = run("floor.py", "--rounds", "0")
+    assert r.returncode == 2 and "--rounds must be at least 1, not 0" in r.stderr
+
+
+def test_floor_check_rejects_a_floor_that_measured_something_else() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import floor
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class Fake:
+        missed = 0
+
+        def __init__(self, values: list[float]) -> None:
+            self.values = values
+
+        def last(self) -> list[float]:
+            return self.values
+
+    floor.check("m", "c", Fake([2.0, 1.0, 3.0]), [1.0, 2.0, 3.0])  # order does not matter
+    for values in ([1.0, 2.0], [1.0, 2.0, 3.001]):
+        with pytest.raises(SystemExit, match="other values than gradviz"):
+            floor.check("m", "c", Fake(values), [1.0, 2.0, 3.0])
+    missed = Fake([1.0, 2.0, 3.0])
+    missed.missed = 1
+    with pytest.raises(SystemExit, match="1 passes missed"):
+        floor.check("m", "c", missed, [1.0, 2.0, 3.0])

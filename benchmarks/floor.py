@@ -1,0 +1,375 @@
+"""The floor: what the cheapest recorder of the same numbers costs, next to gradviz.
+
+Usage:
+    python benchmarks/floor.py                 # the small MLP, 20 rounds (about a minute)
+    python benchmarks/floor.py --models mlp cnn mlp-6x1024
+    python benchmarks/floor.py --quick         # a few seconds: is it still working?
+    python benchmarks/floor.py --no-native     # leave out the C++ floor (no compiler)
+
+gradviz misses the 1.05x target on the small MLP (a 1.2 ms step; see RESULTS.md section
+1). This asks how far below gradviz any hook-based recorder could go there. Each floor
+measures what gradviz measures on a chain of layers, and nothing more: per layer the norm
+of dL/d(output) and of the gradient into its data input (gradviz's activation_grad_norm
+and input_grad_norm; its edges are the same tensors), every parameter gradient's norm and
+the loss, into a row of a host buffer. It has none of gradviz's bookkeeping: no module
+hooks, no graph analysis, no history, no file; it knows the model is a chain.
+
+Conditions, each on its own copy of the model, interleaved in one process as in
+overhead.py: bare; bare again; gradviz (every step); "root hook" (one no-op forward hook
+on the model: where any recorder must start); "Python floor" (at the model's forward
+end, a walk of the autograd graph and one Python post-hook per layer node taking its
+norms at once; in the step, one fused norm over the parameter gradients, one stack and
+one copy); "C++ floor" (the same with the walk, the hooks and the step in C++:
+benchmarks/floor_native.cpp, built here with torch.utils.cpp_extension on first use, about
+20 s, then cached); "C++, no norms" (the C++ floor writing 0 for every norm: what the
+plumbing costs without the arithmetic). At the end every floor's last row is checked
+against gradviz's history: the same values, or the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _util import machine, quartiles, table  # noqa: E402
+from overhead import BLOCK, WORKLOADS, Trainer, _layers, keep_freed_memory  # noqa: E402
+
+import gradviz  # noqa: E402
+
+CHAINS = ["mlp", "mlp-6x1024", "cnn"]  # the floors know only chains of layers
+CONDITIONS = ["bare", "bare again", "gradviz", "root hook", "Python floor", "C++ floor",
+              "C++, no norms"]
+NATIVE = {"C++ floor", "C++, no norms"}
+ROW = 256  # room in a floor's row for one step's values
+
+
+def build_native() -> Any:
+    """floor_native.cpp as a module (built once per torch and Python version), or a reason."""
+    from torch.utils import cpp_extension
+
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = "".join(c if c.isalnum() else "_" for c in tag)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    folder = cache / "gradviz" / f"floor-{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(__file__).resolve().parent / "floor_native.cpp"
+    # pip's ninja lives beside this Python, which a venv's python does not put on PATH
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                          os.environ.get("PATH", "")])
+    with contextlib.redirect_stdout(sys.stderr):
+        return cpp_extension.load(name=f"gradviz_floor_{tag}", sources=[str(src)],
+                                  build_directory=str(folder), extra_cflags=["-O2"])
+
+
+def walk(out: torch.Tensor) -> list[Any]:
+    """The autograd nodes behind a tensor, depth first: floor_native.cpp's order."""
+    root = out.grad_fn
+    if root is None:
+        return []
+    order, stack, seen = [], [root], {root}
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return order
+
+
+def shape(order: list[Any]) -> list[Any]:
+    """What must stay the same for a learnt plan to hold: node types and their wiring."""
+    s: list[Any] = []
+    for node in order:
+        s.append(type(node))
+        s.extend(nr if nxt is not None else -1 for nxt, nr in node.next_functions)
+    return s
+
+
+def _param_of(node: Any) -> Any:
+    """The parameter an input of a layer's node comes from (directly or through a .t())."""
+    if node is None:
+        return None
+    if hasattr(node, "variable"):
+        return node.variable
+    nxt = node.next_functions
+    if len(nxt) == 1 and nxt[0][0] is not None and hasattr(nxt[0][0], "variable"):
+        return nxt[0][0].variable
+    return None
+
+
+def learn(model: nn.Module, order: list[Any]) -> list[tuple[int, int]]:
+    """(place in the walk, index of the data input or -1) for each layer's node."""
+    weights = {id(m.weight) for m in _layers(model)}
+    plan = []
+    for i, node in enumerate(order):
+        if len(node.next_functions) < 2:  # (a parameter's .t(), not a layer)
+            continue
+        params = [_param_of(nxt) for nxt, _ in node.next_functions]
+        if not any(p is not None and id(p) in weights for p in params):
+            continue
+        ports = [k for k, ((nxt, _), p) in enumerate(zip(node.next_functions, params,
+                                                         strict=True))
+                 if nxt is not None and p is None]
+        if len(ports) > 1:
+            raise SystemExit("floor.py: a layer with two gradient inputs: not a chain")
+        plan.append((i, ports[0] if ports else -1))
+    return plan
+
+
+class PythonFloor:
+    """Root hook, graph walk, one Python post-hook per layer node, fused step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = list(model.parameters())
+        self.rows = torch.zeros(64, ROW)
+        self.at = 0
+        self.norms: list[torch.Tensor] = []
+        self.plan: list[tuple[int, int]] | None = None
+        self.shape: list[Any] = []
+        self.missed = 0
+        self.handle = model.register_forward_hook(self._on_forward)
+
+    def _hook(self, port: int) -> Any:
+        norms, f32 = self.norms, torch.float32
+
+        def hook(grad_inputs: Any, grad_outputs: Any) -> None:
+            g = grad_outputs[0]
+            if g is not None:
+                norms.append(torch.linalg.vector_norm(g, dtype=f32))
+            if port >= 0 and grad_inputs[port] is not None:
+                norms.append(torch.linalg.vector_norm(grad_inputs[port], dtype=f32))
+        return hook
+
+    def _on_forward(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        order = walk(out)
+        if self.plan is None:
+            self.plan, self.shape = learn(self.model, order), shape(order)
+        elif shape(order) != self.shape:
+            self.missed += 1
+            return
+        for i, port in self.plan:
+            order[i].register_hook(self._hook(port))
+
+    def step(self, loss: torch.Tensor) -> None:
+        """After backward: parameter norms, the hooks' norms and the loss into a row."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        values = list(torch._foreach_norm(grads, 2, dtype=torch.float32))  # type: ignore[call-arg]
+        values.extend(self.norms)
+        self.norms.clear()
+        values.append(loss.detach())
+        flat = torch.stack(values)
+        self.width = len(values)
+        self.rows[self.at % len(self.rows), :self.width].copy_(flat)
+        self.at += 1
+
+    def last(self) -> list[float]:
+        """The last step's values."""
+        return self.rows[(self.at - 1) % len(self.rows), :self.width].tolist()
+
+
+class NativeFloor:
+    """The same as PythonFloor, with the walk, hooks and step in C++ (floor_native.cpp)."""
+
+    def __init__(self, model: nn.Module, native: Any, skip_norms: bool = False) -> None:
+        self.model = model
+        self.params = list(model.parameters())
+        self.rows = torch.zeros(64, ROW)
+        self.at = 0
+        self.floor = native.Floor(skip_norms)
+        self.learnt = False
+        self.handle = model.register_forward_hook(self._on_forward)
+
+    @property
+    def missed(self) -> int:
+        return int(self.floor.missed)
+
+    def _on_forward(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if not self.learnt:
+            self.floor.learn(out, learn(self.model, walk(out)))
+            self.learnt = True
+        self.floor.arm(out)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """After backward: the row, written in C++."""
+        self.width = self.floor.take(self.params, loss, self.rows[self.at % len(self.rows)])
+        self.at += 1
+
+    def last(self) -> list[float]:
+        """The last step's values."""
+        if self.width > ROW:
+            raise SystemExit(f"floor.py: {self.width} values a step, room for {ROW}")
+        return self.rows[(self.at - 1) % len(self.rows), :self.width].tolist()
+
+
+class RootHook:
+    """One no-op forward hook on the model, and nothing in the step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model.register_forward_hook(lambda module, args, out: None)
+
+    def step(self, loss: torch.Tensor) -> None:
+        pass
+
+
+def gradviz_values(rec: gradviz.Recorder) -> list[float]:
+    """The last step's values of the series a floor measures, from gradviz's history."""
+    hist = rec.recording.history
+    keep = {"activation_grad_norm", "input_grad_norm"}
+    out = []
+    for key in hist.columns:
+        if key[0] == "param" or key[0] == "loss" or (key[0] == "node" and key[2] in keep):
+            value = hist.last(key)
+            if value is not None:
+                out.append(value)
+    return out
+
+
+def check(name: str, cond: str, floor: Any, expected: list[float]) -> None:
+    """A floor that measured something else is no floor: its values must be gradviz's."""
+    got = sorted(floor.last())
+    want = sorted(expected)
+    if floor.missed or len(got) != len(want) or any(
+            abs(a - b) > 1e-6 * max(abs(b), 1e-12) for a, b in zip(got, want, strict=True)):
+        raise SystemExit(f"floor.py: {name} / {cond} measured other values than gradviz "
+                         f"({len(got)} against {len(want)}, {floor.missed} passes missed)")
+
+
+def measure(name: str, native: Any, rounds: int, blocks: int, warmup: int
+            ) -> tuple[dict[str, list[float]], float]:
+    """Per condition, the per-round ratio of its fastest block to bare's; bare's ms a step."""
+    w = WORKLOADS[name]
+    conditions = [c for c in CONDITIONS if c not in NATIVE or native is not None]
+    torch.manual_seed(0)
+    base = w.build()
+    g = torch.Generator().manual_seed(1)
+    batches = [w.batch(g, w.batch_size) for _ in range(4)]
+    ratios: dict[str, list[float]] = {c: [] for c in conditions}
+    bare_blocks: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        trainers = []
+        for cond in conditions:
+            model = w.build()
+            model.load_state_dict(base.state_dict())
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            t = Trainer(cond, model, opt, batches, w.loss)
+            if cond == "gradviz":
+                t.rec = stack.enter_context(gradviz.record(model, Path(tmp) / "run.json"))
+            elif cond == "root hook":
+                t.rec = RootHook(model)
+            elif cond == "Python floor":
+                t.rec = PythonFloor(model)
+            elif cond == "C++ floor":
+                t.rec = NativeFloor(model, native)
+            elif cond == "C++, no norms":
+                t.rec = NativeFloor(model, native, skip_norms=True)
+            trainers.append(t)
+        for t in trainers:
+            t.steps(warmup * BLOCK)
+        for r in range(rounds):
+            k = r % len(trainers)
+            order = trainers[k:] + trainers[:k]
+            times: dict[str, list[float]] = {c: [] for c in conditions}
+            for _ in range(blocks):
+                for t in order:
+                    t0 = time.perf_counter()
+                    t.steps(BLOCK)
+                    times[t.condition].append(time.perf_counter() - t0)
+            bare_blocks.extend(times["bare"])
+            best = {c: min(ts) for c, ts in times.items()}
+            for c in conditions:
+                ratios[c].append(best[c] / best["bare"])
+        # every copy took the same steps on the same data: the same last step everywhere
+        rec = next(t.rec for t in trainers if t.condition == "gradviz")
+        expected = gradviz_values(rec)
+        for t in trainers:
+            if t.condition.endswith("floor"):
+                check(name, t.condition, t.rec, expected)
+            elif t.condition == "C++, no norms":  # its values are 0 (but the loss): as many
+                check(name, t.condition, t.rec, [0.0] * (len(expected) - 1) + [t.rec.last()[-1]])
+    return ratios, sorted(bare_blocks)[len(bare_blocks) // 2] / BLOCK * 1e3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:7]))
+    p.add_argument("--models", nargs="+", choices=CHAINS, default=["mlp"],
+                   help="chain models of overhead.py (default: mlp)")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    p.add_argument("--blocks", type=int, default=3,
+                   help=f"blocks of {BLOCK} steps per condition per round (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up blocks (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-native", action="store_true",
+                   help="leave out the C++ floor (it needs a C++ compiler and ninja)")
+    p.add_argument("--quick", action="store_true", help="a few seconds: 2 rounds of one block")
+    args = p.parse_args(argv)
+    for flag in ("rounds", "blocks", "warmup"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+    if args.quick:
+        args.rounds, args.blocks, args.warmup = 2, 1, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the C++ floor if asked, measure each model, print the table."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()
+    warnings.simplefilter("ignore")
+    native = None
+    if not args.no_native:
+        try:
+            t0 = time.perf_counter()
+            native = build_native()
+            print(f"  C++ floor ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        except Exception as e:  # no compiler, no ninja, headers missing
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"floor.py: the C++ floor could not be built ({first}); measuring "
+                  f"without it (--no-native says so up front)", file=sys.stderr)
+    gc.collect()
+    print(f"# The floor: the cheapest recorder of the same numbers\n\n{machine()}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} torch thread(s); {args.rounds} "
+          f"rounds x {args.blocks} blocks of {BLOCK} steps per condition, interleaved in one "
+          f"process; malloc {'keeps freed memory' if kept else 'as it is'}.\n")
+    rows = []
+    header = ["model", "bare ms/step"]
+    for name in args.models:
+        t0 = time.perf_counter()
+        ratios, ms = measure(name, native, args.rounds, args.blocks, args.warmup)
+        conds = [c for c in CONDITIONS if c in ratios and c != "bare"]
+        header = ["model", "bare ms/step", *conds, *[f"{c} us" for c in conds[1:]]]
+        row: list[object] = [f"{name}: {WORKLOADS[name].describe()}", f"{ms:.2f}"]
+        meds = {c: quartiles(ratios[c]) for c in conds}
+        row += [f"{m:.3f}x ({lo:.2f}-{hi:.2f})" for lo, m, hi in meds.values()]
+        row += [f"{(meds[c][1] - 1) * ms * 1e3:+.0f}" for c in conds[1:]]
+        rows.append(row)
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(table(header, rows))
+    print("\nRatio: per round, each condition's fastest block of 10 steps over bare's; the "
+          "median over rounds, in brackets its interquartile range. 'us': what that ratio "
+          "adds to bare's median step. Every floor's last row was checked against gradviz's "
+          "history: the same values.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
