@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import io
+import logging
 import os
 import sys
 import tempfile
@@ -57,22 +59,46 @@ NATIVE = {"C++ floor", "C++, no norms"}
 ROW = 256  # room in a floor's row for one step's values
 
 
+STALE_LOCK_S = 600  # a build lock this old was left by a build that was killed
+
+
 def build_native() -> Any:
-    """floor_native.cpp as a module (built once per torch and Python version), or a reason."""
+    """floor_native.cpp as a module (built once per torch and Python version).
+
+    Raises SystemExit-free errors for main() to report in one line: BuildError with the
+    compiler's first error, or whatever torch's cpp_extension raised.
+    """
     from torch.utils import cpp_extension
 
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.CRITICAL)
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
     tag = "".join(c if c.isalnum() else "_" for c in tag)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = cache / "gradviz" / f"floor-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"  # cpp_extension waits forever on a lock a killed build left
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
     src = Path(__file__).resolve().parent / "floor_native.cpp"
     # pip's ninja lives beside this Python, which a venv's python does not put on PATH
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
-                                          os.environ.get("PATH", "")])
-    with contextlib.redirect_stdout(sys.stderr):
-        return cpp_extension.load(name=f"gradviz_floor_{tag}", sources=[str(src)],
-                                  build_directory=str(folder), extra_cflags=["-O2"])
+    os.environ["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), *filter(None, [os.environ.get("PATH")])])
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            return cpp_extension.load(name=f"gradviz_floor_{tag}", sources=[str(src)],
+                                      build_directory=str(folder), extra_cflags=["-O2"])
+    except Exception as e:
+        lines = [line.strip() for line in f"{out.getvalue()}\n{e}".splitlines()]
+        # the compiler's first diagnostic, else the exception's own first line
+        why = next((line for line in lines if "error:" in line),
+                   f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        raise BuildError(f"{why[:300]} (build folder {folder})") from e
+
+
+class BuildError(Exception):
+    """The C++ floor did not build: the compiler's first error."""
 
 
 def walk(out: torch.Tensor) -> list[Any]:
@@ -175,6 +201,8 @@ class PythonFloor:
         values.append(loss.detach())
         flat = torch.stack(values)
         self.width = len(values)
+        if self.width > ROW:
+            raise SystemExit(f"floor.py: {self.width} values a step, room for {ROW}")
         self.rows[self.at % len(self.rows), :self.width].copy_(flat)
         self.at += 1
 
@@ -229,6 +257,9 @@ class RootHook:
 
 def gradviz_values(rec: gradviz.Recorder) -> list[float]:
     """The last step's values of the series a floor measures, from gradviz's history."""
+    if rec._failed:
+        raise SystemExit("floor.py: gradviz stopped recording during the run; nothing to "
+                         "compare the floors with")
     hist = rec.recording.history
     keep = {"activation_grad_norm", "input_grad_norm"}
     out = []
@@ -297,11 +328,12 @@ def measure(name: str, native: Any, rounds: int, blocks: int, warmup: int
         # every copy took the same steps on the same data: the same last step everywhere
         rec = next(t.rec for t in trainers if t.condition == "gradviz")
         expected = gradviz_values(rec)
+        loss = rec.recording.history.last(("loss",))
         for t in trainers:
             if t.condition.endswith("floor"):
                 check(name, t.condition, t.rec, expected)
-            elif t.condition == "C++, no norms":  # its values are 0 (but the loss): as many
-                check(name, t.condition, t.rec, [0.0] * (len(expected) - 1) + [t.rec.last()[-1]])
+            elif t.condition == "C++, no norms":  # as many values, 0 but for the loss
+                check(name, t.condition, t.rec, [0.0] * (len(expected) - 1) + [loss])
     return ratios, sorted(bare_blocks)[len(bare_blocks) // 2] / BLOCK * 1e3
 
 
@@ -321,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave out the C++ floor (it needs a C++ compiler and ninja)")
     p.add_argument("--quick", action="store_true", help="a few seconds: 2 rounds of one block")
     args = p.parse_args(argv)
-    for flag in ("rounds", "blocks", "warmup"):
+    for flag in ("rounds", "blocks", "warmup", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.quick:
@@ -334,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory()
-    warnings.simplefilter("ignore")
     native = None
     if not args.no_native:
         try:
@@ -342,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             native = build_native()
             print(f"  C++ floor ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         except Exception as e:  # no compiler, no ninja, headers missing
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"floor.py: the C++ floor could not be built ({first}); measuring "
-                  f"without it (--no-native says so up front)", file=sys.stderr)
+            why = str(e) if isinstance(e, BuildError) else (
+                (str(e).strip().splitlines() or [type(e).__name__])[0])
+            print(f"floor.py: the C++ floor could not be built: {why}; measuring without "
+                  f"it (--no-native leaves it out up front)", file=sys.stderr)
+    warnings.simplefilter("ignore")  # (after the build: its warnings say why it waits)
     gc.collect()
     print(f"# The floor: the cheapest recorder of the same numbers\n\n{machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} torch thread(s); {args.rounds} "
@@ -365,9 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(header, rows))
     print("\nRatio: per round, each condition's fastest block of 10 steps over bare's; the "
-          "median over rounds, in brackets its interquartile range. 'us': what that ratio "
-          "adds to bare's median step. Every floor's last row was checked against gradviz's "
-          "history: the same values.")
+          "median over rounds, in brackets its interquartile range. 'us': that ratio minus "
+          "1, times bare's median step. 'bare again' is a second untouched copy: the "
+          "method's own error. Each floor's last row equals gradviz's history for that "
+          "step (checked).")
     return 0
 
 

@@ -77,7 +77,10 @@ struct Floor {
 
   void learn(const at::Tensor& out, std::vector<std::pair<int64_t, int64_t>> at) {
     shape.clear();
-    walk(out, shape);
+    auto order = walk(out, shape);
+    for (const auto& [i, port] : at)
+      TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(order.size()),
+                  "node ", i, " of the plan is not in a walk of ", order.size());
     layers = std::move(at);
   }
 
