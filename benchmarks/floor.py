@@ -34,6 +34,7 @@ import gc
 import io
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import machine, quartiles, table  # noqa: E402
-from overhead import BLOCK, WORKLOADS, Trainer, _layers, keep_freed_memory  # noqa: E402
+from overhead import BLOCK, WORKLOADS, _layers, copies, keep_freed_memory, race  # noqa: E402
 
 import gradviz  # noqa: E402
 
@@ -284,47 +285,21 @@ def check(name: str, cond: str, floor: Any, expected: list[float]) -> None:
 def measure(name: str, native: Any, rounds: int, blocks: int, warmup: int
             ) -> tuple[dict[str, list[float]], float]:
     """Per condition, the per-round ratio of its fastest block to bare's; bare's ms a step."""
-    w = WORKLOADS[name]
     conditions = [c for c in CONDITIONS if c not in NATIVE or native is not None]
-    torch.manual_seed(0)
-    base = w.build()
-    g = torch.Generator().manual_seed(1)
-    batches = [w.batch(g, w.batch_size) for _ in range(4)]
-    ratios: dict[str, list[float]] = {c: [] for c in conditions}
-    bare_blocks: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        trainers = []
-        for cond in conditions:
-            model = w.build()
-            model.load_state_dict(base.state_dict())
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            t = Trainer(cond, model, opt, batches, w.loss)
-            if cond == "gradviz":
-                t.rec = stack.enter_context(gradviz.record(model, Path(tmp) / "run.json"))
-            elif cond == "root hook":
-                t.rec = RootHook(model)
-            elif cond == "Python floor":
-                t.rec = PythonFloor(model)
-            elif cond == "C++ floor":
-                t.rec = NativeFloor(model, native)
-            elif cond == "C++, no norms":
-                t.rec = NativeFloor(model, native, skip_norms=True)
-            trainers.append(t)
+        trainers = copies(WORKLOADS[name], conditions)
         for t in trainers:
-            t.steps(warmup * BLOCK)
-        for r in range(rounds):
-            k = r % len(trainers)
-            order = trainers[k:] + trainers[:k]
-            times: dict[str, list[float]] = {c: [] for c in conditions}
-            for _ in range(blocks):
-                for t in order:
-                    t0 = time.perf_counter()
-                    t.steps(BLOCK)
-                    times[t.condition].append(time.perf_counter() - t0)
-            bare_blocks.extend(times["bare"])
-            best = {c: min(ts) for c, ts in times.items()}
-            for c in conditions:
-                ratios[c].append(best[c] / best["bare"])
+            if t.condition == "gradviz":
+                t.rec = stack.enter_context(gradviz.record(t.model, Path(tmp) / "run.json"))
+            elif t.condition == "root hook":
+                t.rec = RootHook(t.model)
+            elif t.condition == "Python floor":
+                t.rec = PythonFloor(t.model)
+            elif t.condition == "C++ floor":
+                t.rec = NativeFloor(t.model, native)
+            elif t.condition == "C++, no norms":
+                t.rec = NativeFloor(t.model, native, skip_norms=True)
+        ratios = race(trainers, rounds, blocks, warmup)
         # every copy took the same steps on the same data: the same last step everywhere
         rec = next(t.rec for t in trainers if t.condition == "gradviz")
         expected = gradviz_values(rec)
@@ -334,7 +309,7 @@ def measure(name: str, native: Any, rounds: int, blocks: int, warmup: int
                 check(name, t.condition, t.rec, expected)
             elif t.condition == "C++, no norms":  # as many values, 0 but for the loss
                 check(name, t.condition, t.rec, [0.0] * (len(expected) - 1) + [loss])
-    return ratios, sorted(bare_blocks)[len(bare_blocks) // 2] / BLOCK * 1e3
+    return ratios, statistics.median(trainers[0].blocks) / BLOCK * 1e3  # (bare's)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

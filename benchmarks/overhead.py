@@ -251,19 +251,27 @@ class Trainer:
             opt.step()
 
 
-def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> list[Trainer]:
-    """A trainer per condition, each on an identical copy of the model."""
+def copies(w: Workload, conditions: list[str]) -> list[Trainer]:
+    """A trainer per condition, each on an identical copy of the model, nothing attached."""
     torch.manual_seed(0)
     base = w.build()
     g = torch.Generator().manual_seed(1)
     size = BATCH or w.batch_size
     batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in (w.batch(g, size) for _ in range(4))]
     out = []
-    for cond in CONDITIONS:
+    for cond in conditions:
         model = w.build().to(DEVICE)
         model.load_state_dict(base.state_dict())
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        t = Trainer(cond, model, opt, batches, w.loss)
+        out.append(Trainer(cond, model, opt, batches, w.loss))
+    return out
+
+
+def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> list[Trainer]:
+    """A trainer per condition, each on an identical copy of the model."""
+    out = copies(w, CONDITIONS)
+    for t in out:
+        cond, model = t.condition, t.model
         path = folder / f"{w.name}-{cond.replace(' ', '_')}.json"
         if cond == "gradviz":
             t.rec = stack.enter_context(gradviz.record(model, path))
@@ -279,7 +287,6 @@ def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> lis
         elif cond == "GradientMonitor":
             t.watcher = GradientMonitor(model)
             stack.callback(t.watcher.close)
-        out.append(t)
     return out
 
 
@@ -300,31 +307,39 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def race(trainers: list[Trainer], rounds: int, blocks: int, warmup: int
+         ) -> dict[str, list[float]]:
+    """Per condition, the per-round ratio of its fastest block to bare's (the condition
+    named "bare"); every block's time is kept in its trainer's ``blocks``."""
+    ratios: dict[str, list[float]] = {t.condition: [] for t in trainers}
+    for t in trainers:
+        t.steps(warmup * BLOCK)
+    for r in range(rounds):
+        k = r % len(trainers)
+        order = trainers[k:] + trainers[:k]  # rotate: no condition always goes first
+        times: dict[str, list[float]] = {t.condition: [] for t in trainers}
+        for _ in range(blocks):  # block by block across conditions: slow spells of the
+            for t in order:      # machine fall on all of them alike
+                sync()
+                t0 = time.perf_counter()
+                t.steps(BLOCK)
+                sync()  # on a GPU: until the block's work is done, not just queued
+                times[t.condition].append(time.perf_counter() - t0)
+        for t in trainers:
+            t.blocks.extend(times[t.condition])
+        # another process can only slow a block down: the fastest is the least
+        # disturbed reading of a condition in this round
+        best = {c: min(ts) for c, ts in times.items()}
+        for c in ratios:
+            ratios[c].append(best[c] / best["bare"])
+    return ratios
+
+
 def measure(w: Workload, rounds: int, blocks: int, warmup: int) -> dict[str, list[float]]:
-    """Per condition, the per-round ratio of its median block time to bare's."""
-    ratios: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+    """Per condition, the per-round ratio of its fastest block time to bare's."""
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         trainers = make_trainers(w, stack, Path(tmp))
-        for t in trainers:
-            t.steps(warmup * BLOCK)
-        for r in range(rounds):
-            k = r % len(trainers)
-            order = trainers[k:] + trainers[:k]  # rotate: no condition always goes first
-            times: dict[str, list[float]] = {t.condition: [] for t in trainers}
-            for _ in range(blocks):  # block by block across conditions: slow spells of the
-                for t in order:      # machine fall on all of them alike
-                    sync()
-                    t0 = time.perf_counter()
-                    t.steps(BLOCK)
-                    sync()  # on a GPU: until the block's work is done, not just queued
-                    times[t.condition].append(time.perf_counter() - t0)
-            for t in trainers:
-                t.blocks.extend(times[t.condition])
-            # another process can only slow a block down: the fastest is the least
-            # disturbed reading of a condition in this round
-            best = {c: min(ts) for c, ts in times.items()}
-            for c in CONDITIONS:
-                ratios[c].append(best[c] / best["bare"])
+        ratios = race(trainers, rounds, blocks, warmup)
         ratios["_ms"] = [statistics.median(t.blocks) / BLOCK * 1e3 for t in trainers]
         # the recorders really recorded: a benchmark of something that silently failed is void
         for t in trainers:
