@@ -158,19 +158,39 @@ def learn(model: nn.Module, order: list[Any]) -> list[tuple[int, int]]:
     return plan
 
 
-class PythonFloor:
-    """Root hook, graph walk, one Python post-hook per layer node, fused step."""
+class _Floor:
+    """What both floors share: the model's parameters, a 64-row buffer, the last row."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.params = list(model.parameters())
         self.rows = torch.zeros(64, ROW)
         self.at = 0
+        self.width = 0
+        self.handle = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _fits(self, width: int) -> int:
+        if width > ROW:
+            raise SystemExit(f"floor.py: {width} values a step, room for {ROW}")
+        return width
+
+    def last(self) -> list[float]:
+        """The last step's values."""
+        return self.rows[(self.at - 1) % len(self.rows), :self.width].tolist()
+
+
+class PythonFloor(_Floor):
+    """Root hook, graph walk, one Python post-hook per layer node, fused step."""
+
+    def __init__(self, model: nn.Module) -> None:
         self.norms: list[torch.Tensor] = []
         self.plan: list[tuple[int, int]] | None = None
         self.shape: list[Any] = []
         self.missed = 0
-        self.handle = model.register_forward_hook(self._on_forward)
+        super().__init__(model)
 
     def _hook(self, port: int) -> Any:
         norms, f32 = self.norms, torch.float32
@@ -200,29 +220,18 @@ class PythonFloor:
         values.extend(self.norms)
         self.norms.clear()
         values.append(loss.detach())
-        flat = torch.stack(values)
-        self.width = len(values)
-        if self.width > ROW:
-            raise SystemExit(f"floor.py: {self.width} values a step, room for {ROW}")
-        self.rows[self.at % len(self.rows), :self.width].copy_(flat)
+        self.width = self._fits(len(values))
+        self.rows[self.at % len(self.rows), :self.width].copy_(torch.stack(values))
         self.at += 1
 
-    def last(self) -> list[float]:
-        """The last step's values."""
-        return self.rows[(self.at - 1) % len(self.rows), :self.width].tolist()
 
-
-class NativeFloor:
+class NativeFloor(_Floor):
     """The same as PythonFloor, with the walk, hooks and step in C++ (floor_native.cpp)."""
 
     def __init__(self, model: nn.Module, native: Any, skip_norms: bool = False) -> None:
-        self.model = model
-        self.params = list(model.parameters())
-        self.rows = torch.zeros(64, ROW)
-        self.at = 0
         self.floor = native.Floor(skip_norms)
         self.learnt = False
-        self.handle = model.register_forward_hook(self._on_forward)
+        super().__init__(model)
 
     @property
     def missed(self) -> int:
@@ -235,15 +244,10 @@ class NativeFloor:
         self.floor.arm(out)
 
     def step(self, loss: torch.Tensor) -> None:
-        """After backward: the row, written in C++."""
-        self.width = self.floor.take(self.params, loss, self.rows[self.at % len(self.rows)])
+        """After backward: the row, written in C++ (which writes no further than ROW)."""
+        row = self.rows[self.at % len(self.rows)]
+        self.width = self._fits(self.floor.take(self.params, loss, row))
         self.at += 1
-
-    def last(self) -> list[float]:
-        """The last step's values."""
-        if self.width > ROW:
-            raise SystemExit(f"floor.py: {self.width} values a step, room for {ROW}")
-        return self.rows[(self.at - 1) % len(self.rows), :self.width].tolist()
 
 
 class RootHook:
