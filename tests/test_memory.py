@@ -66,23 +66,26 @@ def _setup(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.opti
     return model, x, y, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
-@pytest.mark.parametrize("name", ["mlp", "residual", "dense", "resnet", "transformer"])
-def test_no_tensor_or_graph_outlives_its_step(name: str, stats: bool) -> None:
-    model, x, y, opt = _setup(name)
-    watch = Watch(model)
-
-    def step(rec: Any) -> None:  # everything the user holds is local: gone on return
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+           rec: gradviz.Recorder, n: int = 1) -> None:
+    """n recorded training steps; everything the user holds is local: gone on return."""
+    for _ in range(n):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         rec.step(loss)
         opt.step()
 
+
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("name", ["mlp", "residual", "dense", "resnet", "transformer"])
+def test_no_tensor_or_graph_outlives_its_step(name: str, stats: bool) -> None:
+    model, x, y, opt = _setup(name)
+    watch = Watch(model)
     with gradviz.record(model, path=None, activation_stats=stats) as rec:
         for _ in range(3):
             watch.refs.clear()
-            step(rec)
+            _train(model, x, y, opt, rec)
             assert len(watch.refs) > 10  # the watch saw outputs and gradients
             alive = watch.alive()
             assert alive == [], f"{len(alive)} tensors of the step are still alive"
@@ -115,15 +118,9 @@ def test_live_tensors_do_not_grow_over_steps() -> None:
 
     with gradviz.record(model, path=None, activation_stats=True) as rec:
         counts = []
-        for i in range(30):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            rec.step(loss)
-            opt.step()
-            del loss
-            if i in (5, 29):
-                counts.append(count())
+        for n in (6, 24):  # after 6 steps and after 30
+            _train(model, x, y, opt, rec, n)
+            counts.append(count())
     assert counts[0] == counts[1]
 
 
@@ -312,12 +309,7 @@ def test_a_recording_pickles_and_deep_copies_without_its_recorder() -> None:
     model, x, y, opt = _setup("mlp")
     with gradviz.record(model, path=None) as rec:
         h = rec.recording.history
-        for _ in range(5):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            rec.step(loss)
-            opt.step()
+        _train(model, x, y, opt, rec, 5)
         assert h.before_read is not None
         for copied in (pickle.loads(pickle.dumps(rec._recording)), copy.deepcopy(rec._recording)):
             assert copied.history.before_read is None
@@ -331,21 +323,12 @@ def test_recording_grows_by_about_the_history_size() -> None:
     """Over many recorded steps, memory grows by the float32 values and little else."""
     model, x, y, opt = _setup("mlp")
     with gradviz.record(model, path=None) as rec:
-        def step() -> None:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            rec.step(loss)
-            opt.step()
-
-        for _ in range(20):
-            step()
+        _train(model, x, y, opt, rec, 20)
         h = rec.recording.history
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         steps = 1500
-        for _ in range(steps):
-            step()
+        _train(model, x, y, opt, rec, steps)
         grown = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
     row = len(h.columns) * 4
