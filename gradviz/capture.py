@@ -453,6 +453,11 @@ class Recorder:
         if self.path is not None and self._rank == 0:
             if self.path.is_dir():
                 raise RecordingError(f"{self.path} is a directory; pass a file path to record to")
+            if self.path.exists() and not self.path.is_file():
+                # (a device such as /dev/null, a pipe or a socket: moving it aside and
+                # renaming a file over it would replace it for every other program)
+                raise RecordingError(f"{self.path} is not a regular file (a device, pipe or "
+                                     f"socket); pass a file path to record to")
             moved = store.backup_existing(self.path)
             if moved is not None:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)

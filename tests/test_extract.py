@@ -139,6 +139,19 @@ def test_bad_flags_get_one_clear_line(tmp_path, args: list[str], message: str) -
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX pipes")
+def test_an_output_that_is_not_a_file_is_left_alone(tmp_path) -> None:
+    # (a pipe stands in for /dev/null, which the recorder once moved aside and replaced)
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    out = run_extract("--output", str(pipe), "--steps", "2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"extract.py: {pipe} is not a regular file (a device, pipe or socket); "
+        f"pass a file path to record to"], out.stderr
+    assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.json"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_run_stopped_mid_way_leaves_a_valid_file(tmp_path, sig: int) -> None:
