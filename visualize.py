@@ -51,7 +51,8 @@ def _threshold(text: str) -> float:
 
 
 def _depth(text: str) -> str:
-    if text not in ("auto", "full") and not (text.isdigit() and 1 <= int(text) <= 64):
+    if text not in ("auto", "full") and not (text.isascii() and text.isdigit()
+                                              and 1 <= int(text) <= 64):
         raise argparse.ArgumentTypeError(
             f"expected auto, full or a whole number from 1 to 64, got {text!r}"
         )
@@ -59,7 +60,7 @@ def _depth(text: str) -> str:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
         raise argparse.ArgumentTypeError(
             f"expected a port number from 0 to 65535 (0 picks a free one), got {text!r}"
         )

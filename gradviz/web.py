@@ -106,7 +106,7 @@ def parse_depth(value: Any) -> int | None | str:
     if value in ("full", 0, "0"):
         return None
     text = str(value)
-    if not text.isdigit() or not 1 <= int(text) <= 64:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:
         raise GradvizError(
             f"depth must be auto, full or a whole number from 1 to 64, got {value!r}; "
             "it is how many parts of a layer's name (blocks.3.attn.qkv has 4) are kept"

@@ -90,6 +90,8 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         (["--export"], ["--export"]),
         (["--depth", "0"], ["--depth", "auto, full or a whole number", "'0'"]),
         (["--depth", "deep"], ["--depth", "'deep'"]),
+        (["--depth", "\u00b2"], ["--depth", "auto, full or a whole number"]),
+        (["--port", "\uff18\uff10"], ["--port", "65535"]),  # full-width 80
     ],
 )
 def test_bad_flags_are_one_line_exit_2(flags: list[str], words: list[str]) -> None:

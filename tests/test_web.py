@@ -312,6 +312,8 @@ def test_views_by_depth_and_expand(make_file: Callable[..., Path]) -> None:
         ("depth=0.5", "depth must be auto, full or a whole number"),
         ("depth=-1", "depth must be"),
         ("depth=%3Cb%3E", "depth must be"),
+        ("depth=%C2%B2", "depth must be"),  # superscript two: a digit to isdigit(), not to int()
+        ("depth=%EF%BC%92", "depth must be"),  # full-width two
         ("depth=2&expand=", "expand names"),
         ("depth=2" + "&expand=x" * 201, "at most 200 groups"),
     ],
