@@ -149,7 +149,8 @@ def positive_range(series: list[np.ndarray]) -> tuple[float, float] | None:
 
 def _as_array(values: Any) -> np.ndarray:
     vals = [v for v in values if v is not None]
-    return np.asarray(vals, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a norm beyond float32 (a file's 1e154) is inf here
+        return np.asarray(vals, dtype=np.float32)
 
 
 def _dict(v: Any) -> dict[Any, Any]:
@@ -165,10 +166,16 @@ def _text(v: Any) -> str:
     return s if len(s) <= _MAX_TEXT else s[: _MAX_TEXT - 1] + "…"
 
 
+MAX_INT = 2**53  # whole numbers beyond this are not exact in JSON readers (or in the page)
+
+
 def _int(v: Any) -> int | None:
+    """A whole number from the file, or None (orjson reads 1e300 and big integers as floats)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return int(v) if math.isfinite(v) and float(v).is_integer() else None
+    if not (math.isfinite(v) and float(v).is_integer() and abs(v) <= MAX_INT):
+        return None
+    return int(v)
 
 
 def _param(info: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +373,7 @@ def rollup(
             order=min((o for m in ms if (o := g.nodes[m].get("order")) is not None),
                       default=None),
             has_params=any(g.nodes[m]["has_params"] for m in layers),
-            param_count=sum(counts) if all(c is not None for c in counts) else None,
+            param_count=_total(counts),
             params={},
             gradient_norm=grad,
             activation_grad_norm=act,
@@ -441,7 +448,18 @@ def _combine(values: Iterable[float | None]) -> float | None:
     present = [x for x in values if x is not None]
     if not present:
         return None
-    return math.sqrt(math.fsum(x * x for x in present))
+    try:
+        return math.sqrt(math.fsum(x * x for x in present))
+    except OverflowError:  # finite squares whose sum is beyond a float (norms near 1e154)
+        return math.hypot(*present)
+
+
+def _total(counts: list[int | None]) -> int | None:
+    """The sum of parameter counts, None if one is unknown or the sum is not a safe integer."""
+    if any(c is None for c in counts):
+        return None
+    total = sum(counts)  # type: ignore[arg-type]
+    return total if total <= MAX_INT else None
 
 
 def combine_series(arrays: list[np.ndarray], n: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 
 from gradviz import store
 from gradviz.errors import FileFormatError, GradvizError
+from gradviz.graph import build_graph, rollup
 from gradviz.web import CSP, create_app, export_html
 
 
@@ -120,6 +121,50 @@ def test_layer_ids_with_odd_characters(evil_file: Path) -> None:
     c = client_for(evil_file)
     r = c.get("/api/layer", query_string={"id": "<img src=x onerror=alert(1)>"})
     assert r.status_code == 200 and r.get_json()["id"] == "<img src=x onerror=alert(1)>"
+
+
+def test_hostile_numbers_are_served(tmp_path: Path) -> None:
+    # Whole numbers past 64 bits (orjson reads 1e300 as a float) made writing the page's
+    # JSON raise, and two norms near 1e154 made the roll-up's sum of squares overflow.
+    one = "AACAPwAAgD8="  # float32 [1, 1]
+
+    def layer(nid: str, order: object, count: object, norm: float) -> dict:
+        return {"id": nid, "kind": "layer", "type": "Linear", "order": order,
+                "gradient_norm": norm, "activation_grad_norm": 1.0, "param_count": count,
+                "params": {"weight": {"shape": [1e300, 2], "numel": 4, "trainable": True,
+                                      "gradient_norm": 1.0}}}
+    big = 3 * 2**51  # a safe whole number; two of them are not
+    nodes = [layer("blk.a", 1e300, big, 1.3e154), layer("blk.b", 1, 1e300, 1.3e154),
+             layer("head", 2, 4, 2.0)]
+    edges = [{"id": f"{s}->{t}", "source": s, "target": t, "gradient_norm": 1.0, "via": []}
+             for s, t in (("blk.a", "blk.b"), ("blk.b", "head"))]
+    series = {"gradient_norm": one, "activation_grad_norm": one, "params": {"weight": one}}
+    doc = {"format": "gradviz", "version": 1, "meta": {}, "nodes": nodes, "edges": edges,
+           "findings": [{"kind": "k", "severity": "warning", "layers": ["head"],
+                         "steps": [1e300, 1], "message": "m"}],
+           "history": {"encoding": "float32-le-base64", "steps": [0, 1], "loss": one,
+                       "nodes": {n["id"]: series for n in nodes},
+                       "edges": {e["id"]: {"gradient_norm": one} for e in edges}}}
+    path = tmp_path / "hostile.json"
+    path.write_bytes(orjson.dumps(doc))
+    c = client_for(path)
+    for depth in ("full", "1"):
+        assert c.get(f"/?depth={depth}").status_code == 200
+        g = c.get(f"/api/graph?depth={depth}")
+        assert g.status_code == 200, g.get_json()
+        assert c.get(f"/api/step?step=1&depth={depth}").status_code == 200
+        assert c.get(f"/api/layer?id=head&depth={depth}").status_code == 200
+    run = store.load(path)
+    g = build_graph(run)
+    a, b = g.nodes["blk.a"], g.nodes["blk.b"]
+    assert a["order"] is None and a["param_count"] == big and a["params"]["weight"]["shape"] is None
+    assert b["param_count"] == 4  # 1e300 is no count: the sum of its parameters' numel
+    blk = rollup(g, run, 1).nodes["blk"]
+    assert blk["gradient_norm"] == pytest.approx(1.3e154 * 2**0.5)
+    assert blk["param_count"] == big + 4
+    g.nodes["blk.b"]["param_count"] = big
+    assert rollup(g, run, 1).nodes["blk"]["param_count"] is None  # past 2**53
+    assert export_html(path, depth=1).startswith("<!doctype html>")
 
 
 def test_unknown_route_and_method(client: FlaskClient) -> None:
