@@ -81,7 +81,8 @@
     view: data.run.view,  // the roll-up shown: {depth, expanded, options, auto}
     edgeColour: [],       // colour each edge is drawn in now: a threshold move updates only
                           // the edges whose colour changes
-    token: 0,
+    token: 0,             // the latest step request: earlier answers are dropped
+    graphToken: 0,        // the same for graph (view) requests
     ready: false,
     firstDrawn: null,     // performance.now() of the first frame drawn (benchmarks read it)
     errors: [],
@@ -264,8 +265,8 @@
   }
 
   // the roll-up the page shows, for every request: the server answers in its order
-  function viewQuery() {
-    var v = state.view, q = "depth=" + (v.depth === null ? "full" : v.depth);
+  function viewQuery(view) {
+    var v = view || state.view, q = "depth=" + (v.depth === null ? "full" : v.depth);
     v.expanded.forEach(function (g) { q += "&expand=" + encodeURIComponent(g); });
     return q;
   }
@@ -486,9 +487,10 @@
 
   function setView(depth, expanded) {
     if (!canChangeView()) return Promise.resolve();
-    state.view = { depth: depth, expanded: expanded, options: state.view.options,
-                   auto: false };
-    return reload();
+    // state.view changes only when the server has answered with the new view: until then,
+    // and for good if it fails, the nodes drawn are the old view's, and so are step requests
+    return reload({ depth: depth, expanded: expanded, options: state.view.options,
+                    auto: false });
   }
 
   function expand(id) {
@@ -760,6 +762,7 @@
   }
 
   function applyPayload(p) {
+    state.token++;  // a step answer still on its way was asked for the old view or file
     var same = sameStructure(state.run, p.run);
     var follow = state.follow, index = state.index;
     state.payload = p;
@@ -799,8 +802,14 @@
     if (state.selected !== null) select(state.selected, false);
   }
 
-  function reload() {
-    return getJSON("api/graph?" + viewQuery()).then(applyPayload).catch(report);
+  function reload(view) {
+    var token = ++state.graphToken;
+    return getJSON("api/graph?" + viewQuery(view)).then(function (p) {
+      if (token === state.graphToken) applyPayload(p);  // else a later request won
+    }).catch(function (err) {
+      if (token === state.graphToken) setupDepth();  // the menu back on the view drawn
+      report(err);
+    });
   }
 
   function poll() {

@@ -59,8 +59,14 @@ def serve() -> Iterator[Callable[..., str]]:
 
     servers = []
 
-    def start(path: Path, **config: Any) -> str:
-        srv = make_server("127.0.0.1", 0, create_app({"INPUT": path, **config}), threaded=True)
+    def start(path: Path, step_delay: float = 0.0, **config: Any) -> str:
+        app = create_app({"INPUT": path, **config})
+        if step_delay:  # answers to /api/step come late (a slow server)
+            from flask import request
+
+            app.before_request(
+                lambda: time.sleep(step_delay) if request.path == "/api/step" else None)
+        srv = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return f"http://127.0.0.1:{srv.server_port}/"
@@ -461,3 +467,39 @@ def test_groups_expand_and_collapse(serve, open_page, make_file) -> None:
     s.page.locator("#gv-depth").select_option("full")
     wait(s, f"gradviz.nodes.length === {len(run.nodes)}")
     assert s.page.locator("#gv-notices").is_hidden()
+
+
+def test_a_failed_view_change_keeps_the_view_drawn(serve, open_page, make_file) -> None:
+    from gradviz.graph import rollup, series
+
+    path = make_file("transformer")
+    run = store.load(path)
+    s = open_page(serve(path, DEPTH=2))
+    drawn = set(s.js("gradviz.nodes.get().map(n => n.name)"))
+    s.page.route("**/api/graph*", lambda r: r.fulfill(
+        status=500, content_type="application/json", body='{"error": "server down"}'))
+    s.page.locator("#gv-depth").select_option("1")
+    wait(s, "document.getElementById('gv-live').textContent.includes('server down')")
+    s.errors[:] = [e for e in s.errors if "status of 500" not in e]  # (the one we made)
+    assert s.js("gradviz.state.view.depth") == 2
+    assert s.page.locator("#gv-depth").input_value() == "2"
+    assert set(s.js("gradviz.nodes.get().map(n => n.name)")) == drawn
+    # steps asked for afterwards are the drawn view's, and painted right
+    s.page.locator("#gv-step").fill("0")
+    wait(s, "gradviz.state.shownStep === 0")
+    g = rollup(build_graph(run), run, 2)
+    want = {d["id"]: series(run, g, ("edge", d["id"]))[0] for _, _, d in g.edges(data=True)}
+    assert edge_colours(s) == {e: expected_colour(float(x), 0.01) for e, x in want.items()}
+
+
+def test_a_late_step_answer_is_not_drawn_on_a_newer_view(serve, open_page, make_file) -> None:
+    path = make_file("transformer")
+    s = open_page(serve(path, step_delay=1.5, DEPTH=2))
+    last = len(store.load(path).steps) - 1
+    s.js(f"gradviz.showStep({last})")  # follows the last step; its answer is 1.5 s away
+    s.page.locator("#gv-depth").select_option("full")
+    wait(s, "gradviz.state.view.depth === null")
+    n = s.js("gradviz.nodes.length")
+    time.sleep(2.5)  # the late answer, for depth 2, has come and must have been dropped
+    assert s.js("gradviz.state.shown.gradient_norm.length") == n
+    assert s.js("gradviz.state.view.depth") is None
