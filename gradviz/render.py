@@ -240,6 +240,14 @@ def edge_style(d: dict[str, Any], threshold: float, edge_scale: LogScale) -> dic
     }
 
 
+MAX_LABEL = 48  # characters of a node's label; its title and the details keep the name
+
+
+def label(name: str) -> str:
+    """A node's label: the name, or its end (the distinctive part of a module path) if long."""
+    return name if len(name) <= MAX_LABEL else "…" + name[-(MAX_LABEL - 1):]
+
+
 def node_title(nid: str, d: dict[str, Any], step: int | None) -> str:
     """Plain-text tooltip of a node (vis-network shows string titles as text)."""
     count = d.get("param_count")
@@ -331,7 +339,7 @@ def vis_data(
             {
                 "id": vis_id[n],
                 "name": str(n),
-                "label": str(n),
+                "label": label(str(n)),
                 "x": float(x),
                 "y": float(y),
                 "title": node_title(str(n), d, step),

@@ -177,6 +177,22 @@ def test_vis_data_is_plain_python(make_file, kind: str) -> None:
     assert all(type(n["size"]) is float and type(n["x"]) is float for n in nodes)
 
 
+def test_long_names_get_short_labels() -> None:
+    g = nx.DiGraph()
+    long = "encoder." + "very_long_module_name." * 120 + "qkv"
+    g.add_node(long, kind="layer", type="Linear", has_params=True, gradient_norm=1.0,
+               activation_grad_norm=1.0, status="ok", order=0)
+    g.add_node("fc", kind="layer", type="Linear", has_params=True, gradient_norm=1.0,
+               activation_grad_norm=1.0, status="ok", order=1)
+    g.add_edge(long, "fc", id=f"{long}->fc", gradient_norm=1.0, status="ok", via=[])
+    nodes, _ = render.vis_data(g, 0.01)
+    by_name = {n["name"]: n for n in nodes}
+    assert by_name["fc"]["label"] == "fc"
+    lab = by_name[long]["label"]
+    assert len(lab) == render.MAX_LABEL and lab.startswith("…") and long.endswith(lab[1:])
+    assert by_name[long]["name"] == long  # the full name still travels, for the panel
+
+
 def test_options_keep_physics_off(residual_file: Path) -> None:
     _, g = load(residual_file)
     opts = render.options(g)
