@@ -159,6 +159,7 @@
     if (info.has_params) lines.push("gradient norm " + fmt(g));
     lines.push("activation gradient norm " + fmt(a));
     if (step !== null && step !== undefined) lines.push("step " + step);
+    if (info.kind === "group") lines.push("double-click to expand");  // (as render.node_title)
     return lines.join("\n");
   }
 
@@ -821,7 +822,7 @@
         live.textContent = "cannot re-read the file (" + p.error + "); showing the last good version";
         live.classList.add("gv-error");
       } else {
-        live.textContent = "live · " + fmtCount(p.steps) + " steps";
+        live.textContent = "live · " + fmtCount(p.steps) + (p.steps === 1 ? " step" : " steps");
         live.classList.remove("gv-error");
       }
       if (p.revision !== state.revision) return reload();

@@ -447,6 +447,8 @@ def test_groups_expand_and_collapse(serve, open_page, make_file) -> None:
     wait(s, "gradviz.state.shownStep === 0")
     want = {d["id"]: series(run, g, ("edge", d["id"]))[0] for _, _, d in g.edges(data=True)}
     assert edge_colours(s) == {e: expected_colour(float(x), 0.01) for e, x in want.items()}
+    title = s.js("gradviz.nodes.get(gradviz.visId('blocks.0')).title")  # redrawn for step 0
+    assert "\nstep 0\n" in title and title.endswith("double-click to expand")
     # a part of an expanded group offers to collapse it; a subgroup, to expand
     s.js("gradviz.select('blocks.1.attn', true)")
     wait(s, "gradviz.state.layers['blocks.1.attn'] !== undefined")
