@@ -17,6 +17,7 @@ import base64
 import bisect
 import hashlib
 import math
+import re
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -609,6 +610,13 @@ class _BoundEnvironment:
         return self.template.render(**pyvis_vars, **self.extra)
 
 
+def vis_script() -> str:
+    """vis-network's script without its source-map comment (a browser's developer tools
+    would ask for vis-network.min.js.map, which the wheel does not ship)."""
+    text = VIS_JS.read_text(encoding="utf-8")
+    return re.sub(r"\n//# sourceMappingURL=\S*\s*$", "\n", text)
+
+
 def asset_text(name: str) -> str:
     """Our own script or stylesheet from templates/ (only the names in ASSETS)."""
     if name not in ASSETS:
@@ -643,7 +651,7 @@ def render_page(
     extra: dict[str, Any] = {"title": title, "data": data, "inline": history is not None, "csp": ""}
     if history is not None:
         vis_js, app_js, css = (
-            VIS_JS.read_text(encoding="utf-8"),
+            vis_script(),
             asset_text("gradviz.js"),
             asset_text("gradviz.css"),
         )

@@ -373,7 +373,7 @@ def page() -> Response:
 def asset(name: str) -> Response:
     """vis-network from the pyvis wheel, and our own script and stylesheet."""
     if name == "vis-network.min.js":
-        text = render.VIS_JS.read_text(encoding="utf-8")
+        text = render.vis_script()
         mimetype = "text/javascript"
     elif name in render.ASSETS:
         text, mimetype = render.asset_text(name), render.ASSETS[name]

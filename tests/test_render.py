@@ -334,6 +334,7 @@ def test_export_page_is_self_contained(residual_file: Path) -> None:
     data = page_data(html, "gv-data")
     assert data["mode"] == "export" and data["live"] is False
     assert data["history"]["n_nodes"] == g.number_of_nodes()
+    assert "sourceMappingURL" not in html  # (developer tools would ask for a .map file)
 
 
 def test_evil_names_stay_data(evil_file: Path) -> None:

@@ -53,6 +53,7 @@ def test_page_and_headers(client: FlaskClient, app: Flask) -> None:
 def test_assets(client: FlaskClient, name: str, mimetype: str) -> None:
     r = client.get(f"/assets/{name}")
     assert r.status_code == 200 and r.mimetype == mimetype and len(r.data) > 1000
+    assert b"sourceMappingURL" not in r.data  # no request for a .map the server lacks
 
 
 @pytest.mark.parametrize("name", ["page.html", "..%2Fgradviz%2Fweb.py", "nope.js"])
