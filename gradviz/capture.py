@@ -252,6 +252,39 @@ class _Rows:
                     event.synchronize()
 
 
+class _Hook:
+    """A gradviz hook on the user's model, which a copy of the model does not take along.
+
+    copy.deepcopy(model) and torch.save(model) copy a module's hooks with it (an EMA or
+    SWA model, a best-model snapshot): the copy gets an inert hook, not one that records
+    the copy's passes into this run, and the recorder (which holds locks, so cannot be
+    copied or pickled) stays out of it. Loading such a pickle needs gradviz importable.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Inert:
+        return _Inert()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Inert, ())
+
+
+class _Inert:
+    """What a gradviz hook becomes on a copy of the model: nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
 def _grad_outputs(output: Any) -> list[torch.Tensor]:
     """A call's output tensors that have an autograd node, one per (node, output index)."""
     seen: list[tuple[Any, int]] = []
@@ -478,10 +511,10 @@ class Recorder:
         if self._handles:
             return
         for module, hook in self._hooks:
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
-        self._handles.append(self.model.register_forward_hook(self._on_pass_end))
-        self._handles.append(self.model.register_forward_pre_hook(self._on_pass_start))
+        self._handles.append(self.model.register_forward_hook(_Hook(self._on_pass_end)))
+        self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_pass_start)))
         if self.early_param_norms and self._world == 1 and not self._sharded and (
                 self.scaler is None or not self.scaler.is_enabled()):
             # A large gradient's norm costs least right after autograd wrote it, while it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 import math
@@ -225,6 +226,36 @@ def test_hooks_removed_after_with_block() -> None:
     assert len(rec.recording.history) == recorded == 2
     with pytest.raises(RecordingError, match="outside"):
         rec.step()
+
+
+def test_a_copy_of_the_model_made_while_recording_trains_and_records_nothing(tmp_path) -> None:
+    # An EMA/SWA model or a best-model snapshot, made inside the with block: deepcopy and
+    # torch.save copy a module's hooks, and gradviz's used to take the recorder (and its
+    # locks) along: "cannot pickle '_thread.RLock' object" in the user's loop.
+    torch.manual_seed(0)
+    model = demos.DEMOS["residual"].build()
+    x, y = batch("residual")
+    ref = Reference(model, x, y)
+    with gradviz.record(model, path=None) as rec:
+        twin = copy.deepcopy(model)
+        ema = torch.optim.swa_utils.AveragedModel(model)
+        torch.save(model, tmp_path / "model.pt")
+        saved = torch.load(tmp_path / "model.pt", weights_only=False)
+        for other in (twin, ema, saved):  # they train, and record nothing into rec
+            nn.functional.cross_entropy(other(x), y).backward()
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        rec.step(loss)
+    run = rec.to_run()
+    assert run.steps == [0]
+    for node in run.nodes:
+        if node["kind"] == "layer":
+            assert rel_close(node["activation_grad_norm"], ref.activation_norm(node["id"]))
+            assert rel_close(node["gradient_norm"], ref.layer_norm(node["id"]))
+    copied = [h for m in twin.modules() for h in (*m._forward_hooks.values(),
+                                                  *m._forward_pre_hooks.values())]
+    assert copied and all(type(h) is capture._Inert for h in copied)
 
 
 def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
