@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import socket
 import sys
 import threading
@@ -123,6 +124,27 @@ def report(path: Path) -> int:
     return 1 if worst(findings) == "critical" else 0
 
 
+def _check_export_target(out: Path, recorded: Path) -> None:
+    """Refuse to write the page over the recording, or over a file that is not a page."""
+    if not out.exists() or out.is_dir():
+        return  # (a folder: the write below says so)
+    try:
+        same = os.path.samefile(out, recorded)
+    except OSError:
+        same = False
+    if same:
+        raise GradvizError(f"--export {out} is the recorded run itself; pick another file "
+                           f"name for the page, such as graph.html")
+    try:
+        with open(out, "rb") as f:
+            head = f.read(64).lstrip().lower()
+    except OSError:
+        return  # (unreadable: the write below says why)
+    if out.is_file() and out.stat().st_size and not head.startswith((b"<!doctype", b"<html")):
+        raise GradvizError(f"--export {out} exists and is not a web page; pick another file "
+                           f"name, or move it away first")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = parse_args(argv)
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             return report(args.input)
         if args.export:
+            _check_export_target(args.export, args.input)
             html = export_html(args.input, args.threshold, args.depth)
             try:
                 args.export.write_text(html, encoding="utf-8")

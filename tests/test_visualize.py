@@ -125,6 +125,20 @@ def test_depth(make_file: Callable[..., Path], tmp_path: Path) -> None:
         assert ('"kind":"group"' in out.read_text(encoding="utf-8")) == groups, depth
 
 
+def test_export_never_writes_over_a_recording(residual_file: Path, tmp_path: Path) -> None:
+    recorded = residual_file.read_bytes()
+    r = run("--input", residual_file, "--export", residual_file)
+    assert_one_line_error(r, "is the recorded run itself", "graph.html")
+    other = tmp_path / "other_run.json"
+    other.write_bytes(recorded)
+    assert_one_line_error(run("--input", residual_file, "--export", other),
+                          "exists and is not a web page")
+    assert residual_file.read_bytes() == recorded and other.read_bytes() == recorded
+    page = tmp_path / "graph.html"  # an earlier export is replaced: it is made from the run
+    for _ in range(2):
+        assert run("--input", residual_file, "--export", page).returncode == 0
+
+
 def test_export_to_unwritable_place(residual_file: Path, tmp_path: Path) -> None:
     r = run("--input", residual_file, "--export", tmp_path / "no" / "such" / "dir.html")
     assert_one_line_error(r, "cannot write", "--export")
