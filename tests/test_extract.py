@@ -139,6 +139,15 @@ def test_bad_flags_get_one_clear_line(tmp_path, args: list[str], message: str) -
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_an_output_folder_that_is_missing_is_said_before_training(tmp_path) -> None:
+    out = run_extract("--output", "nodir/run.json", "--steps", "2", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "extract.py: cannot record to nodir/run.json: nodir does not exist; create it or "
+        "pass a path in a writable folder"], out.stderr
+    assert "step" not in out.stdout  # (no training ran)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX pipes")
 def test_an_output_that_is_not_a_file_is_left_alone(tmp_path) -> None:
     # (a pipe stands in for /dev/null, which the recorder once moved aside and replaced)
