@@ -122,7 +122,11 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """L2 norm reduced in float32 (a half-precision norm overflows although no element does).
 
     A float64 gradient is reduced in float64 (torch will not narrow it), then converted.
+    A gradient with a graph of its own (a backward with create_graph=True: gradient
+    penalties, second-order methods) is measured without extending that graph.
     """
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.float64 and dtype != torch.float64:
         return torch.linalg.vector_norm(t).to(dtype)
     return torch.linalg.vector_norm(t, dtype=dtype)
@@ -835,7 +839,7 @@ class Recorder:
 
     def _add_part(self, part: list[Any], g: torch.Tensor) -> None:
         col, acc, left, n = part
-        acc = g.detach().clone() if acc is None else acc + g
+        acc = g.detach().clone() if acc is None else acc + g.detach()
         part[1], part[2] = acc, left - 1
         if left == 1:  # complete: measure it, and be ready for another backward
             self._emit(col, acc)
@@ -885,7 +889,8 @@ class Recorder:
             self._passes = self._batch = 0
             return
         try:
-            self._record(step, loss)
+            with torch.no_grad():  # (parameter gradients with a graph: create_graph=True)
+                self._record(step, loss)
         except Exception as e:
             self._fail(e)
             return

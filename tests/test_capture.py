@@ -258,6 +258,33 @@ def test_a_copy_of_the_model_made_while_recording_trains_and_records_nothing(tmp
     assert copied and all(type(h) is capture._Inert for h in copied)
 
 
+def test_a_gradient_penalty_with_create_graph_keeps_recording() -> None:
+    # WGAN-GP / R1: autograd.grad(..., create_graph=True) inside the step, so gradients
+    # carry graphs. Their norms did too, and the step's copy to the host failed: gradviz
+    # stopped recording at step 0 with a warning.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gradviz warns when it stops recording
+        warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph")
+        with gradviz.record(model, path=None) as rec:
+            for _ in range(3):
+                model.zero_grad()
+                xi = x.clone().requires_grad_(True)
+                out = model(xi)
+                (gx,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+                loss = out.mean() + ((gx.norm(dim=1) - 1) ** 2).mean()
+                loss.backward(create_graph=True)  # (second-order methods do this too)
+                rec.step(loss)
+    run = rec.to_run()
+    assert run.steps == [0, 1, 2] and not rec._failed
+    for name in ("0", "2"):
+        want = torch.linalg.vector_norm(torch.cat(
+            [p.grad.detach().flatten() for p in model.get_submodule(name).parameters()]))
+        assert rel_close(run.node_history(name)[-1], float(want)), name
+
+
 def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
     torch.manual_seed(0)
     model = demos.MLP()
