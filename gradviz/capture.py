@@ -127,6 +127,8 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """
     if t.requires_grad:
         t = t.detach()
+    if t.is_sparse:
+        t = _dense_values(t)
     if t.dtype == torch.float64 and dtype != torch.float64:
         return torch.linalg.vector_norm(t).to(dtype)
     return torch.linalg.vector_norm(t, dtype=dtype)
@@ -1292,10 +1294,19 @@ def _local(g: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else g
 
 
+def _dense_values(g: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient's values (nn.Embedding(sparse=True)): the same norm, once coalesced
+    (repeated indices summed); torch's norm kernels take no sparse tensors."""
+    return g.coalesce().values()
+
+
 def _fused_norms(grads: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int, torch.Tensor]:
     """One torch._foreach_norm per device over the gradients: id(param) -> 0-d norm."""
     by_dev: dict[tuple[torch.device, bool], list[int]] = {}
     for key, g in grads.items():
+        if g.is_sparse:
+            grads = {**grads, key: _dense_values(g)}
+            g = grads[key]
         by_dev.setdefault((g.device, g.dtype == torch.float64), []).append(key)
     out: dict[int, torch.Tensor] = {}
     for (_, wide), keys in by_dev.items():
@@ -1325,7 +1336,7 @@ def _norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         return []
     dev = grads[0].device
     if dtype == torch.float64 or any(
-            g.device != dev or g.dtype == torch.float64 for g in grads):
+            g.device != dev or g.dtype == torch.float64 or g.is_sparse for g in grads):
         done = _fused_norms(dict(enumerate(grads)), dtype)
         return [done[i] for i in range(len(grads))]
     return list(torch._foreach_norm(grads, 2, dtype=dtype))  # type: ignore[call-arg]

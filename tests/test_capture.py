@@ -285,6 +285,30 @@ def test_a_gradient_penalty_with_create_graph_keeps_recording() -> None:
         assert rel_close(run.node_history(name)[-1], float(want)), name
 
 
+@pytest.mark.parametrize("early", [False, True])
+def test_sparse_embedding_gradients_are_recorded(early: bool) -> None:
+    # nn.Embedding(sparse=True) gives sparse gradients, which torch's norm kernels refuse:
+    # gradviz stopped at step 0 and recorded nothing.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5000, 40, sparse=True), nn.Flatten(), nn.Linear(120, 3))
+    x, y = torch.randint(0, 5000, (32, 3)), torch.randint(0, 3, (32,))
+    x[:, 0] = 7  # repeated indices: the sparse gradient holds duplicates until coalesced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradviz.record(model, path=None, early_param_norms=early) as rec:
+            for _ in range(2):
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                rec.step(loss)
+    run = rec.to_run()
+    assert run.steps == [0, 1]
+    grad = model[0].weight.grad
+    assert grad.is_sparse
+    want = float(torch.linalg.vector_norm(grad.to_dense()))
+    assert rel_close(run.node_history("0")[-1], want)
+
+
 def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
     torch.manual_seed(0)
     model = demos.MLP()
