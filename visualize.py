@@ -117,9 +117,12 @@ def report(path: Path) -> int:
     """Print a file's findings (diagnosing it if it has none); 1 on any critical one."""
     from gradviz import store
     from gradviz.diagnose import diagnose, format_report, worst
+    from gradviz.graph import clean_findings
 
     run = store.load(path)
-    findings = run.findings or diagnose(run)
+    # a file's own findings are data from anywhere: reduced to known fields, as the page does
+    own = clean_findings(run.findings, {n["id"] for n in run.nodes}) if run.findings else []
+    findings = own or diagnose(run)
     print(format_report(findings))
     return 1 if worst(findings) == "critical" else 0
 

@@ -69,8 +69,9 @@ def format_report(findings: Sequence[dict[str, Any]], limit: int = 20) -> str:
     lines = []
     for f in findings[:limit]:
         layers = _layer_list(f["layers"])
-        lo, hi = f["steps"]
-        steps = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+        span = list(f["steps"])  # [first, last]; a file's own findings may give fewer
+        lo, hi = (span + span)[:2] if span else (None, None)
+        steps = "no step" if lo is None else f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
         lines.append(f"{f['severity'].upper():8} {f['kind']:11} {layers} ({steps}): "
                      f"{f['message']}")
         if f["suggestions"]:

@@ -56,3 +56,22 @@ def test_viewer_diagnoses_a_file_without_findings(files) -> None:
     findings = g.graph["findings"]
     assert findings and findings[0]["kind"] == "vanishing"
     assert "layers.0" in findings[0]["layers"]
+
+
+def test_report_reads_hand_edited_findings(files, tmp_path) -> None:
+    # a file's findings are data from anywhere: odd ones are reduced, never a traceback
+    # (exit 1 would read as "a critical finding" in CI)
+    import orjson
+
+    doc = orjson.loads(files["mlp"].read_bytes())
+    for findings, code, first in (
+            ([{"kind": "x"}], 0, "INFO     x"),
+            ([{"kind": "nan", "severity": "critical", "layers": ["fc1", 3], "steps": [4],
+               "message": "m", "suggestions": "no list"}], 1, "CRITICAL nan         fc1 (step 4): m"),
+            ("oops", 0, "gradient flow looks healthy")):
+        doc["findings"] = findings
+        path = tmp_path / "edited.json"
+        path.write_bytes(orjson.dumps(doc))
+        out = report(path)
+        assert out.returncode == code and out.stderr == "", (findings, out.stderr)
+        assert out.stdout.startswith(first), out.stdout
