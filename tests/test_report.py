@@ -75,3 +75,16 @@ def test_report_reads_hand_edited_findings(files, tmp_path) -> None:
         out = report(path)
         assert out.returncode == code and out.stderr == "", (findings, out.stderr)
         assert out.stdout.startswith(first), out.stdout
+
+
+def test_odd_layer_orders_are_diagnosed(files, tmp_path) -> None:
+    import orjson
+
+    doc = orjson.loads(files["deep-sigmoid"].read_bytes())
+    for node, order in zip(doc["nodes"], ["first", None, True, float("nan")], strict=False):
+        node["order"] = order  # sorted last, not compared with the numbers
+    path = tmp_path / "orders.json"
+    path.write_bytes(orjson.dumps(doc))
+    out = report(path)
+    assert out.stderr == "" and out.returncode == 1
+    assert out.stdout.startswith("CRITICAL vanishing")
