@@ -8,11 +8,15 @@
 // the layer's data input (the edge from the layer before) at once, while they are in
 // cache, and keeps only the numbers. take(params, loss, row) adds the parameter
 // gradients' norms and the loss, written straight into a float32 row of the caller's.
-// Floor(true) writes 0 for every norm: the same walk, hooks and row without the arithmetic.
+// How each norm is taken (Floor(mode)): TORCH, torch's own op (at::linalg_vector_norm);
+// LOOP, a plain loop over the floats (torch's op costs about 1 us a call in dispatch,
+// allocation and .item() before any arithmetic); NONE, 0 for every norm: the same walk,
+// hooks and row without the arithmetic.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 
+#include <cmath>
 #include <memory>
 #include <unordered_set>
 #include <vector>
@@ -23,16 +27,40 @@ using torch::autograd::variable_list;
 
 namespace {
 
+enum Mode { TORCH = 0, LOOP = 1, NONE = 2 };
+
 float l2(const at::Tensor& t) {
   return at::linalg_vector_norm(t, 2, c10::nullopt, false, at::kFloat).item<float>();
 }
 
+// The same norm with no dispatch: squares summed in 16 float lanes over blocks of 1024
+// (which the compiler vectorises), the blocks' sums in double. Within about 1e-7 of l2.
+float loop_l2(const at::Tensor& t) {
+  if (!(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous())) return l2(t);
+  const float* p = t.data_ptr<float>();
+  const int64_t n = t.numel();
+  int64_t i = 0;
+  double total = 0;
+  for (; i + 1024 <= n; i += 1024) {
+    float lane[16] = {0};
+    for (int64_t j = i; j < i + 1024; j += 16)
+      for (int k = 0; k < 16; ++k) lane[k] += p[j + k] * p[j + k];
+    float block = 0;
+    for (float v : lane) block += v;
+    total += block;
+  }
+  for (; i < n; ++i) total += static_cast<double>(p[i]) * p[i];
+  return static_cast<float>(std::sqrt(total));
+}
+
 struct Values {
   std::vector<float> norms;  // this step's, in the order the hooks ran
-  bool skip_norms = false;   // 0 in place of each norm: what the rest costs
+  Mode mode = TORCH;
 };
 
-float value(const Values& v, const at::Tensor& t) { return v.skip_norms ? 0.0f : l2(t); }
+float value(const Values& v, const at::Tensor& t) {
+  return v.mode == NONE ? 0.0f : v.mode == LOOP ? loop_l2(t) : l2(t);
+}
 
 struct LayerHook : FunctionPostHook {
   std::shared_ptr<Values> values;
@@ -51,7 +79,10 @@ struct LayerHook : FunctionPostHook {
 
 struct Floor {
   std::shared_ptr<Values> values = std::make_shared<Values>();
-  explicit Floor(bool skip_norms) { values->skip_norms = skip_norms; }
+  explicit Floor(int64_t mode) {
+    TORCH_CHECK(mode >= TORCH && mode <= NONE, "mode ", mode, ": 0 torch, 1 loop, 2 none");
+    values->mode = static_cast<Mode>(mode);
+  }
   std::vector<uint64_t> shape;                         // the walk learnt first
   std::vector<std::pair<int64_t, int64_t>> layers;     // (place in the walk, port)
   int64_t missed = 0;                                  // passes of another shape
@@ -116,8 +147,13 @@ struct Floor {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm", [](const at::Tensor& t, int64_t mode) {  // one norm as a floor takes it
+    Values v;
+    v.mode = static_cast<Mode>(mode);
+    return value(v, t);
+  });
   py::class_<Floor>(m, "Floor")
-      .def(py::init<bool>())
+      .def(py::init<int64_t>())
       .def("learn", &Floor::learn)
       .def("arm", &Floor::arm)
       .def("take", &Floor::take)

@@ -5,6 +5,7 @@ Their results, measured on a full run, are in benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -112,10 +113,46 @@ def test_floor_builds_its_cpp_floor_and_checks_every_floor(tmp_path: Path) -> No
     row = _floor_table(r.stdout)
     assert row["model"].startswith("mlp: MLP 784-256-128-64-10")
     for cond in ("bare again", "gradviz", "root hook", "Python floor", "C++ floor",
-                 "C++, no norms"):
+                 "C++, loop norms", "C++, no norms"):
         assert row[cond].endswith(")") and "x (" in row[cond], (cond, row)
         if cond != "bare again":
             int(row[f"{cond} us"])  # a signed whole number of microseconds
+    _check_loop_norm(tmp_path)
+
+
+def _check_loop_norm(cache: Path) -> None:
+    """The loop floor's norm is torch's, on sizes the benchmark's models do not reach."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import floor
+    finally:
+        sys.path.remove(str(BENCH))
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # (the build the run just made)
+    try:
+        native = floor.build_native()
+    finally:
+        if old is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+    torch.manual_seed(0)
+    cases = [torch.randn(n) * s for n in (1, 1023, 1024, 1025, 5000, 200_000)
+             for s in (1e-20, 1.0, 1e6)]
+    cases += [torch.randn(64, 100).t(),  # not contiguous: torch's own op
+              torch.randn(3000).half()]
+    for t in cases:
+        torch_op = float(torch.linalg.vector_norm(t, dtype=torch.float32))
+        assert native.norm(t, floor.MODES["C++ floor"]) == torch_op
+        exact = float(torch.linalg.vector_norm(t.double()))
+        assert native.norm(t, floor.MODES["C++, loop norms"]) == pytest.approx(exact, rel=1e-6)
+        assert native.norm(t, floor.MODES["C++, no norms"]) == 0.0
+    for bad, check in ((float("nan"), math.isnan), (float("inf"), math.isinf)):
+        t = torch.ones(3000)
+        t[2500] = bad
+        assert check(native.norm(t, floor.MODES["C++, loop norms"]))
 
 
 def test_floor_without_a_compiler_says_so_in_one_line(tmp_path: Path) -> None:
@@ -126,7 +163,7 @@ def test_floor_without_a_compiler_says_so_in_one_line(tmp_path: Path) -> None:
         "floor.py: the C++ floor could not be built: CalledProcessError: ")
     assert "Traceback" not in r.stderr
     row = _floor_table(r.stdout)
-    assert "C++ floor" not in row and "C++, no norms" not in row
+    assert not [c for c in row if c.startswith("C++")], row
     assert "x (" in row["Python floor"]
 
 
@@ -170,6 +207,9 @@ def test_floor_check_rejects_a_floor_that_measured_something_else() -> None:
     for values in ([1.0, 2.0], [1.0, 2.0, 3.001]):
         with pytest.raises(SystemExit, match="other values than gradviz"):
             floor.check("m", "c", Fake(values), [1.0, 2.0, 3.0])
+    floor.check("m", "C++, loop norms", Fake([1.0, 2.0001, 3.0]), [1.0, 2.0, 3.0])
+    with pytest.raises(SystemExit, match="other values than gradviz"):
+        floor.check("m", "C++, loop norms", Fake([1.0, 2.01, 3.0]), [1.0, 2.0, 3.0])
     missed = Fake([1.0, 2.0, 3.0])
     missed.missed = 1
     with pytest.raises(SystemExit, match="1 passes missed"):
