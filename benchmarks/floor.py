@@ -24,8 +24,8 @@ benchmarks/floor_native.cpp, built here with torch.utils.cpp_extension on first 
 20 s, then cached); "C++, loop norms" (the C++ floor taking each norm with a plain loop
 over the floats instead of torch's norm op, whose dispatch, allocation and .item() cost
 about 1 us a call before any arithmetic); "C++, no norms" (the C++ floor writing 0 for
-every norm: what the plumbing costs without the arithmetic). At the end every floor's last row is checked
-against gradviz's history: the same values, or the run fails.
+every norm: what the plumbing costs without the arithmetic). At the end every floor's
+last row is checked against gradviz's history: the same values, or the run fails.
 """
 
 from __future__ import annotations

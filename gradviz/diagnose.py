@@ -94,8 +94,9 @@ def format_report(findings: Sequence[dict[str, Any]], limit: int = 20) -> str:
 def _forward_order(node: dict[str, Any]) -> float:
     """A node's place in the forward pass; last if the file gives none (or not a number)."""
     o = node.get("order")
-    ok = isinstance(o, (int, float)) and not isinstance(o, bool) and not math.isnan(o)
-    return float(o) if ok else math.inf
+    if isinstance(o, (int, float)) and not isinstance(o, bool) and not math.isnan(o):
+        return float(o)
+    return math.inf
 
 
 class _Context:

@@ -67,7 +67,8 @@ def test_report_reads_hand_edited_findings(files, tmp_path) -> None:
     for findings, code, first in (
             ([{"kind": "x"}], 0, "INFO     x"),
             ([{"kind": "nan", "severity": "critical", "layers": ["fc1", 3], "steps": [4],
-               "message": "m", "suggestions": "no list"}], 1, "CRITICAL nan         fc1 (step 4): m"),
+               "message": "m", "suggestions": "no list"}], 1,
+             "CRITICAL nan         fc1 (step 4): m"),
             ("oops", 0, "gradient flow looks healthy")):
         doc["findings"] = findings
         path = tmp_path / "edited.json"
