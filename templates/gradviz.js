@@ -83,6 +83,7 @@
                           // the edges whose colour changes
     token: 0,             // the latest step request: earlier answers are dropped
     graphToken: 0,        // the same for graph (view) requests
+    graphPending: null,   // the latest graph request: what a superseded one waits for
     ready: false,
     firstDrawn: null,     // performance.now() of the first frame drawn (benchmarks read it)
     errors: [],
@@ -805,12 +806,15 @@
 
   function reload(view) {
     var token = ++state.graphToken;
-    return getJSON("api/graph?" + viewQuery(view)).then(function (p) {
-      if (token === state.graphToken) applyPayload(p);  // else a later request won
+    var done = getJSON("api/graph?" + viewQuery(view)).then(function (p) {
+      if (token === state.graphToken) applyPayload(p);
+      else return state.graphPending;  // a later request won: done when it is
     }).catch(function (err) {
       if (token === state.graphToken) setupDepth();  // the menu back on the view drawn
       report(err);
     });
+    state.graphPending = done;
+    return done;
   }
 
   function poll() {

@@ -59,13 +59,14 @@ def serve() -> Iterator[Callable[..., str]]:
 
     servers = []
 
-    def start(path: Path, step_delay: float = 0.0, **config: Any) -> str:
+    def start(path: Path, step_delay: float = 0.0, graph_delay: float = 0.0,
+              **config: Any) -> str:
         app = create_app({"INPUT": path, **config})
-        if step_delay:  # answers to /api/step come late (a slow server)
+        if step_delay or graph_delay:  # answers come late (a slow server)
             from flask import request
 
-            app.before_request(
-                lambda: time.sleep(step_delay) if request.path == "/api/step" else None)
+            delays = {"/api/step": step_delay, "/api/graph": graph_delay}
+            app.before_request(lambda: time.sleep(delays.get(request.path, 0.0)))
         srv = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
@@ -141,7 +142,12 @@ def open_page(browser: Any) -> Iterator[Callable[..., Session]]:
 
 def wait(s: Session, condition: str, timeout: float = 10000) -> None:
     """Wait until a JS condition holds (as a function: the page's CSP forbids eval)."""
-    s.page.wait_for_function(f"() => ({condition})", timeout=timeout)
+    try:
+        s.page.wait_for_function(f"() => ({condition})", timeout=timeout)
+    except Exception as e:  # say what the page itself reported
+        said = s.js("window.gradviz ? gradviz.state.errors : null")
+        raise AssertionError(f"waited {timeout:.0f} ms for {condition}; page errors: {said}"
+                             ) from e
 
 
 def edge_colours(s: Session) -> dict[str, str]:
@@ -505,3 +511,24 @@ def test_a_late_step_answer_is_not_drawn_on_a_newer_view(serve, open_page, make_
     time.sleep(2.5)  # the late answer, for depth 2, has come and must have been dropped
     assert s.js("gradviz.state.shown.gradient_norm.length") == n
     assert s.js("gradviz.state.view.depth") is None
+
+
+def test_overlapping_view_changes_settle(serve, open_page, make_file) -> None:
+    # Enter in the search box fires both "submit" and "change": two searches expand the
+    # same groups at once. A view request overtaken by a later one waits for it; dropping
+    # it outright made the two searches undo each other until they gave up.
+    s = open_page(serve(make_file("transformer"), graph_delay=0.3, DEPTH=2))
+    s.page.locator("#gv-search").fill("blocks.3.attn.qkv")
+    s.page.locator("#gv-search").press("Enter")
+    wait(s, "gradviz.state.selected === 'blocks.3.attn.qkv'")
+    assert s.js("gradviz.state.view.expanded") == ["blocks.3", "blocks.3.attn"]
+    # the contract that makes it so: an overtaken change is done when the later one is
+    seen = s.js("""async () => {
+        const first = gradviz.setView(2, ["blocks.1"]);
+        const second = gradviz.setView(2, ["blocks.1", "blocks.2"]);
+        await first;
+        const atFirst = gradviz.state.view.expanded.slice();
+        await second;
+        return atFirst;
+    }""")
+    assert seen == ["blocks.1", "blocks.2"]
