@@ -147,13 +147,44 @@ def launch(nproc: int, mode: str, argv: list[str] | None) -> int:
         return 130
 
 
+def check_flags(args: argparse.Namespace, analyses: tuple[str, ...]) -> None:
+    """GradvizError naming the first flag that cannot work, and how to fix it."""
+    from gradviz import train
+
+    if args.nproc < 1:
+        raise GradvizError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.fsdp and args.nproc < 2:
+        raise GradvizError("--fsdp shards the model over processes: add --nproc N (N >= 2)")
+    for flag, value, top in (("--vanish-below", args.vanish_below, None),
+                             ("--explode-above", args.explode_above, None),
+                             ("--dead-above", args.dead_above, 1.0),
+                             ("--saturated-above", args.saturated_above, 1.0)):
+        if not value > 0 or (top is not None and value > top):
+            limit = f" and at most {top:g}" if top else ""
+            raise GradvizError(f"{flag} must be above 0{limit}, got {value:g}")
+    if not args.jump_above > 1:
+        raise GradvizError(f"--jump-above is a factor (a norm changing K-fold in one step): "
+                           f"it must be above 1, got {args.jump_above:g}")
+    if not args.vanish_below < args.explode_above:
+        raise GradvizError(f"--vanish-below ({args.vanish_below:g}) must be below "
+                           f"--explode-above ({args.explode_above:g})")
+    train.check_args(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     optimizer=args.optimizer, seed=args.seed, every=args.every,
+                     accumulate=args.accumulate, analyses=analyses, world=args.nproc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit code."""
     args = parse_args(argv)
     from gradviz import train
 
-    if args.nproc < 1:
-        print(f"extract.py: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+    chosen = tuple(name for name, on in (("noise_scale", args.noise_scale),
+                                         ("hessian", args.hessian),
+                                         ("covariance", args.covariance)) if on)
+    try:  # every flag checked here, once, before any process is started
+        check_flags(args, chosen)
+    except GradvizError as e:
+        print(f"extract.py: {e}", file=sys.stderr)
         return 2
     if args.nproc > 1 and "GRADVIZ_DISTRIBUTED" not in os.environ:
         return launch(args.nproc, "fsdp" if args.fsdp else "ddp", argv)
@@ -162,18 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = Thresholds(vanishing=args.vanish_below, exploding=args.explode_above,
                             dead=args.dead_above, saturated=args.saturated_above,
                             jump=args.jump_above)
-    chosen = tuple(name for name, on in (("noise_scale", args.noise_scale),
-                                         ("hessian", args.hessian),
-                                         ("covariance", args.covariance)) if on)
-    for flag, value, top in (("--vanish-below", args.vanish_below, None),
-                             ("--explode-above", args.explode_above, None),
-                             ("--dead-above", args.dead_above, 1.0),
-                             ("--saturated-above", args.saturated_above, 1.0),
-                             ("--jump-above", args.jump_above, None)):
-        if not value > 0 or (top is not None and value > top):
-            limit = f" and at most {top:g}" if top else ""
-            print(f"extract.py: {flag} must be above 0{limit}, got {value:g}", file=sys.stderr)
-            return 2
     try:
         result = train.train(
             args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

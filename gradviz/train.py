@@ -74,6 +74,40 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_args(model_name: str, *, steps: int, batch_size: int, lr: float | None,
+               optimizer: str, seed: int, every: int, accumulate: int,
+               analyses: tuple[str, ...], world: int = 1) -> float:
+    """Check train()'s arguments (RecordingError naming the flag); return the learning rate.
+
+    extract.py calls it before it starts several processes, so a bad flag is one line there
+    rather than one traceback per process.
+    """
+    if model_name not in demos.DEMOS:
+        raise RecordingError(
+            f"unknown model {model_name!r}; choose one of: {', '.join(demos.DEMOS)}"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise RecordingError(
+            f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+        )
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every),
+                        ("--accumulate", accumulate)):
+        if value < 1:
+            raise RecordingError(f"{flag} must be at least 1, got {value}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    unknown = [a for a in analyses if a not in deep.COST]
+    if unknown:
+        raise RecordingError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(deep.COST)}")
+    if not (0 < lr <= torch.finfo(torch.float32).max):  # (the weights are float32)
+        raise RecordingError(f"--lr must be a positive number, got {lr}")
+    if not -(2**63) <= seed < 2**63:
+        raise RecordingError(f"--seed must fit in 64 bits (|seed| < 2**63), got {seed}")
+    if batch_size % world:
+        raise RecordingError(f"--batch-size {batch_size} does not split over {world} "
+                             f"processes; use a multiple of {world}")
+    return lr
+
+
 def train(
     model_name: str = "mlp",
     *,
@@ -102,24 +136,8 @@ def train(
     ``analyses`` names deeper analyses (``noise_scale``, ``hessian``, ``covariance``) run on
     the trained model at the end; their results go to the file's ``meta.analyses``.
     """
-    if model_name not in demos.DEMOS:
-        raise RecordingError(
-            f"unknown model {model_name!r}; choose one of: {', '.join(demos.DEMOS)}"
-        )
-    if optimizer not in OPTIMIZERS:
-        raise RecordingError(
-            f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
-        )
-    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--every", every),
-                        ("--accumulate", accumulate)):
-        if value < 1:
-            raise RecordingError(f"{flag} must be at least 1, got {value}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    unknown = [a for a in analyses if a not in deep.COST]
-    if unknown:
-        raise RecordingError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(deep.COST)}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise RecordingError(f"--lr must be a positive number, got {lr}")
+    lr = check_args(model_name, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                    seed=seed, every=every, accumulate=accumulate, analyses=analyses)
     world, rank = 1, 0
     if distributed:
         dev, world, rank = _join(distributed, device)
