@@ -873,8 +873,10 @@ class Recorder:
             )
         step = self.step_count
         self.step_count += 1
-        # a forward without a root call leaves these
+        # a forward without a root call leaves these (_made_by is keyed by ids of autograd
+        # nodes that die with the step: a reused id would credit the wrong layer)
         self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
+        self._made_by.clear()
         if self._failed:
             self._detach()
             return

@@ -309,6 +309,23 @@ def test_sparse_embedding_gradients_are_recorded(early: bool) -> None:
     assert rel_close(run.node_history("0")[-1], want)
 
 
+def test_layers_called_by_hand_leave_nothing_behind_a_step() -> None:
+    # No root pass ends these steps' forwards: what they learnt about autograd nodes (keyed
+    # by ids that die with the step) must still go at rec.step().
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with gradviz.record(model, path=None, activation_stats=True) as rec:
+        for _ in range(20):
+            model.zero_grad()
+            out = model[2](model[1](model[0](x)))  # the layers, not the root
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            rec.step(loss)
+            assert not rec._made_by and not rec._calls
+    assert rec.to_run().steps == list(range(20))
+
+
 def test_every_nth_step_and_no_grad_forward_cost_nothing() -> None:
     torch.manual_seed(0)
     model = demos.MLP()
