@@ -129,8 +129,8 @@ def report(path: Path) -> int:
 
 def _check_export_target(out: Path, recorded: Path) -> None:
     """Refuse to write the page over the recording, or over a file that is not a page."""
-    if not out.exists() or out.is_dir():
-        return  # (a folder: the write below says so)
+    if not out.is_file():
+        return  # (nothing there, a folder, or a device or pipe such as /dev/stdout)
     try:
         same = os.path.samefile(out, recorded)
     except OSError:

@@ -490,19 +490,9 @@ class Recorder:
         if self._open:
             raise RecordingError("this recorder is already attached; use one `with` block")
         if self.path is not None and self._rank == 0:
-            if self.path.is_dir():
-                raise RecordingError(f"{self.path} is a directory; pass a file path to record to")
-            folder = self.path.parent
-            if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-                # said now, not after the last step when the file is written
-                why = "does not exist" if not folder.exists() else "is not a writable folder"
-                raise RecordingError(f"cannot record to {self.path}: {folder} {why}; create "
-                                     f"it or pass a path in a writable folder")
-            if self.path.exists() and not self.path.is_file():
-                # (a device such as /dev/null, a pipe or a socket: moving it aside and
-                # renaming a file over it would replace it for every other program)
-                raise RecordingError(f"{self.path} is not a regular file (a device, pipe or "
-                                     f"socket); pass a file path to record to")
+            why = store.unwritable(self.path)
+            if why is not None:
+                raise RecordingError(why)
             moved = store.backup_existing(self.path)
             if moved is not None:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)

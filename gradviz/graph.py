@@ -199,9 +199,7 @@ def _param_count(v: Any, params: dict[str, dict[str, Any]]) -> int | None:
     if n is not None and n >= 0:
         return n
     numels = [p["numel"] for p in params.values()]
-    if numels and all(x is not None for x in numels):
-        return sum(numels)
-    return None
+    return _total(numels) if numels else None
 
 
 def clean_meta(meta: Any) -> dict[str, str | int | float | bool | None]:
@@ -449,9 +447,12 @@ def _combine(values: Iterable[float | None]) -> float | None:
     if not present:
         return None
     try:
-        return math.sqrt(math.fsum(x * x for x in present))
-    except OverflowError:  # finite squares whose sum is beyond a float (norms near 1e154)
-        return math.hypot(*present)
+        total = math.fsum(x * x for x in present)
+    except OverflowError:  # finite squares whose sum is beyond a float
+        total = math.inf
+    if total == math.inf and all(math.isfinite(x) for x in present):
+        return math.hypot(*present)  # (norms above about 1e154: their squares overflow)
+    return math.sqrt(total)
 
 
 def _total(counts: list[int | None]) -> int | None:

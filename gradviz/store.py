@@ -445,6 +445,26 @@ def save(path: Path, rec: Recording) -> None:
     write(path, rec.snapshot())
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a recording cannot go to path (with the fix), or None if it can.
+
+    Said before training starts, not after its last step when the file is written.
+    """
+    if path.is_dir():
+        return f"{path} is a directory; pass a file path to record to"
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        why = "does not exist" if not folder.exists() else "is not a writable folder"
+        return (f"cannot record to {path}: {folder} {why}; create it or pass a path in a "
+                f"writable folder")
+    if path.exists() and not path.is_file():
+        # (a device such as /dev/null, a pipe or a socket: moving it aside and renaming a
+        # file over it would replace it for every other program)
+        return (f"{path} is not a regular file (a device, pipe or socket); pass a file path "
+                f"to record to")
+    return None
+
+
 def backup_existing(path: Path) -> Path | None:
     """Move an existing file at path to the first free NAME.N.json; return where it went."""
     if not path.exists():

@@ -100,8 +100,8 @@ def check_args(model_name: str, *, steps: int, batch_size: int, lr: float | None
         raise RecordingError(f"unknown analysis {unknown[0]!r}; choose from {', '.join(deep.COST)}")
     if not (0 < lr <= torch.finfo(torch.float32).max):  # (the weights are float32)
         raise RecordingError(f"--lr must be a positive number, got {lr}")
-    if not -(2**63) <= seed < 2**63:
-        raise RecordingError(f"--seed must fit in 64 bits (|seed| < 2**63), got {seed}")
+    if not -(2**63) <= seed < 2**64:  # (what torch.manual_seed takes)
+        raise RecordingError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     if batch_size % world:
         raise RecordingError(f"--batch-size {batch_size} does not split over {world} "
                              f"processes; use a multiple of {world}")

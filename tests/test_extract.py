@@ -134,10 +134,11 @@ def test_same_seed_same_numbers(tmp_path) -> None:
     (["--vanish-below", "100", "--explode-above", "10"], "must be below --explode-above"),
     (["--fsdp"], "--fsdp shards the model over processes: add --nproc"),
     (["--lr", "1e300"], "--lr must be a positive number"),
-    (["--seed", "99999999999999999999"], "--seed must fit in 64 bits"),
+    (["--seed", "18446744073709551616"], "--seed must fit in 64 bits"),  # 2**64
     # checked before torchrun starts: one line, not one traceback per process
     (["--nproc", "2", "--steps", "0"], "--steps must be at least 1"),
     (["--nproc", "2", "--batch-size", "3"], "does not split over 2 processes"),
+    (["--nproc", "2", "--output", "nodir/x.json"], "nodir does not exist"),  # (it hung)
 ])
 def test_bad_flags_get_one_clear_line(tmp_path, args: list[str], message: str) -> None:
     out = run_extract(*args, "--steps" if "--steps" not in args else "--seed", "2", cwd=tmp_path)

@@ -357,3 +357,12 @@ def test_rollup_keeps_odd_names_apart(tmp_path: Path) -> None:
     ids = {d["id"]: d for _, _, d in v.edges(data=True)}
     assert set(ids) == {"e1", "e2", "a->c'"}  # "a->c" is taken by the file edge inside it
     assert ids["a->c'"]["members"] == ["a->c"]
+
+
+def test_combining_huge_norms_does_not_overflow() -> None:
+    from gradviz.graph import _combine
+
+    assert _combine([1e200]) == pytest.approx(1e200)  # (its square alone is inf)
+    assert _combine([1.3e154, 1.3e154]) == pytest.approx(1.3e154 * 2**0.5)
+    assert _combine([3.0, None, 4.0]) == 5.0 and _combine([None]) is None
+    assert math.isinf(_combine([math.inf, 1.0])) and math.isnan(_combine([math.nan, 1.0]))

@@ -215,3 +215,19 @@ def test_prints_clear_url(make_file: Callable[..., Path]) -> None:
     proc.terminate()
     proc.wait(timeout=10)
     assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+
+
+def test_export_to_a_pipe_is_written_not_read(residual_file: Path, tmp_path: Path) -> None:
+    # (the check for "is this a web page?" once read the target first: /dev/stdout hung)
+    pipe = tmp_path / "page.fifo"
+    os.mkfifo(pipe)
+    got = tmp_path / "got.html"
+    with open(got, "wb") as sink:
+        reader = subprocess.Popen(["cat", str(pipe)], stdout=sink)
+        try:
+            r = run("--input", residual_file, "--export", pipe)
+            reader.wait(timeout=60)
+        finally:
+            reader.kill()
+    assert r.returncode == 0, r.stderr
+    assert got.read_bytes().lstrip().lower().startswith(b"<!doctype html")
