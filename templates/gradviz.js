@@ -84,6 +84,7 @@
     token: 0,             // the latest step request: earlier answers are dropped
     graphToken: 0,        // the same for graph (view) requests
     graphPending: null,   // the latest graph request: what a superseded one waits for
+    asked: null,          // a view asked for and not drawn yet (see wantedView)
     ready: false,
     firstDrawn: null,     // performance.now() of the first frame drawn (benchmarks read it)
     errors: [],
@@ -414,7 +415,8 @@
     if (nodeInfo(id)[0]) { select(id, true); return Promise.resolve(); }
     var hit = hiddenIn(id);
     if (!hit || hit[1] !== id || tries > 16) return Promise.resolve();
-    return setView(state.view.depth, state.view.expanded.concat([hit[0]])).then(function () {
+    var want = wantedView();
+    return setView(want.depth, want.expanded.concat([hit[0]])).then(function () {
       return reveal(id, tries + 1);
     });
   }
@@ -487,19 +489,24 @@
 
   function canChangeView() { return state.mode !== "export"; }
 
+  // The view asked for last, drawn or not yet: what the next change builds on. state.view
+  // is the view drawn: it changes only when the server has answered with the new one
+  // (until then, and for good if that fails, step requests are for the nodes drawn).
+  function wantedView() { return state.asked || state.view; }
+
   function setView(depth, expanded) {
     if (!canChangeView()) return Promise.resolve();
-    // state.view changes only when the server has answered with the new view: until then,
-    // and for good if it fails, the nodes drawn are the old view's, and so are step requests
-    return reload({ depth: depth, expanded: expanded, options: state.view.options,
-                    auto: false });
+    state.asked = { depth: depth, expanded: expanded, options: state.view.options,
+                    auto: false };
+    return reload();
   }
 
   function expand(id) {
     var info = nodeInfo(id)[0];
     if (!info || info.kind !== "group" || !canChangeView()) return Promise.resolve();
     state.selected = null;
-    return setView(state.view.depth, state.view.expanded.concat([id]));
+    var want = wantedView();
+    return setView(want.depth, want.expanded.concat([id]));
   }
 
   // the expanded group a node sits in (the innermost), or null
@@ -512,11 +519,12 @@
   }
 
   function collapse(group) {
-    var keep = state.view.expanded.filter(function (g) {
+    var want = wantedView();
+    var keep = want.expanded.filter(function (g) {
       return g !== group && g.indexOf(group + ".") !== 0;
     });
     state.selected = group;
-    return setView(state.view.depth, keep);
+    return setView(want.depth, keep);
   }
 
   function setupDepth() {
@@ -804,13 +812,16 @@
     if (state.selected !== null) select(state.selected, false);
   }
 
-  function reload(view) {
+  function reload() {
     var token = ++state.graphToken;
-    var done = getJSON("api/graph?" + viewQuery(view)).then(function (p) {
-      if (token === state.graphToken) applyPayload(p);
-      else return state.graphPending;  // a later request won: done when it is
+    var done = getJSON("api/graph?" + viewQuery(wantedView())).then(function (p) {
+      if (token !== state.graphToken) return state.graphPending;  // a later one: wait for it
+      state.asked = null;
+      applyPayload(p);
     }).catch(function (err) {
-      if (token === state.graphToken) setupDepth();  // the menu back on the view drawn
+      if (token !== state.graphToken) return;  // (a later request decides what is drawn)
+      state.asked = null;  // back on the view drawn, the menu too
+      setupDepth();
       report(err);
     });
     state.graphPending = done;

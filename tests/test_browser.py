@@ -532,3 +532,13 @@ def test_overlapping_view_changes_settle(serve, open_page, make_file) -> None:
         return atFirst;
     }""")
     assert seen == ["blocks.1", "blocks.2"]
+    # a change made while another is on its way builds on it, not on the view drawn
+    s.js("""async () => {
+        await gradviz.setView(2, []);
+        const first = gradviz.expand("blocks.0");
+        await gradviz.expand("blocks.2");
+        await first;
+    }""")
+    assert s.js("gradviz.state.view.expanded") == ["blocks.0", "blocks.2"]
+    names = set(s.js("gradviz.nodes.get().map(n => n.name)"))
+    assert {"blocks.0.attn", "blocks.2.attn", "blocks.1"} <= names and "blocks.0" not in names
