@@ -127,8 +127,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """
     if t.requires_grad:
         t = t.detach()
-    if t.is_sparse:
-        t = _dense_values(t)
+    t = _plain(t)
     if t.dtype == torch.float64 and dtype != torch.float64:
         return torch.linalg.vector_norm(t).to(dtype)
     return torch.linalg.vector_norm(t, dtype=dtype)
@@ -1286,23 +1285,20 @@ def _local(g: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else g
 
 
-def _dense_values(g: torch.Tensor) -> torch.Tensor:
-    """A sparse gradient's values (nn.Embedding(sparse=True)): the same norm, once coalesced
-    (repeated indices summed); torch's norm kernels take no sparse tensors."""
-    return g.coalesce().values()
+def _plain(g: torch.Tensor) -> torch.Tensor:
+    """g, or a sparse gradient's values (nn.Embedding(sparse=True)): the same norm, once
+    coalesced (repeated indices summed); torch's norm kernels take no sparse tensors."""
+    return g.coalesce().values() if g.is_sparse else g
 
 
 def _fused_norms(grads: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int, torch.Tensor]:
     """One torch._foreach_norm per device over the gradients: id(param) -> 0-d norm."""
     by_dev: dict[tuple[torch.device, bool], list[int]] = {}
     for key, g in grads.items():
-        if g.is_sparse:
-            grads = {**grads, key: _dense_values(g)}
-            g = grads[key]
         by_dev.setdefault((g.device, g.dtype == torch.float64), []).append(key)
     out: dict[int, torch.Tensor] = {}
     for (_, wide), keys in by_dev.items():
-        tensors = [grads[k] for k in keys]
+        tensors = [_plain(grads[k]) for k in keys]
         if wide and dtype != torch.float64:  # torch will not narrow float64 in the reduction
             norms = [n.to(dtype) for n in torch._foreach_norm(tensors, 2)]
         else:
