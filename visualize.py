@@ -143,7 +143,7 @@ def _check_export_target(out: Path, recorded: Path) -> None:
             head = f.read(64).lstrip().lower()
     except OSError:
         return  # (unreadable: the write below says why)
-    if out.is_file() and out.stat().st_size and not head.startswith((b"<!doctype", b"<html")):
+    if out.stat().st_size and not head.startswith((b"<!doctype", b"<html")):
         raise GradvizError(f"--export {out} exists and is not a web page; pick another file "
                            f"name, or move it away first")
 
