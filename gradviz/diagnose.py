@@ -91,14 +91,6 @@ def format_report(findings: Sequence[dict[str, Any]], limit: int = 20) -> str:
 # what the per-step loops gave; tests/_diagnose_reference.py keeps those loops to compare.
 
 
-def _forward_order(node: dict[str, Any]) -> float:
-    """A node's place in the forward pass; last if the file gives none (or not a number)."""
-    o = node.get("order")
-    if isinstance(o, (int, float)) and not isinstance(o, bool) and not math.isnan(o):
-        return float(o)
-    return math.inf
-
-
 class _Context:
     """Layers in forward order and their series as matrices, read once."""
 
@@ -106,7 +98,7 @@ class _Context:
         self.run = run
         self.steps = run.steps or [0]
         nodes = [n for n in run.nodes if n.get("kind", "layer") != "junction"]
-        nodes.sort(key=_forward_order)
+        nodes.sort(key=lambda n: schema.order_key(n.get("order")))
         self.layers = nodes
         self.ids = [n["id"] for n in nodes]
         self.row: dict[str, int] = {}  # a layer's row in the matrices (ids repeat: the first)

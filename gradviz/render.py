@@ -163,11 +163,8 @@ def layered_layout(
 
 
 def _forward_order(g: nx.DiGraph) -> dict[Hashable, tuple[float, int]]:
-    return {n: (_order_key(d.get("order")), i) for i, (n, d) in enumerate(g.nodes(data=True))}
-
-
-def _order_key(v: Any) -> float:
-    return float(v) if isinstance(v, int) else math.inf
+    return {n: (schema.order_key(d.get("order")), i)
+            for i, (n, d) in enumerate(g.nodes(data=True))}
 
 
 # -- encoding ----------------------------------------------------------------------------

@@ -39,6 +39,14 @@ STAT_SERIES = ("act_mean", "act_std", "act_min", "act_max", "act_zero_frac", "de
 Value = float | None
 
 
+def order_key(v: Any) -> float:
+    """A node's "order" (its place in the forward pass) as a sort key: last if the file
+    gives none, or something that is not a number."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+        return float(v)
+    return math.inf
+
+
 def encode_value(x: float | None) -> float | str | None:
     """One number as it is written to JSON: NaN and Inf as strings, absent as null."""
     if x is None:
