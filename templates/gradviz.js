@@ -82,8 +82,7 @@
     edgeColour: [],       // colour each edge is drawn in now: a threshold move updates only
                           // the edges whose colour changes
     token: 0,             // the latest step request: earlier answers are dropped
-    graphToken: 0,        // the same for graph (view) requests
-    graphPending: null,   // the latest graph request: what a superseded one waits for
+    graphPending: null,   // the latest graph (view) request: an earlier one waits for it
     asked: null,          // a view asked for and not drawn yet (see wantedView)
     ready: false,
     firstDrawn: null,     // performance.now() of the first frame drawn (benchmarks read it)
@@ -415,8 +414,7 @@
     if (nodeInfo(id)[0]) { select(id, true); return Promise.resolve(); }
     var hit = hiddenIn(id);
     if (!hit || hit[1] !== id || tries > 16) return Promise.resolve();
-    var want = wantedView();
-    return setView(want.depth, want.expanded.concat([hit[0]])).then(function () {
+    return setExpanded(wantedView().expanded.concat([hit[0]])).then(function () {
       return reveal(id, tries + 1);
     });
   }
@@ -501,12 +499,14 @@
     return reload();
   }
 
+  // other groups expanded, at the depth asked for last
+  function setExpanded(expanded) { return setView(wantedView().depth, expanded); }
+
   function expand(id) {
     var info = nodeInfo(id)[0];
     if (!info || info.kind !== "group" || !canChangeView()) return Promise.resolve();
     state.selected = null;
-    var want = wantedView();
-    return setView(want.depth, want.expanded.concat([id]));
+    return setExpanded(wantedView().expanded.concat([id]));
   }
 
   // the expanded group a node sits in (the innermost), or null
@@ -519,12 +519,11 @@
   }
 
   function collapse(group) {
-    var want = wantedView();
-    var keep = want.expanded.filter(function (g) {
+    var keep = wantedView().expanded.filter(function (g) {
       return g !== group && g.indexOf(group + ".") !== 0;
     });
     state.selected = group;
-    return setView(want.depth, keep);
+    return setExpanded(keep);
   }
 
   function setupDepth() {
@@ -813,13 +812,12 @@
   }
 
   function reload() {
-    var token = ++state.graphToken;
     var done = getJSON("api/graph?" + viewQuery(wantedView())).then(function (p) {
-      if (token !== state.graphToken) return state.graphPending;  // a later one: wait for it
+      if (done !== state.graphPending) return state.graphPending;  // a later one: wait for it
       state.asked = null;
       applyPayload(p);
     }).catch(function (err) {
-      if (token !== state.graphToken) return;  // (a later request decides what is drawn)
+      if (done !== state.graphPending) return;  // (a later request decides what is drawn)
       state.asked = null;  // back on the view drawn, the menu too
       setupDepth();
       report(err);
