@@ -65,6 +65,11 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
+def ratio_cell(lo: float, med: float, hi: float) -> str:
+    """A ratio's table cell: its median, in brackets its interquartile range."""
+    return f"{med:.3f}x ({lo:.2f}-{hi:.2f})"
+
+
 def mark(ok: bool) -> str:
     """A pass/fail word for a results table."""
     return "yes" if ok else "**no**"

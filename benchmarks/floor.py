@@ -50,7 +50,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import machine, quartiles, table  # noqa: E402
+from _util import machine, quartiles, ratio_cell, table  # noqa: E402
 from overhead import BLOCK, WORKLOADS, _layers, copies, keep_freed_memory, race  # noqa: E402
 
 import gradviz  # noqa: E402
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         header = ["model", "bare ms/step", *conds, *[f"{c} us" for c in conds[1:]]]
         row: list[object] = [f"{name}: {WORKLOADS[name].describe()}", f"{ms:.2f}"]
         meds = {c: quartiles(ratios[c]) for c in conds}
-        row += [f"{m:.3f}x ({lo:.2f}-{hi:.2f})" for lo, m, hi in meds.values()]
+        row += [ratio_cell(*q) for q in meds.values()]
         row += [f"{(meds[c][1] - 1) * ms * 1e3:+.0f}" for c in conds[1:]]
         rows.append(row)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -54,7 +54,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import machine, mark, quartiles, table  # noqa: E402
+from _util import machine, mark, quartiles, ratio_cell, table  # noqa: E402
 
 import gradviz  # noqa: E402
 from gradviz.demos import TransformerBlock  # noqa: E402
@@ -365,7 +365,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
         row: list[object] = [f"{name}: {w.describe(BATCH)}", f"{r['_ms'][0]:.2f}"]
         for c in CONDITIONS[1:]:
             lo, med, hi = quartiles(r[c])
-            row.append(f"{med:.3f}x ({lo:.2f}-{hi:.2f})")
+            row.append(ratio_cell(lo, med, hi))
             if c in TARGETS:
                 verdict.append([name, c, f"{med:.3f}x", f"{TARGETS[c]:.2f}x",
                                 mark(med <= TARGETS[c])])
