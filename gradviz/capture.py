@@ -127,7 +127,8 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """
     if t.requires_grad:
         t = t.detach()
-    t = _plain(t)
+    if t.is_sparse:  # (checked here first: _norm runs in backward, for every gradient)
+        t = _plain(t)
     if t.dtype == torch.float64 and dtype != torch.float64:
         return torch.linalg.vector_norm(t).to(dtype)
     return torch.linalg.vector_norm(t, dtype=dtype)
