@@ -58,8 +58,8 @@ import gradviz  # noqa: E402
 CHAINS = ["mlp", "mlp-6x1024", "cnn"]  # the floors know only chains of layers
 CONDITIONS = ["bare", "bare again", "gradviz", "root hook", "Python floor", "C++ floor",
               "C++, loop norms", "C++, no norms"]
-NATIVE = {"C++ floor", "C++, loop norms", "C++, no norms"}
 MODES = {"C++ floor": 0, "C++, loop norms": 1, "C++, no norms": 2}  # floor_native.cpp's
+NATIVE = set(MODES)
 ROW = 256  # room in a floor's row for one step's values
 # How close a floor's values must be to gradviz's. The floors that call torch's norm op get
 # its very numbers; the loop floor sums more exactly than torch's one-thread float32 norm
@@ -316,10 +316,10 @@ def measure(name: str, native: Any, rounds: int, blocks: int, warmup: int
         expected = gradviz_values(rec)
         loss = rec.recording.history.last(("loss",))
         for t in trainers:
-            if t.condition.endswith("floor") or t.condition == "C++, loop norms":
-                check(name, t.condition, t.rec, expected)
-            elif t.condition == "C++, no norms":  # as many values, 0 but for the loss
+            if t.condition == "C++, no norms":  # as many values, 0 but for the loss
                 check(name, t.condition, t.rec, [0.0] * (len(expected) - 1) + [loss])
+            elif t.condition == "Python floor" or t.condition in NATIVE:
+                check(name, t.condition, t.rec, expected)
     return ratios, statistics.median(trainers[0].blocks) / BLOCK * 1e3  # (bare's)
 
 
