@@ -136,6 +136,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 HOT_NUMEL = 1 << 15  # parameters this large get their norm in backward (see _hot_hook)
 MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
+NATIVE_MISSES = 4  # native steps with a pass of a new shape before a recorder stays in Python
 
 
 @dataclasses.dataclass
@@ -331,6 +332,7 @@ class Recorder:
         meta: Mapping[str, Any] | None = None,
         distributed: bool | None = None,
         early_param_norms: bool = False,
+        native: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RecordingError(
@@ -421,6 +423,19 @@ class Recorder:
         self._unique: list[nn.Parameter] = []  # each parameter tensor once (tied ones too)
         self._unique_of: list[int] = []  # per entry of _params: its place in _unique
         self._describe(meta or {}, seed)
+        # The native recorder (gradviz/native.cpp): None, or its C++ half for this model.
+        # Python records every pass whose graph shape is new and teaches it to the native
+        # recorder; once a step's passes are all learnt, the next recorded steps run with
+        # no per-layer forward hook and no Python in backward (see _on_pass_end, step).
+        self._native_asked = native
+        self._nat: Any = None
+        self._native_on = False  # this step: native (root hooks only) or Python (all hooks)
+        self._nat_learnt = True  # Python steps: every pass of this step was learnt
+        self._nat_learnt_n = 0  # ... and how many passes were
+        self._nat_missed = False  # native steps: a pass had a shape not learnt
+        self._nat_misses = 0
+        # by the C++ layout's number (~number: with a loss given as a number, not a tensor)
+        self._nat_layouts: dict[int, _Layout] = {}
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -505,12 +520,43 @@ class Recorder:
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))
         self._open = True
+        self._nat = self._native_recorder()
         self._attach()
         return self
+
+    def _native_recorder(self) -> Any:
+        """The C++ half of the native recorder for this model, or None (Python only).
+
+        Only where the walk of the autograd graph tells passes apart as well as the
+        forward hooks do, and where the Python recorder takes its lean path: one process,
+        no loss scaling, no forward statistics, every layer's parameters trainable (two
+        frozen layers of one type look alike in the graph), on the CPU.
+        """
+        if self._native_asked is False:
+            return None
+        from . import native
+
+        module = native.load(build_if_missing=self._native_asked is True)
+        why = native.why_not() if module is None else None
+        if why is None and not (
+                self._world == 1 and not self._sharded and not self.activation_stats
+                and not self.all_modules and (self.scaler is None or not self.scaler.is_enabled())
+                and self._unique and all(p.requires_grad and p.device.type == "cpu"
+                                         for p in self._unique)):
+            why = ("it covers one process on the CPU without forward statistics, "
+                   "--all-modules, loss scaling or frozen parameters")
+        if why is not None:
+            if self._native_asked:
+                self._warn_once("native", f"gradviz records in Python: no native recorder ({why})")
+            return None
+        return module.Recorder(list(self._unique))
 
     def _attach(self) -> None:
         """Register the forward hooks (for a step that will be recorded)."""
         if self._handles:
+            return
+        if self._native_on:  # the root's forward hook alone (see _native_pass)
+            self._handles.append(self.model.register_forward_hook(_Hook(self._native_pass)))
             return
         for module, hook in self._hooks:
             self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
@@ -712,6 +758,30 @@ class Recorder:
                 self._plans[key] = plan
             skip = frozenset(i for i, c in enumerate(calls) if id(c) in eager) if eager else None
             self._hook_pass(plan, nodes, skip)
+            if self._nat is not None:
+                # (a call outside the root's forward: the native recorder would not see it)
+                self._nat_learnt_n += 1
+                self._nat_learnt = self._nat_learnt and not eager and self._nat.learn(
+                    _grad_outputs(output),
+                    [(nodes[i]._sequence_nr(), [(nr, col) for nr, col, _ in outs], list(ins))
+                     for i, outs, ins in plan.hooks],
+                    plan.groups)
+        except Exception as e:
+            self._fail(e)
+
+    def _native_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The root's forward hook on a native step: hook the pass in C++ if its shape was
+        learnt, else note the miss (the step then gets parameter norms only)."""
+        if self._failed or not torch.is_grad_enabled() or (
+                torch._C._current_graph_task_id() != -1):
+            return  # (as _armed: hooks are attached only on recorded steps)
+        try:
+            outs = ([output] if isinstance(output, torch.Tensor) and output.grad_fn is not None
+                    else _grad_outputs(output))
+            if self._nat.arm(outs):
+                self._calls_seen += 1
+            else:
+                self._nat_missed = True
         except Exception as e:
             self._fail(e)
 
@@ -863,19 +933,27 @@ class Recorder:
             )
         step = self.step_count
         self.step_count += 1
-        # a forward without a root call leaves these (_made_by is keyed by ids of autograd
-        # nodes that die with the step: a reused id would credit the wrong layer)
-        self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
-        self._made_by.clear()
+        native_now, nat = self._native_on, self._nat
+        if not native_now:  # (a native step has only the root's hook: these stay empty)
+            # a forward without a root call leaves these (_made_by is keyed by ids of
+            # autograd nodes that die with the step: a reused id would credit the wrong layer)
+            self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
+            self._made_by.clear()
         if self._failed:
             self._detach()
             return
+        if self._nat is not None and (not native_now or self._nat_missed):
+            self._native_on = self._native_next(native_now, step)
+            if self._native_on != native_now:
+                self._detach()  # (the other mode's hooks go on below)
         # Hooks only around the steps that are recorded (with every=N, 1 in N).
         if self.step_count % self.every == 0:
             self._attach()
         else:
             self._detach()
         if step % self.every:
+            if nat is not None:
+                nat.take(False, None)
             self._pending.clear()
             self._close_parts(emit=False)
             self._stats.clear()
@@ -883,8 +961,11 @@ class Recorder:
             self._passes = self._batch = 0
             return
         try:
-            with torch.no_grad():  # (parameter gradients with a graph: create_graph=True)
-                self._record(step, loss)
+            if native_now:
+                self._record_native(nat, step, loss)
+            else:
+                with torch.no_grad():  # (parameter gradients with a graph: create_graph=True)
+                    self._record(step, loss)
         except Exception as e:
             self._fail(e)
             return
@@ -897,6 +978,61 @@ class Recorder:
                 self._writer.flush(self.recording)
             finally:
                 self._ready_only = None
+
+    def _native_next(self, native_now: bool, step: int) -> bool:
+        """Whether the next steps run native, from how this one went (and reset its notes)."""
+        learnt = self._nat_learnt and self._nat_learnt_n == self._passes > 0
+        missed = self._nat_missed
+        self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
+        if native_now:
+            if not missed:
+                return True
+            # A pass of a shape not learnt: it was recorded with parameter norms only.
+            # Python records the next step in full and learns its shape; a model whose
+            # graph keeps changing stays in Python.
+            self._warn_once(
+                "native-miss",
+                f"gradviz recorded step {step} with parameter norms only: its autograd "
+                "graph had a shape the native recorder had not seen; the next step is "
+                "recorded in Python, which learns it (record(..., native=False) records "
+                "every step in Python)")
+            self._nat_misses += 1
+            if self._nat_misses >= NATIVE_MISSES:
+                self._nat = None
+            return False
+        return (step % self.every == 0 and learnt and self._probe is None
+                and not self._generic and not self._failed)
+
+    def _record_native(self, nat: Any, step: int, loss: torch.Tensor | float | None) -> None:
+        """A native step: the C++ recorder's row (parameter norms, then the hooks' values in
+        the order they arrived) goes into the row buffer as _record_one's vector would."""
+        # (raises the first error its hooks met in backward); a loss tensor ends the row
+        tensor = isinstance(loss, torch.Tensor)
+        lid = nat.take(True, loss if tensor else None)
+        loss_value = None if loss is None or tensor else float(loss)  # type: ignore[arg-type]
+        lay = self._nat_layouts.get(~lid if loss_value is not None else lid)
+        if lay is None:
+            present, cols = nat.layout(lid)
+            key = (tuple(present), tuple(cols), (), 1 if tensor else 0 if loss is None else 2)
+            lay = self._layouts.get(key)
+            if lay is None:
+                lay = self._layouts[key] = self._layout(*key)
+            self._nat_layouts[~lid if loss_value is not None else lid] = lay
+        if self._calls_seen == 0:  # (a pass armed counts as the calls it hooked)
+            self._check_calls(lay.has_params)
+        self._calls_seen = self._passes = 0
+        with self._rows_lock:
+            rows = self._rows
+            if rows is None or rows.layout is not lay or rows.device.type != "cpu":
+                if rows is not None:
+                    self._drain()
+                rows = self._rows = _Rows(lay, torch.device("cpu"))
+            elif len(rows.steps) == ROWS_AT_ONCE:
+                self._drain()
+            at = rows.next % ROWS_AT_ONCE
+            nat.put(rows.buf, at)
+            rows.next += 1
+            rows.steps.append((step, at, loss_value))
 
     def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
         self._close_parts(emit=True)
@@ -1252,6 +1388,8 @@ class Recorder:
         self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
         self._pending.clear()
         self._close_parts(emit=False)
+        if self._nat is not None:
+            self._nat.take(False, None)
         self._stats.clear()
         self._local.clear()
         self._made_by.clear()
@@ -1377,5 +1515,13 @@ def record(
     gradient is in cache (1-3 % of a step faster on big layers); it is right as long as
     ``.grad`` changes after backward only through tracked ops (``clip_grad_norm_`` is fine;
     ``p.grad.data.mul_()`` or a GradScaler not passed to gradviz would go unseen).
+    ``native``: None (default) records with the native recorder where it is built
+    (``python -m gradviz.native``) and the run allows it (one process on the CPU, no
+    forward statistics, no ``all_modules``, no loss scaling, every parameter trainable),
+    else in Python; True also builds it if it is not yet (20-60 s, once) and warns when it
+    cannot be used; False always records in Python. The native recorder takes the numbers
+    the Python one takes, from the second step on (the first teaches it the graph), at
+    about a quarter of the cost; a step whose graph has a new shape gets parameter norms
+    only, with a warning, and teaches it that shape (see gradviz/native.py).
     """
     return Recorder(model, path, **options)

@@ -1,0 +1,391 @@
+// gradviz's native recorder: the backward half of gradviz.capture, in C++, for steps whose
+// autograd graph has a shape learnt before (see gradviz/native.py and DESIGN.md 4).
+//
+// The Python recorder learns a pass: which autograd node gets which hook, and which series
+// each hook measures (its plan). learn(outputs, hooks, groups, params) walks the autograd
+// graph from the root module's outputs and keeps the plan by the walk's shape: every node's
+// type (a custom autograd.Function's class), its inputs' places in the walk and output
+// indices, and each parameter leaf's identity. On a later pass, arm(outputs) walks again,
+// and if the shape is one it learnt, puts a C++ post-hook on the planned nodes: no Python
+// forward hook runs for the layers, no Python runs in backward. The hooks take each norm
+// with a plain loop over the floats (no dispatch, no output tensor) and keep only the
+// numbers, with each value's series (history column), in the order they arrived: what the
+// Python hooks would have appended to Recorder._pending. take() ends the step: parameter
+// gradients' norms, then those values, in one row, and a number for its layout.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+using torch::autograd::AccumulateGrad;
+using torch::autograd::FunctionPostHook;
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+
+namespace {
+
+constexpr uint64_t NONE = UINT64_MAX;
+constexpr int64_t LOOP_MAX = 1 << 18;  // above this, torch's op (it uses every thread)
+constexpr size_t MAX_PLANS = 32;       // as gradviz.capture.MAX_PLANS
+
+// Squares summed in 16 float lanes over blocks of 1024 values (the compiler vectorises
+// it), the blocks' sums in double. A result that is not finite or so small that a square
+// may have underflowed in float32 is taken again, in double throughout.
+template <typename T>
+double sum_sq(const T* p, int64_t n) {
+  int64_t i = 0;
+  double total = 0;
+  for (; i + 1024 <= n; i += 1024) {
+    float lane[16] = {0};
+    for (int64_t j = i; j < i + 1024; j += 16)
+      for (int k = 0; k < 16; ++k) lane[k] += static_cast<float>(p[j + k]) * p[j + k];
+    float block = 0;
+    for (float v : lane) block += v;
+    total += block;
+  }
+  for (; i < n; ++i) total += static_cast<double>(p[i]) * p[i];
+  return total;
+}
+
+template <typename T>
+double sum_sq_wide(const T* p, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(p[i]) * p[i];
+  return total;
+}
+
+// The L2 norm as gradviz.capture._norm takes it, as a float32 number: float32 and float64
+// gradients on the CPU by the loop, anything else (half precision, strided, sparse, very
+// large) by torch's op, reduced in float32 (float64: in float64, then converted).
+float l2(const at::Tensor& g) {
+  at::Tensor t = g;
+  if (t.is_sparse()) t = t.coalesce().values();
+  const int64_t n = t.numel();
+  if (t.is_cpu() && t.is_contiguous() && n <= LOOP_MAX) {
+    if (t.scalar_type() == at::kFloat) {
+      const float* p = t.const_data_ptr<float>();
+      double total = sum_sq(p, n);
+      if (!std::isfinite(total) || total < 1e-30) total = sum_sq_wide(p, n);
+      return static_cast<float>(std::sqrt(total));
+    }
+    if (t.scalar_type() == at::kDouble)
+      return static_cast<float>(std::sqrt(sum_sq_wide(t.const_data_ptr<double>(), n)));
+  }
+  if (t.scalar_type() == at::kDouble)
+    return static_cast<float>(at::linalg_vector_norm(t, 2).item<double>());
+  return at::linalg_vector_norm(t, 2, c10::nullopt, false, at::kFloat).item<float>();
+}
+
+struct Spec {  // one hooked node: what it measures
+  std::vector<std::pair<int64_t, int64_t>> outs;           // (output index or -1, column)
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> ins;  // (input index, column, group)
+  bool operator==(const Spec& o) const { return outs == o.outs && ins == o.ins; }
+};
+
+struct Plan {
+  std::vector<uint64_t> shape;
+  std::vector<std::pair<int64_t, std::shared_ptr<const Spec>>> hooks;  // (place in walk, spec)
+  std::vector<std::pair<int64_t, int64_t>> groups;                     // (column, parts)
+  // Two passes of this shape had different plans in Python (they differ in what the walk
+  // cannot see: which parameter-free module ran): never armed, always Python.
+  bool ambiguous = false;
+
+  bool same(const Plan& o) const {
+    if (groups != o.groups || hooks.size() != o.hooks.size()) return false;
+    for (size_t i = 0; i < hooks.size(); ++i)
+      if (hooks[i].first != o.hooks[i].first || !(*hooks[i].second == *o.hooks[i].second))
+        return false;
+    return true;
+  }
+};
+
+struct Pass;
+
+struct State {
+  std::vector<int64_t> cols;  // this step's values, in the order they arrived
+  std::vector<float> vals;
+  at::Tensor last;            // the last gradient measured, its version and norm
+  int64_t last_version = -1;
+  float last_norm = 0;
+  std::vector<std::shared_ptr<Pass>> passes;  // this step's armed passes
+  std::string error;          // the first error in a hook: the Python side stops recording
+
+  void emit(int64_t col, const at::Tensor& g) {
+    // Autograd often hands the same tensor to several hooks in a row (see capture._emit).
+    float v;
+    if (last.defined() && last.unsafeGetTensorImpl() == g.unsafeGetTensorImpl() &&
+        last._version() == static_cast<int64_t>(g._version())) {
+      v = last_norm;
+    } else {
+      v = l2(g);
+      last = g;
+      last_version = g._version();
+      last_norm = v;
+    }
+    cols.push_back(col);
+    vals.push_back(v);
+  }
+};
+
+struct Pass {  // one armed pass: its series that arrive in parts
+  std::vector<int64_t> col, left, parts;
+  std::vector<at::Tensor> sum;
+  bool open = true;
+
+  explicit Pass(const Plan& plan) {
+    for (const auto& [c, n] : plan.groups) {
+      col.push_back(c);
+      left.push_back(n);
+      parts.push_back(n);
+      sum.emplace_back();
+    }
+  }
+
+  void add(size_t gi, const at::Tensor& g, State& st) {
+    sum[gi] = sum[gi].defined() ? sum[gi] + g : g.clone();
+    if (--left[gi] == 0) {  // complete: measure it, and be ready for another backward
+      st.emit(col[gi], sum[gi]);
+      sum[gi] = at::Tensor();
+      left[gi] = parts[gi];
+    }
+  }
+
+  void close(State& st) {  // parts that never completed count as they are
+    open = false;
+    for (size_t gi = 0; gi < sum.size(); ++gi)
+      if (sum[gi].defined()) {
+        st.emit(col[gi], sum[gi]);
+        sum[gi] = at::Tensor();
+      }
+  }
+};
+
+struct Hook : FunctionPostHook {
+  std::shared_ptr<State> st;
+  std::shared_ptr<Pass> pass;
+  std::shared_ptr<const Spec> spec;
+
+  Hook(std::shared_ptr<State> s, std::shared_ptr<Pass> p, std::shared_ptr<const Spec> sp)
+      : st(std::move(s)), pass(std::move(p)), spec(std::move(sp)) {}
+
+  variable_list operator()(const variable_list& grad_inputs,
+                           const variable_list& grad_outputs) override {
+    if (!pass->open || !st->error.empty()) return grad_inputs;
+    try {
+      at::NoGradGuard no_grad;  // (create_graph=True: no gradient sum joins the graph)
+      for (const auto& [nr, col] : spec->outs) {
+        if (nr >= 0) {
+          if (static_cast<size_t>(nr) < grad_outputs.size() && grad_outputs[nr].defined())
+            st->emit(col, grad_outputs[nr]);
+        } else {
+          for (const auto& g : grad_outputs)
+            if (g.defined()) st->emit(col, g);
+        }
+      }
+      for (const auto& [index, col, gi] : spec->ins) {
+        if (static_cast<size_t>(index) >= grad_inputs.size() || !grad_inputs[index].defined())
+          continue;
+        if (gi < 0)
+          st->emit(col, grad_inputs[index]);
+        else
+          pass->add(static_cast<size_t>(gi), grad_inputs[index], *st);
+      }
+    } catch (const std::exception& e) {  // never break the user's backward
+      if (st->error.empty()) st->error = e.what();
+    }
+    return grad_inputs;
+  }
+};
+
+uint64_t kind(Node* n) {
+  if (auto* ag = dynamic_cast<AccumulateGrad*>(n))  // a parameter: which one
+    return reinterpret_cast<uint64_t>(ag->variable.unsafeGetTensorImpl());
+  const std::type_info& type = typeid(*n);
+  // a custom autograd.Function (torch::autograd::PyNode, whose type_info torch does not
+  // export): its class, from the Python object every such node has
+  if (std::strcmp(type.name(), "N5torch8autograd6PyNodeE") == 0) {
+    PyObject* obj = n->pyobj_slot()->load_pyobj();
+    return obj ? reinterpret_cast<uint64_t>(Py_TYPE(obj)) : NONE - 1;
+  }
+  return type.hash_code();
+}
+
+// Breadth first from the outputs' nodes, as gradviz.dataflow.shape walks.
+std::vector<Node*> walk(const std::vector<at::Tensor>& outs, std::vector<uint64_t>& shape) {
+  std::vector<Node*> order;
+  std::unordered_map<Node*, uint64_t> at;
+  auto place = [&](Node* n) {
+    auto [it, fresh] = at.emplace(n, order.size());
+    if (fresh) order.push_back(n);
+    return it->second;
+  };
+  for (const auto& t : outs) {
+    auto fn = t.grad_fn();
+    shape.push_back(fn ? place(fn.get()) : NONE);
+    shape.push_back(t.output_nr());
+  }
+  for (size_t i = 0; i < order.size(); ++i) {
+    Node* n = order[i];
+    shape.push_back(kind(n));
+    shape.push_back(n->num_outputs());
+    for (const auto& e : n->next_edges()) {
+      shape.push_back(e.function ? place(e.function.get()) : NONE);
+      shape.push_back(e.input_nr);
+    }
+  }
+  return order;
+}
+
+struct Recorder {
+  std::shared_ptr<State> st = std::make_shared<State>();
+  std::vector<Plan> plans;
+  std::vector<at::Tensor> params;  // each parameter once, in capture's _unique order
+  std::map<std::vector<int64_t>, int64_t> layouts;  // (present; -1; columns) -> number
+  std::vector<std::vector<int64_t>> layout_keys;
+  std::vector<float> row;  // the last step's values, for put()
+  int64_t armed = 0, missed = 0;
+
+  explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {}
+
+  // hooks: (sequence number of the node, outs, ins), as capture._Plan.hooks; False if a
+  // planned node is not in the walk exactly once (the plan cannot be followed here).
+  bool learn(const std::vector<at::Tensor>& outs,
+             const std::vector<std::tuple<uint64_t, std::vector<std::pair<int64_t, int64_t>>,
+                                          std::vector<std::tuple<int64_t, int64_t, int64_t>>>>& hooks,
+             const std::vector<std::pair<int64_t, int64_t>>& groups) {
+    Plan plan;
+    auto order = walk(outs, plan.shape);
+    std::unordered_map<uint64_t, int64_t> by_seq;
+    for (size_t i = 0; i < order.size(); ++i) {
+      auto seq = order[i]->sequence_nr();
+      if (!by_seq.emplace(seq, static_cast<int64_t>(i)).second) by_seq[seq] = -1;
+    }
+    for (const auto& [seq, outs_, ins] : hooks) {
+      auto it = by_seq.find(seq);
+      if (it == by_seq.end() || it->second < 0) return false;
+      auto spec = std::make_shared<Spec>();
+      spec->outs = outs_;
+      spec->ins = ins;
+      for (const auto& [index, col, gi] : ins)
+        if (gi >= static_cast<int64_t>(groups.size())) return false;
+      plan.hooks.emplace_back(it->second, std::move(spec));
+    }
+    plan.groups = groups;
+    for (auto& p : plans) {
+      if (p.shape != plan.shape) continue;
+      if (!p.ambiguous && p.same(plan)) return true;  // learnt already
+      p.ambiguous = true;
+      return false;
+    }
+    if (plans.size() >= MAX_PLANS) plans.erase(plans.begin());
+    plans.push_back(std::move(plan));
+    return true;
+  }
+
+  // Hook this pass if its shape was learnt; False: it was not (nothing is hooked).
+  bool arm(const std::vector<at::Tensor>& outs) {
+    std::vector<uint64_t> shape;
+    shape.reserve(plans.empty() ? 64 : plans.back().shape.size());
+    auto order = walk(outs, shape);
+    for (const auto& plan : plans) {
+      if (plan.shape != shape) continue;
+      if (plan.ambiguous) break;
+      auto pass = std::make_shared<Pass>(plan);
+      st->passes.push_back(pass);
+      for (const auto& [i, spec] : plan.hooks)
+        order[i]->add_post_hook(std::make_unique<Hook>(st, pass, spec));
+      ++armed;
+      return true;
+    }
+    ++missed;
+    return false;
+  }
+
+  // End the step (record=false: drop it); the number of its layout, -1 when not recorded.
+  // A hook's error (none should happen) is raised here, once: the recorder then stops.
+  // loss: the step's loss as a tensor (its value ends the row), or None.
+  int64_t take(bool record, const c10::optional<at::Tensor>& loss) {
+    for (auto& pass : st->passes) pass->close(*st);
+    st->passes.clear();
+    st->last = at::Tensor();
+    if (!record || !st->error.empty()) {
+      st->cols.clear();
+      st->vals.clear();
+      if (record) {
+        std::string error = std::move(st->error);
+        st->error.clear();
+        throw std::runtime_error("the native recorder failed in backward: " + error);
+      }
+      return -1;
+    }
+    std::vector<int64_t> key;
+    row.clear();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& g = params[i].grad();
+      if (g.defined()) {
+        key.push_back(static_cast<int64_t>(i));
+        at::NoGradGuard no_grad;
+        row.push_back(l2(g));
+      }
+    }
+    key.push_back(-1);
+    key.insert(key.end(), st->cols.begin(), st->cols.end());
+    row.insert(row.end(), st->vals.begin(), st->vals.end());
+    if (loss.has_value() && loss->defined()) {
+      TORCH_CHECK(loss->numel() == 1, "a loss of ", loss->numel(), " values, not one");
+      row.push_back(static_cast<float>(loss->item<double>()));
+      key.push_back(-2);  // (a layout of its own: the loss's column ends it)
+    }
+    st->cols.clear();
+    st->vals.clear();
+    auto [it, fresh] = layouts.emplace(std::move(key), static_cast<int64_t>(layouts.size()));
+    if (fresh) layout_keys.push_back(it->first);
+    return it->second;
+  }
+
+  // The step's values into row ``at`` of buf (the caller's float32 host buffer).
+  void put(const at::Tensor& buf, int64_t at) {
+    TORCH_CHECK(buf.is_cpu() && buf.scalar_type() == at::kFloat && buf.is_contiguous() &&
+                    buf.dim() == 2 && at >= 0 && at < buf.size(0) &&
+                    buf.size(1) == static_cast<int64_t>(row.size()),
+                "gradviz native: no row ", at, " of ", row.size(), " values in ", buf.sizes());
+    std::copy(row.begin(), row.end(), buf.data_ptr<float>() + at * buf.size(1));
+  }
+
+  // A layout's (parameters present, columns in order of arrival).
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> layout(int64_t id) const {
+    TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < layout_keys.size(), "no layout ", id);
+    const auto& key = layout_keys[id];
+    auto sep = std::find(key.begin(), key.end(), -1);
+    auto end = key.back() == -2 ? key.end() - 1 : key.end();
+    return {std::vector<int64_t>(key.begin(), sep), std::vector<int64_t>(sep + 1, end)};
+  }
+
+  std::string error() const { return st->error; }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm", [](const at::Tensor& t) { return l2(t); }, "an L2 norm as the hooks take it");
+  py::class_<Recorder>(m, "Recorder")
+      .def(py::init<std::vector<at::Tensor>>())
+      .def("learn", &Recorder::learn)
+      .def("arm", &Recorder::arm)
+      .def("take", &Recorder::take)
+      .def("put", &Recorder::put)
+      .def("layout", &Recorder::layout)
+      .def("error", &Recorder::error)
+      .def_readonly("armed", &Recorder::armed)
+      .def_readonly("missed", &Recorder::missed)
+      .def_property_readonly("plans", [](const Recorder& r) { return r.plans.size(); });
+}

@@ -1,0 +1,401 @@
+"""The native recorder (gradviz/native.cpp): the Python recorder's numbers, without its cost.
+
+Built once per machine (about 20 s) into the test session's cache; skipped where there is
+no C++ compiler. Every test here runs a recorder with native=True and checks that it really
+recorded natively (armed passes), so none passes by falling back to Python.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from autograd_reference import Reference, rel_close
+from torch import nn
+
+import gradviz
+from gradviz import capture, demos, native
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                reason="no C++ compiler to build the native recorder")
+
+
+@pytest.fixture(autouse=True)
+def native_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("GRADVIZ_NATIVE")  # (conftest turns it off for the rest of the suite)
+    if native.load(build_if_missing=True) is None:
+        pytest.fail(f"the native recorder did not build: {native.why_not()}")
+    yield
+
+
+def data(name: str, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return demos.DEMOS[name].data(n, torch.Generator().manual_seed(seed))
+
+
+def train(name: str, native_: bool, steps: int = 8, **opts) -> gradviz.Recorder:
+    """steps recorded SGD steps of a demo, each on its own batch of 16."""
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = data(name, 16 * steps)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradviz.record(model, None, native=native_, **opts) as rec:
+        for i in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[16 * i:16 * i + 16]),
+                                               y[16 * i:16 * i + 16])
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+    return rec
+
+
+def table(rec: gradviz.Recorder) -> dict[tuple, np.ndarray]:
+    """Every series of the history, by key: one value per step (NaN where none)."""
+    hist = rec.recording.history
+    return {key: np.asarray(hist.series(key), dtype=np.float64) for key in hist.columns}
+
+
+def assert_same(a: dict[tuple, np.ndarray], b: dict[tuple, np.ndarray], rel: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert (np.isnan(x) == np.isnan(y)).all(), key
+        ok = ~np.isnan(x)
+        np.testing.assert_allclose(y[ok], x[ok], rtol=rel, atol=0, err_msg=str(key))
+
+
+@pytest.mark.parametrize("name", [n for n in demos.DEMOS if n != "lstm"])
+def test_native_records_what_python_records(name: str) -> None:
+    python, fast = train(name, False), train(name, True)
+    assert python._nat is None
+    # the first step is Python's (it learns the shape), every later one native
+    assert (fast._nat.armed, fast._nat.missed) == (7, 0)
+    assert fast.recording.history.steps == python.recording.history.steps == list(range(8))
+    assert fast.recording.nodes == python.recording.nodes
+    assert fast.recording.edges == python.recording.edges
+    # torch's float32 norm kernel and the native loop differ in the last bits (the loop is
+    # the more exact: see test_native_norm_is_exact); "plain" vanishes below 1e-20, where
+    # torch's float32 squares underflow to 0 and the loop's do not, so it is compared with
+    # float64 below instead
+    if name != "plain":
+        assert_same(table(python), table(fast), rel=5e-5)
+
+
+def test_native_keeps_tiny_gradients_that_torch_float32_loses() -> None:
+    """The "plain" demo's early layers get gradients below 1e-20: torch's float32 norm gives
+    0 or a value off by orders of magnitude there; the native loop gives float64's value."""
+    torch.manual_seed(0)
+    model = demos.DEMOS["plain"].build()
+    x, y = data("plain", 16)
+    with gradviz.record(model, None, native=True) as rec:
+        for _ in range(3):  # (same batch, no update: every step has the same gradients)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+    assert rec._nat.armed == 2
+    series = table(rec)
+    tiny = 0
+    for name, p in model.named_parameters():
+        layer, pname = name.rsplit(".", 1)
+        exact = float(p.grad.double().norm())
+        got = series[("param", layer, pname)]
+        assert got[2] == pytest.approx(exact, rel=1e-6), name  # native
+        if exact < 1e-20:
+            tiny += 1
+    assert tiny > 10
+
+
+@pytest.mark.parametrize("name", [n for n in demos.DEMOS if n != "lstm"])
+def test_native_norms_equal_plain_autograd(name: str) -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS[name].build()
+    x, y = data(name, 16)
+    ref = Reference(model, x, y)
+    with gradviz.record(model, None, native=True) as rec:
+        for _ in range(3):  # step 0 learns, steps 1 and 2 are native (the same batch)
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+    assert rec._nat.armed == 2
+    run = rec.to_run()
+    checked = 0
+    for node in (n for n in run.nodes if n["kind"] == "layer"):
+        nid = node["id"]
+        tol = 1e-4  # (torch's float32 norm, in the reference, is off by up to ~2e-5)
+        want = ref.layer_norm(nid)
+        if want is not None and want < 1e-18:
+            continue  # (where float32 squares underflow, torch's is off: see the test above)
+        assert rel_close(node["gradient_norm"], ref.layer_norm(nid), tol), nid
+        for pname, want in ref.param_norms(nid).items():
+            assert rel_close(node["params"][pname]["gradient_norm"], want, tol), f"{nid}.{pname}"
+        assert rel_close(node["activation_grad_norm"], ref.activation_norm(nid), tol), nid
+        checked += node["activation_grad_norm"] is not None
+    assert checked > 0
+    assert rel_close(run.loss[-1], float(ref.loss.detach()))
+
+
+def test_lstm_stays_in_python() -> None:
+    """The LSTM's h and c come from nodes the loss never reaches through the model's output,
+    so the native recorder cannot follow its plan: Python records every step."""
+    rec = train("lstm", True, steps=4)
+    assert rec._nat.plans == 0 and rec._nat.armed == 0
+    assert not rec._native_on and rec.recording.history.steps == [0, 1, 2, 3]
+
+
+class Branchy(nn.Module):
+    """A model whose graph changes when asked: how many hidden layers it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.ModuleList(nn.Linear(8, 8) for _ in range(6))
+        self.head = nn.Linear(8, 3)
+        self.depth = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.fc[:self.depth]:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def branchy_run(depth: Callable[[int], int], steps: int) -> tuple[gradviz.Recorder, list]:
+    torch.manual_seed(0)
+    model = Branchy()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as caught, gradviz.record(
+            model, None, native=True) as rec:
+        warnings.simplefilter("always")
+        for i in range(steps):
+            model.depth = depth(i)
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+    return rec, [str(w.message) for w in caught]
+
+
+def test_a_new_graph_shape_is_recorded_with_parameter_norms_then_learnt() -> None:
+    # steps 0-2 one layer (0 learns), 3-5 two (3: a miss, 4 learns), 6-9 one again (native)
+    rec, said = branchy_run(lambda i: 2 if i in (3, 4, 5) else 1, 10)
+    assert rec._nat.missed == 1 and rec._nat.plans == 2
+    assert rec._nat.armed == 7  # every step but 0 (learnt), 3 (missed) and 4 (learnt)
+    s = table(rec)
+    act = s[("node", "fc.0", "activation_grad_norm")]
+    assert np.isnan(act[3])
+    assert not np.isnan(np.delete(act, 3)).any()
+    # the missed step still has its parameter norms (the second layer's too) and its loss
+    assert not np.isnan(s[("param", "fc.1", "weight")][3])
+    assert not np.isnan(s[("loss",)][3])
+    assert [m for m in said if "graph" in m] == [
+        "gradviz recorded step 3 with parameter norms only: its autograd graph had a shape "
+        "the native recorder had not seen; the next step is recorded in Python, which "
+        "learns it (record(..., native=False) records every step in Python)"]
+
+
+def test_a_graph_that_keeps_changing_goes_back_to_python() -> None:
+    # a new depth every other step: every other step misses (2, 4, 6, 8), then Python
+    rec, _ = branchy_run(lambda i: i // 2 % 6 + 1, 14)
+    assert capture.NATIVE_MISSES == 4
+    assert rec._nat is None and not rec._native_on
+    assert rec.recording.history.steps == list(range(14))
+    act = table(rec)[("node", "fc.0", "activation_grad_norm")]
+    assert [i for i in range(14) if np.isnan(act[i])] == [2, 4, 6, 8]
+
+
+def test_one_shape_with_two_plans_is_never_armed() -> None:
+    """Passes the walk cannot tell apart but the Python recorder planned differently (which
+    parameter-free module ran is invisible to it) are left to Python."""
+    module = native.load()
+    lin = nn.Linear(4, 4)
+    params = list(lin.parameters())
+    rec = module.Recorder(params)
+    out = lin(torch.randn(2, 4, requires_grad=True))
+    seq = out.grad_fn._sequence_nr()
+    assert rec.learn([out], [(seq, [(0, 5)], [])], [])
+    assert rec.learn([out], [(seq, [(0, 5)], [])], [])  # the same plan again: fine
+    assert rec.arm([out])
+    assert not rec.learn([out], [(seq, [(0, 6)], [])], [])  # another plan, the same shape
+    assert not rec.arm([out]) and rec.missed == 1
+    assert not rec.learn([out], [(12345678, [(0, 5)], [])], [])  # a node not in the walk
+
+
+def test_accumulation_every_and_loss_kinds_match_python() -> None:
+    """Two passes a step, every=2, a loss given as a tensor, a number and not at all."""
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = demos.DEMOS["residual"].build()
+        x, y = data("residual", 64)
+        with gradviz.record(model, None, native=native_, every=2) as rec:
+            for i in range(12):
+                model.zero_grad()
+                total = 0.0
+                for k in range(2):
+                    xb, yb = x[32 * k:32 * k + 32], y[32 * k:32 * k + 32]
+                    loss = nn.functional.cross_entropy(model(xb + 0.01 * i), yb) / 2
+                    loss.backward()
+                    total += float(loss.detach())
+                rec.step(loss if i % 3 == 0 else total if i % 3 == 1 else None)
+        return rec
+
+    python, fast = run(False), run(True)
+    assert fast._nat.armed == 2 * 5 and fast._nat.missed == 0  # 6 recorded steps, 1 learns
+    assert fast.recording.history.steps == python.recording.history.steps == list(range(0, 12, 2))
+    assert_same(table(python), table(fast), rel=5e-5)
+
+
+def test_retain_graph_and_create_graph_match_python() -> None:
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = demos.DEMOS["dense"].build()
+        x, y = data("dense", 16)
+        with gradviz.record(model, None, native=native_) as rec:
+            for i in range(4):
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(model(x * (1 + i)), y)
+                loss.backward(retain_graph=True)
+                loss.backward(create_graph=i % 2 == 0)
+                rec.step(loss)
+        return rec
+
+    python, fast = run(False), run(True)
+    assert fast._nat.armed == 3 and not fast._failed
+    assert_same(table(python), table(fast), rel=5e-5)
+
+
+def test_no_gradient_outlives_its_step() -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS["residual"].build()
+    x, y = data("residual", 16)
+    refs = []
+    with gradviz.record(model, None, native=True) as rec:
+        for _ in range(4):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            refs.append(weakref.ref(out))
+            out.register_hook(lambda g: refs.append(weakref.ref(g)))
+            nn.functional.cross_entropy(out, y).backward()
+            rec.step()
+            del out
+    model.zero_grad(set_to_none=True)
+    assert rec._nat.armed == 3
+    assert len(refs) == 8 and all(r() is None for r in refs)
+
+
+def sizes() -> list[int]:
+    return [1, 15, 16, 17, 1023, 1024, 1025, 4096 + 7, 200_000, (1 << 18) + 1]
+
+
+@pytest.mark.parametrize("n", sizes())
+def test_native_norm_is_exact(n: int) -> None:
+    """Within 1e-6 of float64 on sizes around its blocks (and above its loop's limit)."""
+    module = native.load()
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    exact = float(t.double().norm())
+    assert module.norm(t) == pytest.approx(exact, rel=1e-6 if n <= 1 << 18 else 1e-4)
+
+
+def test_native_norm_on_every_kind_of_gradient() -> None:
+    module = native.load()
+    t = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    exact = float(t.double().norm())
+    assert module.norm(t * 1e-25) == pytest.approx(exact * 1e-25, rel=1e-6)  # float32 squares: 0
+    assert module.norm(t * 1e30) == pytest.approx(exact * 1e30, rel=1e-6)  # float32 squares: inf
+    assert module.norm(t.double()) == pytest.approx(exact, rel=1e-7)
+    assert module.norm(t.half()) == pytest.approx(float(t.half().double().norm()), rel=1e-3)
+    assert module.norm(t.t()) == pytest.approx(exact, rel=1e-5)  # not contiguous
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 0, 3]]), torch.tensor([1.0, 2.0, 2.0]),
+                                     (5,), check_invariants=True)
+    assert module.norm(sparse) == pytest.approx(math.sqrt(9 + 4))  # coalesced: 3 and 2
+    bad = t.clone()
+    bad[3, 3] = float("nan")
+    assert math.isnan(module.norm(bad))
+    bad[3, 3] = float("inf")
+    assert module.norm(bad) == math.inf
+    assert module.norm(torch.zeros(0)) == 0.0
+
+
+def test_not_for_stats_all_modules_frozen_or_distributed_runs() -> None:
+    model = demos.DEMOS["mlp"].build()
+    for opts in ({"activation_stats": True}, {"all_modules": True}):
+        with pytest.warns(RuntimeWarning, match="gradviz records in Python: no native"), \
+                gradviz.record(model, None, native=True, **opts) as rec:
+            assert rec._nat is None
+    model.fc1.weight.requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match="frozen parameters"), \
+            gradviz.record(model, None, native=True) as rec:
+        assert rec._nat is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradviz.record(model, None) as rec:  # by default: no warning, just Python
+            assert rec._nat is None
+
+
+def test_gradviz_native_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRADVIZ_NATIVE", "0")
+    assert native.load() is None and native.why_not() == "GRADVIZ_NATIVE=0"
+    with pytest.warns(RuntimeWarning, match=r"no native recorder \(GRADVIZ_NATIVE=0\)"), \
+            gradviz.record(demos.DEMOS["mlp"].build(), None, native=True) as rec:
+        assert rec._nat is None
+    r = subprocess.run([sys.executable, "-m", "gradviz.native"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unset it" in r.stderr
+
+
+def test_auto_uses_a_built_recorder() -> None:
+    rec = train("mlp", None, steps=3)  # type: ignore[arg-type]
+    assert rec._nat is not None and rec._nat.armed == 2
+
+
+def test_build_without_a_compiler_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CXX": "/bin/false"}
+    r = subprocess.run([sys.executable, "-m", "gradviz.native"], capture_output=True,
+                       text=True, cwd=ROOT, env=env)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[0] == "gradviz: building the native recorder (once, 20-60 s)..."
+    assert len(lines) == 2 and lines[1].startswith(
+        "gradviz: the native recorder did not build: ") and "records in Python" in lines[1]
+    assert "Traceback" not in r.stderr
+    # and a recorder asked for it trains on, in Python, with a warning that says why
+    code = ("import warnings, torch, gradviz\n"
+            "from gradviz import demos\n"
+            "m = demos.DEMOS['mlp'].build()\n"
+            "with warnings.catch_warnings(record=True) as w, gradviz.record(m, None, "
+            "native=True) as rec:\n"
+            "    warnings.simplefilter('always')\n"
+            "    m(torch.randn(4, 32)).sum().backward(); rec.step()\n"
+            "print(rec._nat is None, rec.recording.history.steps, [str(x.message) for x in w])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("True [0] [")
+    assert "'gradviz records in Python: no native recorder (CalledProcessError: " in \
+        r.stdout.replace('"', "'")
+
+
+def test_built_recorder_is_reused_not_rebuilt(tmp_path: Path) -> None:
+    name, folder = native.folder_for("native", native.SOURCE)
+    assert (folder / f"{name}.so").is_file()  # (the fixture built it)
+    r = subprocess.run([sys.executable, "-m", "gradviz.native"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0 and "built already" in r.stderr
+
+
+def test_capture_knows_nothing_native_at_import() -> None:
+    """gradviz.native (and torch's cpp_extension) load only when a recorder starts."""
+    code = ("import sys, gradviz.capture; "
+            "print('gradviz.native' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["False", "False"]
+    assert capture.NATIVE_MISSES >= 2
