@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip forward statistics (activation mean/std/min/max, dead ReLU and "
                         "saturated fractions), which dead-ReLU and saturation checks need")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-native", action="store_true",
+                   help="record in Python even where the native recorder is built "
+                        "(python -m gradviz.native builds it; it records without forward "
+                        "statistics, so with --no-stats, on one CPU process)")
     d = Thresholds()
     t = p.add_argument_group("diagnosis thresholds")
     t.add_argument("--vanish-below", type=float, default=d.vanishing, metavar="X",
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             accumulate=args.accumulate, activation_stats=not args.no_stats, analyses=chosen,
             distributed=distributed,
             progress=False if args.no_progress else None,
+            native=False if args.no_native else None,
         )
     except GradvizError as e:
         print(f"extract.py: {e}", file=sys.stderr)

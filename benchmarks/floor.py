@@ -15,7 +15,8 @@ the loss, into a row of a host buffer. It has none of gradviz's bookkeeping: no 
 hooks, no graph analysis, no history, no file; it knows the model is a chain.
 
 Conditions, each on its own copy of the model, interleaved in one process as in
-overhead.py: bare; bare again; gradviz (every step); "root hook" (one no-op forward hook
+overhead.py: bare; bare again; gradviz (every step, the Python recorder: overhead.py measures
+the native one); "root hook" (one no-op forward hook
 on the model: where any recorder must start); "Python floor" (at the model's forward
 end, a walk of the autograd graph and one Python post-hook per layer node taking its
 norms at once; in the step, one fused norm over the parameter gradients, one stack and
@@ -33,9 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import io
-import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +52,7 @@ from _util import machine, quartiles, ratio_cell, table  # noqa: E402
 from overhead import BLOCK, WORKLOADS, _layers, copies, keep_freed_memory, race  # noqa: E402
 
 import gradviz  # noqa: E402
+from gradviz import native as native_build  # noqa: E402
 
 CHAINS = ["mlp", "mlp-6x1024", "cnn"]  # the floors know only chains of layers
 CONDITIONS = ["bare", "bare again", "gradviz", "root hook", "Python floor", "C++ floor",
@@ -68,46 +67,11 @@ ROW = 256  # room in a floor's row for one step's values
 REL = {"C++, loop norms": 1e-3}
 
 
-STALE_LOCK_S = 600  # a build lock this old was left by a build that was killed
-
-
 def build_native() -> Any:
-    """floor_native.cpp as a module (built once per torch and Python version).
-
-    Raises SystemExit-free errors for main() to report in one line: BuildError with the
-    compiler's first error, or whatever torch's cpp_extension raised.
-    """
-    from torch.utils import cpp_extension
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.CRITICAL)
-    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
-    tag = "".join(c if c.isalnum() else "_" for c in tag)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "gradviz" / f"floor-{tag}"
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "lock"  # cpp_extension waits forever on a lock a killed build left
-    with contextlib.suppress(OSError):
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-    src = Path(__file__).resolve().parent / "floor_native.cpp"
-    # pip's ninja lives beside this Python, which a venv's python does not put on PATH
-    os.environ["PATH"] = os.pathsep.join(
-        [str(Path(sys.executable).parent), *filter(None, [os.environ.get("PATH")])])
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            return cpp_extension.load(name=f"gradviz_floor_{tag}", sources=[str(src)],
-                                      build_directory=str(folder), extra_cflags=["-O3"])
-    except Exception as e:
-        lines = [line.strip() for line in f"{out.getvalue()}\n{e}".splitlines()]
-        # the compiler's first diagnostic, else the exception's own first line
-        why = next((line for line in lines if "error:" in line),
-                   f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
-        raise BuildError(f"{why[:300]} (build folder {folder})") from e
-
-
-class BuildError(Exception):
-    """The C++ floor did not build: the compiler's first error."""
+    """floor_native.cpp as a module (built once per torch, Python and source version), by
+    gradviz.native.build: it raises BuildError with the compiler's first error, or whatever
+    torch's cpp_extension raised, for main() to report in one line."""
+    return native_build.build("floor", Path(__file__).resolve().parent / "floor_native.cpp")
 
 
 def walk(out: torch.Tensor) -> list[Any]:
@@ -303,7 +267,8 @@ def measure(name: str, native: Any, rounds: int, blocks: int, warmup: int
         trainers = copies(WORKLOADS[name], conditions)
         for t in trainers:
             if t.condition == "gradviz":
-                t.rec = stack.enter_context(gradviz.record(t.model, Path(tmp) / "run.json"))
+                t.rec = stack.enter_context(gradviz.record(  # (Python: see the docstring)
+                    t.model, Path(tmp) / "run.json", native=False))
             elif t.condition == "root hook":
                 t.rec = RootHook(t.model)
             elif t.condition == "Python floor":
@@ -359,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             native = build_native()
             print(f"  C++ floor ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         except Exception as e:  # no compiler, no ninja, headers missing
-            why = str(e) if isinstance(e, BuildError) else (
+            why = str(e) if isinstance(e, native_build.BuildError) else (
                 (str(e).strip().splitlines() or [type(e).__name__])[0])
             print(f"floor.py: the C++ floor could not be built: {why}; measuring without "
                   f"it (--no-native leaves it out up front)", file=sys.stderr)

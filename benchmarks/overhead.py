@@ -220,7 +220,8 @@ class GradientMonitor:
 
 # "bare again" is a second untouched copy: its ratio is the noise floor of the method
 CONDITIONS = ["bare", "bare again", "gradviz", "gradviz every=10", "gradviz + stats",
-              "gradviz early norms", "naive hook", "GradientMonitor"]
+              "gradviz Python", "gradviz early norms", "naive hook", "GradientMonitor"]
+NATIVE = True  # --no-native: "gradviz" and "gradviz every=10" record in Python too
 
 
 @dataclass
@@ -273,14 +274,19 @@ def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> lis
     for t in out:
         cond, model = t.condition, t.model
         path = folder / f"{w.name}-{cond.replace(' ', '_')}.json"
+        native = NATIVE
         if cond == "gradviz":
-            t.rec = stack.enter_context(gradviz.record(model, path))
+            t.rec = stack.enter_context(gradviz.record(model, path, native=native))
         elif cond == "gradviz every=10":
-            t.rec = stack.enter_context(gradviz.record(model, path, every=BLOCK))
-        elif cond == "gradviz + stats":
-            t.rec = stack.enter_context(gradviz.record(model, path, activation_stats=True))
+            t.rec = stack.enter_context(gradviz.record(model, path, every=BLOCK, native=native))
+        elif cond == "gradviz + stats":  # (the native recorder takes no forward statistics)
+            t.rec = stack.enter_context(gradviz.record(model, path, activation_stats=True,
+                                                       native=False))
+        elif cond == "gradviz Python":
+            t.rec = stack.enter_context(gradviz.record(model, path, native=False))
         elif cond == "gradviz early norms":
-            t.rec = stack.enter_context(gradviz.record(model, path, early_param_norms=True))
+            t.rec = stack.enter_context(gradviz.record(model, path, early_param_norms=True,
+                                                       native=False))
         elif cond == "naive hook":
             t.watcher = NaiveHook(model)
             stack.callback(t.watcher.close)
@@ -345,6 +351,9 @@ def measure(w: Workload, rounds: int, blocks: int, warmup: int) -> dict[str, lis
         for t in trainers:
             if t.rec is not None and t.rec._failed:
                 raise RuntimeError(f"gradviz failed during {w.name} / {t.condition}")
+        ratios["_native"] = [t.condition for t in trainers  # type: ignore[misc]
+                             if t.rec is not None and t.rec._nat is not None
+                             and t.rec._nat.armed > 0]
     return ratios
 
 
@@ -358,6 +367,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     header = ["model", "bare ms/step", *[c for c in CONDITIONS if c != "bare"]]
     rows = []
     verdict = []
+    native_in: list[str] = []
     for name in args.models:
         w = WORKLOADS[name]
         t0 = time.perf_counter()
@@ -370,12 +380,14 @@ def run_benchmark(args: argparse.Namespace) -> None:
                 verdict.append([name, c, f"{med:.3f}x", f"{TARGETS[c]:.2f}x",
                                 mark(med <= TARGETS[c])])
         rows.append(row)
+        native_in.append(f"{name}: {', '.join(r['_native']) or 'none'}")  # type: ignore[arg-type]
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(table(header, rows))
     print("\nRatio: per round, each condition's fastest block of 10 steps over bare's; the "
           "median of that over rounds, in brackets its interquartile range. bare ms/step: "
           "median over all of bare's blocks. 'bare again' is a second untouched copy of the "
           "model: how far 1.00 the method itself can be off.\n")
+    print(f"Conditions that recorded with the native recorder: {'; '.join(native_in)}.\n")
     print(table(["model", "condition", "measured", "target", "met"], verdict))
 
 
@@ -470,6 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "launching kernels")
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep (default): glibc keeps freed memory, less noise; default: as is")
+    p.add_argument("--no-native", action="store_true",
+                   help="no native recorder: 'gradviz' and 'gradviz every=10' record in Python "
+                        "(by default it is built first if it is not yet: 20-60 s, once)")
     p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
     p.add_argument("--profile-steps", type=int, default=200)
     p.add_argument("--scaling", nargs="*", type=int, metavar="LAYERS",
@@ -489,9 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.kept = args.malloc == "keep" and keep_freed_memory()
-    global DEVICE, BATCH
+    global DEVICE, BATCH, NATIVE
     DEVICE = torch.device(args.device)
     BATCH = args.batch
+    NATIVE = not args.no_native
+    if NATIVE:
+        from gradviz import native
+
+        if native.load(build_if_missing=True) is None:
+            print(f"overhead.py: no native recorder ({native.why_not()}): 'gradviz' records "
+                  "in Python", file=sys.stderr)
     warnings.simplefilter("ignore")  # full backward hooks on embeddings warn every step
     gc.collect()
     if args.scaling is not None:

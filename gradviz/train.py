@@ -126,6 +126,7 @@ def train(
     analyses: tuple[str, ...] = (),
     distributed: str | None = None,
     progress: bool | None = None,
+    native: bool | None = None,
 ) -> Result:
     """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``.
 
@@ -174,7 +175,7 @@ def train(
     try:
         rec = capture.record(
             trained, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
-            scaler=scaler if amp else None, activation_stats=activation_stats,
+            scaler=scaler if amp else None, activation_stats=activation_stats, native=native,
             meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
                   "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
         )

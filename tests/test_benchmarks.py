@@ -100,10 +100,10 @@ def test_floor_builds_its_cpp_floor_and_checks_every_floor(tmp_path: Path) -> No
     # A fresh cache: the C++ floor is compiled here (about 20 s). The run exits non-zero
     # if any floor's last row differs from gradviz's history, so returncode 0 is the check.
     # A lock left by a killed build (an hour old) must not make it wait forever.
-    import torch
+    from gradviz import native
 
-    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
-    folder = tmp_path / "gradviz" / ("floor-" + "".join(c if c.isalnum() else "_" for c in tag))
+    _, folder = native.folder_for("floor", ROOT / "benchmarks" / "floor_native.cpp")
+    folder = tmp_path / "gradviz" / folder.name
     folder.mkdir(parents=True)
     (folder / "lock").touch()
     os.utime(folder / "lock", (time.time() - 3600, time.time() - 3600))
