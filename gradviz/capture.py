@@ -432,7 +432,9 @@ class Recorder:
         self._native_on = False  # this step: native (root hooks only) or Python (all hooks)
         self._nat_learnt = True  # Python steps: every pass of this step was learnt
         self._nat_learnt_n = 0  # ... and how many passes were
-        self._nat_missed = False  # native steps: a pass had a shape not learnt
+        self._nat_missed = False  # native steps: a pass not armed (reached in backward?)
+        self._nat_eager = False  # Python steps: a layer called outside the root's forward
+        self._nat_stop: str | None = None  # why this recorder must leave native for good
         self._nat_misses = 0
         # by the C++ layout's number (~number: with a loss given as a number, not a tensor)
         self._nat_layouts: dict[int, _Layout] = {}
@@ -521,6 +523,10 @@ class Recorder:
                 self._hooks.append((module, self._glue_hook(name)))
         self._open = True
         self._nat = self._native_recorder()
+        # (a recorder started again: its new C++ half numbers its layouts afresh)
+        self._native_on, self._nat_misses, self._nat_layouts = False, 0, {}
+        self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
+        self._nat_eager, self._nat_stop = False, None
         self._attach()
         return self
 
@@ -663,6 +669,7 @@ class Recorder:
                 self._calls_seen += 1
                 if not self._in_root:  # no pass end will hook this call: hook it now
                     self._eager.add(id(call))
+                    self._nat_eager = True
                     for t in tensors:
                         t.register_hook(on_grad)
                     self._give_order(name)
@@ -778,10 +785,14 @@ class Recorder:
         try:
             outs = ([output] if isinstance(output, torch.Tensor) and output.grad_fn is not None
                     else _grad_outputs(output))
-            if self._nat.arm(outs):
+            if outs and outs[0].device.type != "cpu":
+                self._nat_stop = "the model is no longer on the CPU"
+            elif _compiled_autograd_on():  # (its C++ hooks have no compiled_args)
+                self._nat_stop = "compiled autograd is on"
+            if self._nat.arm(outs) if self._nat_stop is None else False:
                 self._calls_seen += 1
             else:
-                self._nat_missed = True
+                self._nat_missed = True  # (a miss if the loss reached it: see step)
         except Exception as e:
             self._fail(e)
 
@@ -942,6 +953,9 @@ class Recorder:
         if self._failed:
             self._detach()
             return
+        if native_now and self._nat_missed:  # a pass not armed: did backward reach it?
+            self._nat_missed = nat.miss_reached or self._nat_stop is not None
+        missed = native_now and self._nat_missed
         if self._nat is not None and (not native_now or self._nat_missed):
             self._native_on = self._native_next(native_now, step)
             if self._native_on != native_now:
@@ -962,7 +976,7 @@ class Recorder:
             return
         try:
             if native_now:
-                self._record_native(nat, step, loss)
+                self._record_native(nat, step, loss, missed)
             else:
                 with torch.no_grad():  # (parameter gradients with a graph: create_graph=True)
                     self._record(step, loss)
@@ -981,12 +995,22 @@ class Recorder:
 
     def _native_next(self, native_now: bool, step: int) -> bool:
         """Whether the next steps run native, from how this one went (and reset its notes)."""
-        learnt = self._nat_learnt and self._nat_learnt_n == self._passes > 0
+        learnt = (self._nat_learnt and self._nat_learnt_n == self._passes > 0
+                  and not self._nat_eager)
         missed = self._nat_missed
         self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
+        self._nat_eager = False
         if native_now:
             if not missed:
                 return True
+            if self._nat_stop is not None:
+                self._warn_once(
+                    "native-stop",
+                    f"gradviz recorded step {step} with parameter norms only and records in "
+                    f"Python from now on: {self._nat_stop}, which the native recorder does "
+                    "not cover")
+                self._nat = None
+                return False
             # A pass of a shape not learnt: it was recorded with parameter norms only.
             # Python records the next step in full and learns its shape; a model whose
             # graph keeps changing stays in Python.
@@ -1003,7 +1027,8 @@ class Recorder:
         return (step % self.every == 0 and learnt and self._probe is None
                 and not self._generic and not self._failed)
 
-    def _record_native(self, nat: Any, step: int, loss: torch.Tensor | float | None) -> None:
+    def _record_native(self, nat: Any, step: int, loss: torch.Tensor | float | None,
+                       missed: bool) -> None:
         """A native step: the C++ recorder's row (parameter norms, then the hooks' values in
         the order they arrived) goes into the row buffer as _record_one's vector would."""
         # (raises the first error its hooks met in backward); a loss tensor ends the row
@@ -1016,9 +1041,16 @@ class Recorder:
             key = (tuple(present), tuple(cols), (), 1 if tensor else 0 if loss is None else 2)
             lay = self._layouts.get(key)
             if lay is None:
-                lay = self._layouts[key] = self._layout(*key)
-            self._nat_layouts[~lid if loss_value is not None else lid] = lay
-        if self._calls_seen == 0:  # (a pass armed counts as the calls it hooked)
+                lay = self._layout(*key)
+                if len(self._layouts) >= MAX_PLANS:
+                    del self._layouts[next(iter(self._layouts))]
+                self._layouts[key] = lay
+            if len(self._nat_layouts) >= 4 * MAX_PLANS:  # (numbered afresh from the next step)
+                nat.forget_layouts()
+                self._nat_layouts.clear()
+            else:
+                self._nat_layouts[~lid if loss_value is not None else lid] = lay
+        if self._calls_seen == 0 and not missed:  # (an armed pass counts as a call)
             self._check_calls(lay.has_params)
         self._calls_seen = self._passes = 0
         with self._rows_lock:
@@ -1404,6 +1436,17 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+def _compiled_autograd_on() -> bool:
+    """Whether torch's compiled autograd is on (it cannot run the native recorder's hooks)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    if ca is None:  # (never imported: never on)
+        return False
+    if getattr(ca, "compiled_autograd_enabled", False) or getattr(
+            ca, "in_compiled_autograd_region", False):
+        return True
+    return bool(getattr(sys.modules.get("torch._dynamo.config"), "compiled_autograd", False))
 
 
 def _drain_of(rec: Recorder) -> Callable[[], None]:

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
+#include <unordered_set>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -82,7 +84,10 @@ float l2(const at::Tensor& g) {
   }
   if (t.scalar_type() == at::kDouble)
     return static_cast<float>(at::linalg_vector_norm(t, 2).item<double>());
-  return at::linalg_vector_norm(t, 2, c10::nullopt, false, at::kFloat).item<float>();
+  float v = at::linalg_vector_norm(t, 2, c10::nullopt, false, at::kFloat).item<float>();
+  if (v == 0 || std::isinf(v))  // float32 squares may have under- or overflowed: again in double
+    v = static_cast<float>(at::linalg_vector_norm(t.to(at::kDouble), 2).item<double>());
+  return v;
 }
 
 struct Spec {  // one hooked node: what it measures
@@ -117,6 +122,7 @@ struct State {
   int64_t last_version = -1;
   float last_norm = 0;
   std::vector<std::shared_ptr<Pass>> passes;  // this step's armed passes
+  bool miss_reached = false;  // a pass not armed (a shape not learnt) got a gradient
   std::string error;          // the first error in a hook: the Python side stops recording
 
   void emit(int64_t col, const at::Tensor& g) {
@@ -159,11 +165,11 @@ struct Pass {  // one armed pass: its series that arrive in parts
     }
   }
 
-  void close(State& st) {  // parts that never completed count as they are
+  void close(State& st, bool record) {  // parts that never completed count as they are
     open = false;
     for (size_t gi = 0; gi < sum.size(); ++gi)
       if (sum[gi].defined()) {
-        st.emit(col[gi], sum[gi]);
+        if (record) st.emit(col[gi], sum[gi]);
         sum[gi] = at::Tensor();
       }
   }
@@ -206,9 +212,24 @@ struct Hook : FunctionPostHook {
   }
 };
 
-uint64_t kind(Node* n) {
-  if (auto* ag = dynamic_cast<AccumulateGrad*>(n))  // a parameter: which one
-    return reinterpret_cast<uint64_t>(ag->variable.unsafeGetTensorImpl());
+// A pass not armed: whether the loss reaches it (a forward without backward is no miss).
+struct MissHook : FunctionPostHook {
+  std::shared_ptr<State> st;
+  explicit MissHook(std::shared_ptr<State> s) : st(std::move(s)) {}
+  variable_list operator()(const variable_list& grad_inputs, const variable_list&) override {
+    st->miss_reached = true;
+    return grad_inputs;
+  }
+};
+
+using Params = std::unordered_set<const c10::TensorImpl*>;
+
+uint64_t kind(Node* n, const Params& params) {
+  if (auto* ag = dynamic_cast<AccumulateGrad*>(n)) {  // a parameter: which one
+    const c10::TensorImpl* p = ag->variable.unsafeGetTensorImpl();
+    // (any other leaf, an input that requires grad, is new every step: all alike)
+    return params.count(p) ? reinterpret_cast<uint64_t>(p) : NONE - 2;
+  }
   const std::type_info& type = typeid(*n);
   // a custom autograd.Function (torch::autograd::PyNode, whose type_info torch does not
   // export): its class, from the Python object every such node has
@@ -220,7 +241,8 @@ uint64_t kind(Node* n) {
 }
 
 // Breadth first from the outputs' nodes, as gradviz.dataflow.shape walks.
-std::vector<Node*> walk(const std::vector<at::Tensor>& outs, std::vector<uint64_t>& shape) {
+std::vector<Node*> walk(const std::vector<at::Tensor>& outs, const Params& params,
+                        std::vector<uint64_t>& shape) {
   std::vector<Node*> order;
   std::unordered_map<Node*, uint64_t> at;
   auto place = [&](Node* n) {
@@ -235,7 +257,7 @@ std::vector<Node*> walk(const std::vector<at::Tensor>& outs, std::vector<uint64_
   }
   for (size_t i = 0; i < order.size(); ++i) {
     Node* n = order[i];
-    shape.push_back(kind(n));
+    shape.push_back(kind(n, params));
     shape.push_back(n->num_outputs());
     for (const auto& e : n->next_edges()) {
       shape.push_back(e.function ? place(e.function.get()) : NONE);
@@ -248,13 +270,17 @@ std::vector<Node*> walk(const std::vector<at::Tensor>& outs, std::vector<uint64_
 struct Recorder {
   std::shared_ptr<State> st = std::make_shared<State>();
   std::vector<Plan> plans;
+  std::set<std::vector<uint64_t>> ambiguous;  // shapes seen with two plans: never armed
   std::vector<at::Tensor> params;  // each parameter once, in capture's _unique order
+  Params param_set;
   std::map<std::vector<int64_t>, int64_t> layouts;  // (present; -1; columns) -> number
   std::vector<std::vector<int64_t>> layout_keys;
   std::vector<float> row;  // the last step's values, for put()
   int64_t armed = 0, missed = 0;
 
-  explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {}
+  explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {
+    for (const auto& p : params) param_set.insert(p.unsafeGetTensorImpl());
+  }
 
   // hooks: (sequence number of the node, outs, ins), as capture._Plan.hooks; False if a
   // planned node is not in the walk exactly once (the plan cannot be followed here).
@@ -263,7 +289,8 @@ struct Recorder {
                                           std::vector<std::tuple<int64_t, int64_t, int64_t>>>>& hooks,
              const std::vector<std::pair<int64_t, int64_t>>& groups) {
     Plan plan;
-    auto order = walk(outs, plan.shape);
+    auto order = walk(outs, param_set, plan.shape);
+    if (ambiguous.count(plan.shape)) return false;
     std::unordered_map<uint64_t, int64_t> by_seq;
     for (size_t i = 0; i < order.size(); ++i) {
       auto seq = order[i]->sequence_nr();
@@ -284,6 +311,7 @@ struct Recorder {
       if (p.shape != plan.shape) continue;
       if (!p.ambiguous && p.same(plan)) return true;  // learnt already
       p.ambiguous = true;
+      if (ambiguous.size() < 1024) ambiguous.insert(p.shape);
       return false;
     }
     if (plans.size() >= MAX_PLANS) plans.erase(plans.begin());
@@ -293,12 +321,14 @@ struct Recorder {
 
   // Hook this pass if its shape was learnt; False: it was not (nothing is hooked).
   bool arm(const std::vector<at::Tensor>& outs) {
+    bool cpu = true;
+    for (const auto& t : outs) cpu = cpu && t.is_cpu();
     std::vector<uint64_t> shape;
     shape.reserve(plans.empty() ? 64 : plans.back().shape.size());
-    auto order = walk(outs, shape);
+    auto order = walk(outs, param_set, shape);
     for (const auto& plan : plans) {
       if (plan.shape != shape) continue;
-      if (plan.ambiguous) break;
+      if (plan.ambiguous || !cpu) break;
       auto pass = std::make_shared<Pass>(plan);
       st->passes.push_back(pass);
       for (const auto& [i, spec] : plan.hooks)
@@ -307,16 +337,26 @@ struct Recorder {
       return true;
     }
     ++missed;
+    for (const auto& t : outs)
+      if (t.grad_fn()) t.grad_fn()->add_post_hook(std::make_unique<MissHook>(st));
     return false;
+  }
+
+  bool miss_reached() const { return st->miss_reached; }
+
+  void forget_layouts() {
+    layouts.clear();
+    layout_keys.clear();
   }
 
   // End the step (record=false: drop it); the number of its layout, -1 when not recorded.
   // A hook's error (none should happen) is raised here, once: the recorder then stops.
   // loss: the step's loss as a tensor (its value ends the row), or None.
   int64_t take(bool record, const c10::optional<at::Tensor>& loss) {
-    for (auto& pass : st->passes) pass->close(*st);
+    for (auto& pass : st->passes) pass->close(*st, record && st->error.empty());
     st->passes.clear();
     st->last = at::Tensor();
+    st->miss_reached = false;
     if (!record || !st->error.empty()) {
       st->cols.clear();
       st->vals.clear();
@@ -385,6 +425,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("put", &Recorder::put)
       .def("layout", &Recorder::layout)
       .def("error", &Recorder::error)
+      .def("forget_layouts", &Recorder::forget_layouts)
+      .def_property_readonly("miss_reached", &Recorder::miss_reached)
       .def_readonly("armed", &Recorder::armed)
       .def_readonly("missed", &Recorder::missed)
       .def_property_readonly("plans", [](const Recorder& r) { return r.plans.size(); });

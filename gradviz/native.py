@@ -35,7 +35,8 @@ STALE_LOCK_S = 600  # a build lock this old was left by a build that was killed
 
 _lock = threading.Lock()
 _module: Any = None  # the loaded module, once loaded
-_why: str | None = None  # why building it failed, once it has (not tried again this process)
+_why: str | None = None  # why loading or building it failed
+_build_failed = False  # a build failed: not tried again in this process
 
 
 class BuildError(Exception):
@@ -109,25 +110,23 @@ def load(build_if_missing: bool = False) -> Any:
     build_if_missing=True compiles it when it is not built yet (20-60 s, once); else only a
     module built before is loaded. why_not() says why the answer was None.
     """
-    global _module, _why
+    global _module, _why, _build_failed
     if disabled():
         return None
     with _lock:
         if _module is not None:
             return _module
-        if _why is not None and build_if_missing:
-            return None
         try:
             _module = _load_built(*folder_for("native", SOURCE))
-        except (ImportError, OSError) as e:  # built for another torch than this one, say
+        except (ImportError, OSError) as e:  # a broken or foreign build: build it again
             _module = None
             _why = f"{type(e).__name__}: {e}"
-        if _module is None and build_if_missing:
+        if _module is None and build_if_missing and not _build_failed:
             try:
                 _module = build("native", SOURCE)
                 _why = None
             except BuildError as e:
-                _why = str(e)
+                _why, _build_failed = str(e), True  # (not tried again in this process)
         return _module
 
 

@@ -399,3 +399,88 @@ def test_capture_knows_nothing_native_at_import() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.split() == ["False", "False"]
     assert capture.NATIVE_MISSES >= 2
+
+
+def test_a_layer_called_after_the_models_forward_keeps_python() -> None:
+    """model.head(model(x)), head a part of model: the native recorder would not see head's
+    call (no forward hook of its own), so the recorder never goes native."""
+
+    class Body(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x))
+
+    torch.manual_seed(0)
+    model = Body()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with gradviz.record(model, None, native=True) as rec:
+        for _ in range(4):
+            model.zero_grad()
+            nn.functional.cross_entropy(model.head(model(x)), y).backward()
+            rec.step()
+    assert rec._nat.armed == 0 and not rec._native_on
+    assert not np.isnan(table(rec)[("node", "head", "activation_grad_norm")]).any()
+
+
+def test_inputs_that_require_grad_and_passes_without_backward_are_no_misses() -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS["mlp"].build()
+    x, y = data("mlp", 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "parameter norms only" warning either
+        with gradviz.record(model, None, native=True) as rec:
+            for i in range(5):
+                model.zero_grad()
+                xi = x.clone().requires_grad_(True)  # a new leaf every step (say, a PINN)
+                nn.functional.cross_entropy(model(xi), y).backward()
+                if i:  # a forward that never reaches backward (logging), of a shape not
+                    model(x)  # learnt (no input leaf): not armed, and no miss either
+                rec.step()
+    assert rec._nat.missed == 4 and rec._nat.armed == 4  # (the extra passes: not armed)
+    assert rec._native_on and rec._nat_misses == 0
+    assert not np.isnan(table(rec)[("node", "fc1", "activation_grad_norm")]).any()
+
+
+def test_compiled_autograd_sends_the_recorder_back_to_python(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = demos.DEMOS["mlp"].build()
+    x, y = data("mlp", 16)
+    with warnings.catch_warnings(record=True) as said, gradviz.record(
+            model, None, native=True) as rec:
+        warnings.simplefilter("always")
+        for i in range(5):
+            if i == 2:  # (as torch._dynamo.compiled_autograd._enable sets it)
+                monkeypatch.setitem(sys.modules, "torch._dynamo.compiled_autograd",
+                                    SimpleNamespace(compiled_autograd_enabled=True))
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+    assert rec._nat is None and not rec._failed
+    assert rec.recording.history.steps == [0, 1, 2, 3, 4]
+    act = table(rec)[("node", "fc1", "activation_grad_norm")]
+    assert [i for i in range(5) if np.isnan(act[i])] == [2]
+    assert any("compiled autograd is on" in str(w.message) for w in said)
+
+
+def test_a_recorder_started_again_records_as_before() -> None:
+    torch.manual_seed(0)
+    model = demos.DEMOS["residual"].build()
+    x, y = data("residual", 16)
+    rec = gradviz.record(model, None, native=True)
+    for _ in range(2):
+        with rec:
+            for _ in range(3):
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                rec.step()
+    assert rec._nat.armed == 2 and not rec._failed
+    s = table(rec)
+    assert rec.recording.history.steps == list(range(6))
+    for key, values in s.items():
+        assert np.allclose(values, values[0], rtol=1e-5, equal_nan=True), key  # same batch
