@@ -785,13 +785,16 @@ class Recorder:
         try:
             outs = ([output] if isinstance(output, torch.Tensor) and output.grad_fn is not None
                     else _grad_outputs(output))
-            if outs and outs[0].device.type != "cpu":
-                self._nat_stop = "the model is no longer on the CPU"
-            elif _compiled_autograd_on():  # (its C++ hooks have no compiled_args)
+            armed = 0
+            if _compiled_autograd_on():  # (its C++ hooks have no compiled_args)
                 self._nat_stop = "compiled autograd is on"
-            if self._nat.arm(outs) if self._nat_stop is None else False:
+            else:
+                armed = self._nat.arm(outs)
+            if armed == 1:
                 self._calls_seen += 1
             else:
+                if armed == -1:
+                    self._nat_stop = "the model is no longer on the CPU"
                 self._nat_missed = True  # (a miss if the loss reached it: see step)
         except Exception as e:
             self._fail(e)

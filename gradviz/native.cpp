@@ -319,8 +319,9 @@ struct Recorder {
     return true;
   }
 
-  // Hook this pass if its shape was learnt; False: it was not (nothing is hooked).
-  bool arm(const std::vector<at::Tensor>& outs) {
+  // Hook this pass if its shape was learnt: 1; 0: it was not, -1: not on the CPU (nothing
+  // is hooked then, but a hook that notes whether backward reaches the pass).
+  int arm(const std::vector<at::Tensor>& outs) {
     bool cpu = true;
     for (const auto& t : outs) cpu = cpu && t.is_cpu();
     std::vector<uint64_t> shape;
@@ -334,12 +335,12 @@ struct Recorder {
       for (const auto& [i, spec] : plan.hooks)
         order[i]->add_post_hook(std::make_unique<Hook>(st, pass, spec));
       ++armed;
-      return true;
+      return 1;
     }
     ++missed;
     for (const auto& t : outs)
       if (t.grad_fn()) t.grad_fn()->add_post_hook(std::make_unique<MissHook>(st));
-    return false;
+    return cpu ? 0 : -1;
   }
 
   bool miss_reached() const { return st->miss_reached; }

@@ -224,9 +224,9 @@ def test_one_shape_with_two_plans_is_never_armed() -> None:
     seq = out.grad_fn._sequence_nr()
     assert rec.learn([out], [(seq, [(0, 5)], [])], [])
     assert rec.learn([out], [(seq, [(0, 5)], [])], [])  # the same plan again: fine
-    assert rec.arm([out])
+    assert rec.arm([out]) == 1
     assert not rec.learn([out], [(seq, [(0, 6)], [])], [])  # another plan, the same shape
-    assert not rec.arm([out]) and rec.missed == 1
+    assert rec.arm([out]) == 0 and rec.missed == 1
     assert not rec.learn([out], [(12345678, [(0, 5)], [])], [])  # a node not in the walk
 
 
