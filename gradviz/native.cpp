@@ -129,7 +129,7 @@ struct State {
     // Autograd often hands the same tensor to several hooks in a row (see capture._emit).
     float v;
     if (last.defined() && last.unsafeGetTensorImpl() == g.unsafeGetTensorImpl() &&
-        last._version() == static_cast<int64_t>(g._version())) {
+        last_version == static_cast<int64_t>(g._version())) {
       v = last_norm;
     } else {
       v = l2(g);

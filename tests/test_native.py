@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -484,3 +485,43 @@ def test_a_recorder_started_again_records_as_before() -> None:
     assert rec.recording.history.steps == list(range(6))
     for key, values in s.items():
         assert np.allclose(values, values[0], rtol=1e-5, equal_nan=True), key  # same batch
+
+
+class _DoubleInPlace(torch.autograd.Function):
+    """x * 2, whose backward doubles the incoming gradient in place and passes it on."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g.mul_(2)
+
+
+def test_a_gradient_changed_in_place_between_hooks_is_measured_again() -> None:
+    """The same gradient tensor, changed in place after one hook measured it, is measured
+    again by the next (its version moved on), as the Python recorder does."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(_DoubleInPlace.apply(self.fc1(x)))
+
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = Model()
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        with gradviz.record(model, None, native=native_) as rec:
+            for _ in range(3):
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                rec.step()
+        return rec
+
+    python, fast = run(False), run(True)
+    assert fast._nat.armed == 2
+    assert_same(table(python), table(fast), rel=1e-6)
