@@ -134,6 +134,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dtype=dtype)
 
 
+_CPU = torch.device("cpu")
 HOT_NUMEL = 1 << 15  # parameters this large get their norm in backward (see _hot_hook)
 MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
 NATIVE_MISSES = 4  # native steps with a pass of a new shape before a recorder stays in Python
@@ -1041,13 +1042,8 @@ class Recorder:
         lay = self._nat_layouts.get(~lid if loss_value is not None else lid)
         if lay is None:
             present, cols = nat.layout(lid)
-            key = (tuple(present), tuple(cols), (), 1 if tensor else 0 if loss is None else 2)
-            lay = self._layouts.get(key)
-            if lay is None:
-                lay = self._layout(*key)
-                if len(self._layouts) >= MAX_PLANS:
-                    del self._layouts[next(iter(self._layouts))]
-                self._layouts[key] = lay
+            lay = self._layout_for(
+                (tuple(present), tuple(cols), (), 1 if tensor else 0 if loss is None else 2))
             if len(self._nat_layouts) >= 4 * MAX_PLANS:  # (numbered afresh from the next step)
                 nat.forget_layouts()
                 self._nat_layouts.clear()
@@ -1057,14 +1053,7 @@ class Recorder:
             self._check_calls(lay.has_params)
         self._calls_seen = self._passes = 0
         with self._rows_lock:
-            rows = self._rows
-            if rows is None or rows.layout is not lay or rows.device.type != "cpu":
-                if rows is not None:
-                    self._drain()
-                rows = self._rows = _Rows(lay, torch.device("cpu"))
-            elif len(rows.steps) == ROWS_AT_ONCE:
-                self._drain()
-            at = rows.next % ROWS_AT_ONCE
+            rows, at = self._next_row(lay, _CPU)
             nat.put(rows.buf, at)
             rows.next += 1
             rows.steps.append((step, at, loss_value))
@@ -1255,13 +1244,8 @@ class Recorder:
         self._local.clear()
         self._passes = self._batch = 0
         loss_kind = 0 if loss is None else 1 if isinstance(loss, torch.Tensor) else 2
-        key = (present, tuple([c for c, _ in pending]), tuple([c for c, _ in stats]), loss_kind)
-        lay = self._layouts.get(key)
-        if lay is None:
-            lay = self._layout(*key)
-            if len(self._layouts) >= MAX_PLANS:
-                del self._layouts[next(iter(self._layouts))]
-            self._layouts[key] = lay
+        lay = self._layout_for(
+            (present, tuple([c for c, _ in pending]), tuple([c for c, _ in stats]), loss_kind))
         self._check_calls(lay.has_params)
         for _, t in pending:
             norms.append(t)
@@ -1285,18 +1269,33 @@ class Recorder:
             else:
                 flat = torch.stack(norms) if norms else torch.zeros(0)
         with self._rows_lock:
-            rows = self._rows
-            if rows is None or rows.layout is not lay or rows.device != flat.device:
-                if rows is not None:
-                    self._drain()
-                # (a new layout, or a model moved to the GPU: its pinned buffer and events)
-                rows = self._rows = _Rows(lay, flat.device)
-            elif len(rows.steps) == ROWS_AT_ONCE:
-                self._drain()
-            at = rows.next % ROWS_AT_ONCE
+            rows, at = self._next_row(lay, flat.device)
             rows.put(at, flat)  # the one transfer (from a GPU: queued, not waited for)
             rows.next += 1
             rows.steps.append((step, at, float(loss) if loss_kind == 2 else None))  # type: ignore[arg-type]
+
+    def _layout_for(self, key: tuple[Any, ...]) -> _Layout:
+        """_layout's answer for a key (present, pending, stats, loss kind), cached."""
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = self._layout(*key)
+            if len(self._layouts) >= MAX_PLANS:
+                del self._layouts[next(iter(self._layouts))]
+            self._layouts[key] = lay
+        return lay
+
+    def _next_row(self, lay: _Layout, device: torch.device) -> tuple[_Rows, int]:
+        """The row buffer for a lean step of this layout from this device, and the row to
+        fill (under _rows_lock; the caller fills it, then counts it and adds its step)."""
+        rows = self._rows
+        if rows is None or rows.layout is not lay or rows.device != device:
+            if rows is not None:
+                self._drain()
+            # (a new layout, or a model moved to the GPU: its pinned buffer and events)
+            rows = self._rows = _Rows(lay, device)
+        elif len(rows.steps) == ROWS_AT_ONCE:
+            self._drain()
+        return rows, rows.next % ROWS_AT_ONCE
 
     def _drain(self) -> None:
         """Put the buffered lean steps into the history, all in one go."""
