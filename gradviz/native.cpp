@@ -411,7 +411,6 @@ struct Recorder {
     return {std::vector<int64_t>(key.begin(), sep), std::vector<int64_t>(sep + 1, end)};
   }
 
-  std::string error() const { return st->error; }
 };
 
 }  // namespace
@@ -425,7 +424,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("take", &Recorder::take)
       .def("put", &Recorder::put)
       .def("layout", &Recorder::layout)
-      .def("error", &Recorder::error)
       .def("forget_layouts", &Recorder::forget_layouts)
       .def_property_readonly("miss_reached", &Recorder::miss_reached)
       .def_readonly("armed", &Recorder::armed)
