@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-native", action="store_true",
                    help="record in Python even where the native recorder is built "
-                        "(python -m gradviz.native builds it; it records without forward "
-                        "statistics, so with --no-stats, on one CPU process)")
+                        "(python -m gradviz.native builds it; it records one process on "
+                        "the CPU)")
     d = Thresholds()
     t = p.add_argument_group("diagnosis thresholds")
     t.add_argument("--vanish-below", type=float, default=d.vanishing, metavar="X",

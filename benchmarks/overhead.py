@@ -220,8 +220,9 @@ class GradientMonitor:
 
 # "bare again" is a second untouched copy: its ratio is the noise floor of the method
 CONDITIONS = ["bare", "bare again", "gradviz", "gradviz every=10", "gradviz + stats",
-              "gradviz Python", "gradviz early norms", "naive hook", "GradientMonitor"]
-NATIVE = True  # --no-native: "gradviz" and "gradviz every=10" record in Python too
+              "gradviz Python", "gradviz + stats Python", "gradviz early norms", "naive hook",
+              "GradientMonitor"]
+NATIVE = True  # --no-native: "gradviz", "gradviz every=10" and "+ stats" record in Python too
 
 
 @dataclass
@@ -279,7 +280,10 @@ def make_trainers(w: Workload, stack: contextlib.ExitStack, folder: Path) -> lis
             t.rec = stack.enter_context(gradviz.record(model, path, native=native))
         elif cond == "gradviz every=10":
             t.rec = stack.enter_context(gradviz.record(model, path, every=BLOCK, native=native))
-        elif cond == "gradviz + stats":  # (the native recorder takes no forward statistics)
+        elif cond == "gradviz + stats":
+            t.rec = stack.enter_context(gradviz.record(model, path, activation_stats=True,
+                                                       native=native))
+        elif cond == "gradviz + stats Python":
             t.rec = stack.enter_context(gradviz.record(model, path, activation_stats=True,
                                                        native=False))
         elif cond == "gradviz Python":
@@ -483,7 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep (default): glibc keeps freed memory, less noise; default: as is")
     p.add_argument("--no-native", action="store_true",
-                   help="no native recorder: 'gradviz' and 'gradviz every=10' record in Python "
+                   help="no native recorder: 'gradviz', 'gradviz every=10' and 'gradviz + stats' "
+                        "record in Python "
                         "(by default it is built first if it is not yet: 20-60 s, once)")
     p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
     p.add_argument("--profile-steps", type=int, default=200)

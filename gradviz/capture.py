@@ -439,6 +439,7 @@ class Recorder:
         self._nat_misses = 0
         # by the C++ layout's number (~number: with a loss given as a number, not a tensor)
         self._nat_layouts: dict[int, _Layout] = {}
+        self._nat_hooks: list[tuple[nn.Module, Any]] = []  # forward statistics (native)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -516,14 +517,20 @@ class Recorder:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
         node_modules = {id(m) for m in self._nodes.values()}
         self._hooks = []
+        layers: list[tuple[nn.Module, str]] = []
+        glue: list[nn.Module] = []
         for name, module in self.model.named_modules():
             node_name = name or type(module).__name__
             if id(module) in node_modules and id(self._nodes.get(node_name)) == id(module):
                 self._hooks.append((module, self._call_hook(node_name)))
+                layers.append((module, node_name))
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))
+                glue.append(module)
         self._open = True
         self._nat = self._native_recorder()
+        self._nat_hooks = (self._native_stat_hooks(layers, glue)
+                           if self._nat is not None and self.activation_stats else [])
         # (a recorder started again: its new C++ half numbers its layouts afresh)
         self._native_on, self._nat_misses, self._nat_layouts = False, 0, {}
         self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
@@ -536,8 +543,8 @@ class Recorder:
 
         Only where the walk of the autograd graph tells passes apart as well as the
         forward hooks do, and where the Python recorder takes its lean path: one process,
-        no loss scaling, no forward statistics, every layer's parameters trainable (two
-        frozen layers of one type look alike in the graph), on the CPU.
+        no loss scaling, every layer's parameters trainable (two frozen layers of one type
+        look alike in the graph), on the CPU, not --all-modules.
         """
         if self._native_asked is False:
             return None
@@ -546,23 +553,91 @@ class Recorder:
         module = native.load(build_if_missing=self._native_asked is True)
         why = native.why_not() if module is None else None
         if why is None and not (
-                self._world == 1 and not self._sharded and not self.activation_stats
-                and not self.all_modules and (self.scaler is None or not self.scaler.is_enabled())
+                self._world == 1 and not self._sharded and not self.all_modules
+                and (self.scaler is None or not self.scaler.is_enabled())
                 and self._unique and all(p.requires_grad and p.device.type == "cpu"
                                          for p in self._unique)):
-            why = ("it covers one process on the CPU without forward statistics, "
-                   "--all-modules, loss scaling or frozen parameters")
+            why = ("it covers one process on the CPU without --all-modules, loss scaling "
+                   "or frozen parameters")
         if why is not None:
             if self._native_asked:
                 self._warn_once("native", f"gradviz records in Python: no native recorder ({why})")
             return None
         return module.Recorder(list(self._unique))
 
+    def _native_stat_hooks(self, layers: list[tuple[nn.Module, str]],
+                           glue: list[nn.Module]) -> list[tuple[nn.Module, Any]]:
+        """Forward statistics on native steps: per layer and per activation module a slim
+        forward hook, one call into the C++ recorder each (see native.cpp)."""
+        nat, hist = self._nat, self._recording.history
+        names: list[str] = []  # by the C++ recorder's layer slot
+        hooks: list[tuple[nn.Module, Any]] = []
+
+        def layer_hook(slot: int) -> Any:
+            stat, stat_one = nat.stat, nat.stat_one
+
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if self._failed:
+                    return
+                try:
+                    if isinstance(output, torch.Tensor):
+                        stat_one(output, slot)
+                    else:
+                        tensors = _grad_outputs(output)
+                        if tensors:
+                            stat(tensors, slot)
+                except Exception as e:  # never break the user's forward
+                    self._fail(e)
+
+            return hook
+
+        def activation_hook(act: int, kind: str) -> Any:
+            unit, code = nat.unit, 0 if kind == "dead_frac" else 1
+
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if self._failed or not (isinstance(output, torch.Tensor) and args
+                                        and isinstance(args[0], torch.Tensor)):
+                    return
+                try:
+                    slot = unit(args[0], output, act)
+                    if slot >= 0:  # the first time this layer feeds this kind: its column
+                        layer = names[slot]
+                        self._recording.nodes[layer].setdefault("activation",
+                                                                type(module).__name__)
+                        nat.unit_column(slot, code, hist.column(("node", layer, kind)))
+                        unit(args[0], output, act)
+                except Exception as e:  # never break the user's forward
+                    self._fail(e)
+
+            return hook
+
+        for module, name in layers:
+            slot = nat.add_layer([hist.column(("node", name, k)) for k in LAYER_STATS])
+            names.append(name)
+            hooks.append((module, layer_hook(slot)))
+        for module in glue:
+            kind = _activation_kind(module)
+            if kind == "dead_frac":
+                act = nat.add_activation(0, 0.0, 0.0)
+            elif kind == "saturated_frac":
+                lo, hi = BOUNDS[type(module).__name__]
+                act = nat.add_activation(1, lo + self.saturation_margin,
+                                         hi - self.saturation_margin)
+            else:
+                continue
+            hooks.append((module, activation_hook(act, kind)))
+        return hooks
+
     def _attach(self) -> None:
         """Register the forward hooks (for a step that will be recorded)."""
         if self._handles:
             return
         if self._native_on:  # the root's forward hook alone (see _native_pass)
+            if self._nat_hooks:  # ... and, for forward statistics, the slim ones
+                self._handles.append(self.model.register_forward_pre_hook(
+                    _Hook(self._native_begin)))
+                for module, hook in self._nat_hooks:
+                    self._handles.append(module.register_forward_hook(_Hook(hook)))
             self._handles.append(self.model.register_forward_hook(_Hook(self._native_pass)))
             return
         for module, hook in self._hooks:
@@ -774,6 +849,12 @@ class Recorder:
                     [(nodes[i]._sequence_nr(), [(nr, col) for nr, col, _ in outs], list(ins))
                      for i, outs, ins in plan.hooks],
                     plan.groups)
+        except Exception as e:
+            self._fail(e)
+
+    def _native_begin(self, module: nn.Module, args: Any) -> None:
+        try:
+            self._nat.begin()  # (a pass that raised before its end leaves no statistics)
         except Exception as e:
             self._fail(e)
 
@@ -1002,25 +1083,29 @@ class Recorder:
         learnt = (self._nat_learnt and self._nat_learnt_n == self._passes > 0
                   and not self._nat_eager)
         missed = self._nat_missed
+        only = "parameter norms and forward statistics" if self._nat_hooks else "parameter norms"
         self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
         self._nat_eager = False
         if native_now:
             if not missed:
                 return True
             if self._nat_stop is not None:
+                if "CPU" in self._nat_stop:  # (statistics are taken on the CPU only)
+                    only = "parameter norms"
                 self._warn_once(
                     "native-stop",
-                    f"gradviz recorded step {step} with parameter norms only and records in "
+                    f"gradviz recorded step {step} with {only} only and records in "
                     f"Python from now on: {self._nat_stop}, which the native recorder does "
                     "not cover")
                 self._nat = None
                 return False
-            # A pass of a shape not learnt: it was recorded with parameter norms only.
+            # A pass of a shape not learnt: it was recorded with parameter norms (and forward
+            # statistics) only.
             # Python records the next step in full and learns its shape; a model whose
             # graph keeps changing stays in Python.
             self._warn_once(
                 "native-miss",
-                f"gradviz recorded step {step} with parameter norms only: its autograd "
+                f"gradviz recorded step {step} with {only} only: its autograd "
                 "graph had a shape the native recorder had not seen; the next step is "
                 "recorded in Python, which learns it (record(..., native=False) records "
                 "every step in Python)")
@@ -1041,9 +1126,9 @@ class Recorder:
         loss_value = None if loss is None or tensor else float(loss)  # type: ignore[arg-type]
         lay = self._nat_layouts.get(~lid if loss_value is not None else lid)
         if lay is None:
-            present, cols = nat.layout(lid)
-            lay = self._layout_for(
-                (tuple(present), tuple(cols), (), 1 if tensor else 0 if loss is None else 2))
+            present, cols, stats = nat.layout(lid)
+            lay = self._layout_for((tuple(present), tuple(cols), tuple(map(tuple, stats)),
+                                    1 if tensor else 0 if loss is None else 2))
             if len(self._nat_layouts) >= 4 * MAX_PLANS:  # (numbered afresh from the next step)
                 nat.forget_layouts()
                 self._nat_layouts.clear()

@@ -12,13 +12,23 @@
 // numbers, with each value's series (history column), in the order they arrived: what the
 // Python hooks would have appended to Recorder._pending. take() ends the step: parameter
 // gradients' norms, then those values, in one row, and a number for its layout.
+//
+// Forward statistics (record(..., activation_stats=True)) need each layer's output, so they
+// keep one slim Python forward hook per layer and per activation module; each calls stat()
+// or unit() here, which take the numbers in one pass over the floats (capture._layer_stats
+// and _unit_stat, without a dispatch per op) and append them after the hooks' values.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <set>
 #include <unordered_set>
@@ -39,11 +49,22 @@ constexpr uint64_t NONE = UINT64_MAX;
 constexpr int64_t LOOP_MAX = 1 << 18;  // above this, torch's op (it uses every thread)
 constexpr size_t MAX_PLANS = 32;       // as gradviz.capture.MAX_PLANS
 
+// The loops over floats below are written so that the compiler vectorises them; on x86-64
+// each is also compiled for AVX2 and FMA (x86-64-v3), picked at load time where the CPU has
+// them: twice as many lanes per instruction.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+#define GV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define GV_INLINE __attribute__((always_inline)) inline  // (into each clone)
+#else
+#define GV_CLONES
+#define GV_INLINE inline
+#endif
+
 // Squares summed in 16 float lanes over blocks of 1024 values (the compiler vectorises
 // it), the blocks' sums in double. A result that is not finite or so small that a square
 // may have underflowed in float32 is taken again, in double throughout.
-template <typename T>
-double sum_sq(const T* p, int64_t n) {
+GV_CLONES double sum_sq(const float* p, int64_t n) {
+  using T = float;
   int64_t i = 0;
   double total = 0;
   for (; i + 1024 <= n; i += 1024) {
@@ -88,6 +109,164 @@ float l2(const at::Tensor& g) {
   if (v == 0 || std::isinf(v))  // float32 squares may have under- or overflowed: again in double
     v = static_cast<float>(at::linalg_vector_norm(t.to(at::kDouble), 2).item<double>());
   return v;
+}
+
+// -- forward statistics ------------------------------------------------------------------
+
+// A layer output's mean, std, min, max and fraction of exact zeros (capture._layer_stats):
+// sums in 16 lanes per block of 1024 values (vectorised, as sum_sq), the blocks' sums in
+// double; min and max exact; NaN anywhere makes min and max NaN (as torch.aminmax) and
+// counts as not zero (as x != 0); -0.0 counts as zero. The std is the two-pass one, of the
+// differences from the mean in the tensor's dtype (as torch's x - mean).
+template <typename T>
+GV_INLINE std::array<float, 5> layer_stats(const T* p, int64_t n) {
+  constexpr int L = 16;
+  double sum = 0;
+  int64_t zeros = 0, nans = 0;
+  T lo = p[0], hi = p[0];
+  for (int64_t i = 0; i < n; i += 1024) {
+    const int64_t end = std::min<int64_t>(n, i + 1024);
+    T s[L] = {0}, mn[L], mx[L];
+    int32_t z[L] = {0}, nn[L] = {0};
+    for (int k = 0; k < L; ++k) mn[k] = mx[k] = p[i];
+    int64_t j = i;
+    for (; j + L <= end; j += L)
+      for (int k = 0; k < L; ++k) {
+        const T v = p[j + k];
+        s[k] += v;
+        z[k] += v == 0;
+        nn[k] += v != v;
+        mn[k] = v < mn[k] ? v : mn[k];
+        mx[k] = v > mx[k] ? v : mx[k];
+      }
+    double block = 0;
+    for (; j < end; ++j) {
+      const T v = p[j];
+      block += v;
+      zeros += v == 0;
+      nans += v != v;
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    for (int k = 0; k < L; ++k) {
+      block += s[k];
+      zeros += z[k];
+      nans += nn[k];
+      lo = mn[k] < lo ? mn[k] : lo;
+      hi = mx[k] > hi ? mx[k] : hi;
+    }
+    sum += block;
+  }
+  const double mean = sum / static_cast<double>(n);
+  double sq = 0;
+  if (n > 1) {
+    const T m = static_cast<T>(mean);
+    for (int64_t i = 0; i < n; i += 1024) {
+      const int64_t end = std::min<int64_t>(n, i + 1024);
+      T q[L] = {0};
+      int64_t j = i;
+      for (; j + L <= end; j += L)
+        for (int k = 0; k < L; ++k) {
+          const T d = p[j + k] - m;
+          q[k] += d * d;
+        }
+      double block = 0;
+      for (; j < end; ++j) block += static_cast<double>(p[j] - m) * (p[j] - m);
+      for (T v : q) block += v;
+      sq += block;
+    }
+    if (!std::isfinite(sq) && std::isfinite(mean))  // a square beyond float's range: in double
+      sq = 0;
+    if (sq == 0 && std::isfinite(mean))
+      for (int64_t i = 0; i < n; ++i) sq += (p[i] - mean) * (p[i] - mean);
+  }
+  const double std = n > 1 ? std::sqrt(sq / static_cast<double>(n - 1)) : 0.0;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  return {static_cast<float>(mean), static_cast<float>(std),
+          nans ? nan : static_cast<float>(lo), nans ? nan : static_cast<float>(hi),
+          static_cast<float>(static_cast<double>(zeros) / static_cast<double>(n))};
+}
+
+// ReLU: the fraction of units (columns of [batch, units]) zero for every sample, as
+// (amax over the batch == 0), a NaN keeping a unit alive.
+template <typename T>
+GV_INLINE float dead_frac(const T* p, int64_t rows, int64_t cols) {
+  std::vector<T> mx(p, p + cols);
+  for (int64_t r = 1; r < rows; ++r) {
+    const T* q = p + r * cols;
+    for (int64_t j = 0; j < cols; ++j) mx[j] = (q[j] > mx[j] || q[j] != q[j]) ? q[j] : mx[j];
+  }
+  int64_t dead = 0;
+  for (T v : mx) dead += v == 0;
+  return static_cast<float>(static_cast<double>(dead) / static_cast<double>(cols));
+}
+
+// sigmoid/tanh: the fraction of values within margin of a bound (compared in the tensor's
+// dtype, as torch compares a tensor with a Python number).
+template <typename T>
+GV_INLINE float near_frac(const T* p, int64_t n, double lo, double hi) {
+  const T a = static_cast<T>(lo), b = static_cast<T>(hi);
+  int64_t near = 0;
+  for (int64_t i = 0; i < n; i += 1 << 20) {  // (32-bit counts vectorise best)
+    const int64_t end = std::min<int64_t>(n, i + (1 << 20));
+    int32_t c = 0;
+    for (int64_t j = i; j < end; ++j) c += (p[j] <= a) | (p[j] >= b);
+    near += c;
+  }
+  return static_cast<float>(static_cast<double>(near) / static_cast<double>(n));
+}
+
+// Each statistic on a float32 or float64 tensor's values (see GV_CLONES).
+template <typename T>
+GV_CLONES std::array<float, 5> layer_stats_of(const T* p, int64_t n) { return layer_stats(p, n); }
+template <typename T>
+GV_CLONES float dead_frac_of(const T* p, int64_t rows, int64_t cols) {
+  return dead_frac(p, rows, cols);
+}
+template <typename T>
+GV_CLONES float near_frac_of(const T* p, int64_t n, double lo, double hi) {
+  return near_frac(p, n, lo, hi);
+}
+
+// A float32 or float64 CPU tensor, contiguous (anything else converted: float32).
+at::Tensor floats(const at::Tensor& t) {
+  at::Tensor x = t.detach();
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) x = x.to(at::kFloat);
+  return x.contiguous();
+}
+
+struct Activation {  // an activation module's unit statistic
+  int kind;          // 0: dead (ReLU), 1: saturated (bounds)
+  double lo, hi;     // saturated: a value <= lo or >= hi (bound +- margin)
+};
+
+// What the forward hooks left this step: values and, per statistic, its columns (key: a
+// count, then that many columns, per statistic), in the order the hooks ran.
+struct Stats {
+  std::vector<std::array<int64_t, 5>> layer_cols;  // by layer slot
+  std::vector<Activation> acts;                    // by activation slot
+  std::map<std::pair<int64_t, int>, int64_t> unit_cols;  // (layer slot, kind) -> column
+  // which layer made an output's autograd node this pass (to credit an activation's
+  // statistic to it); weak: a node that died and whose address came back is no match
+  std::unordered_map<Node*, std::pair<c10::weak_intrusive_ptr<Node>, int64_t>> made_by;
+  std::vector<int64_t> key;
+  std::vector<float> vals;
+  size_t key_from = 0, vals_from = 0;  // where this root pass's statistics start
+  bool in_root = false;
+
+  void clear() {
+    key.clear();
+    vals.clear();
+    made_by.clear();
+    key_from = vals_from = 0;
+    in_root = false;
+  }
+};
+
+// Whether a forward hook should take statistics now: as capture's hooks, only with grad
+// enabled and not in backward (activation checkpointing re-runs forwards there).
+bool recording_forward() {
+  return at::GradMode::is_enabled() && torch::autograd::get_current_graph_task_id() == -1;
 }
 
 struct Spec {  // one hooked node: what it measures
@@ -206,7 +385,7 @@ struct Hook : FunctionPostHook {
           pass->add(static_cast<size_t>(gi), grad_inputs[index], *st);
       }
     } catch (const std::exception& e) {  // never break the user's backward
-      if (st->error.empty()) st->error = e.what();
+      if (st->error.empty()) st->error = std::string("in backward: ") + e.what();
     }
     return grad_inputs;
   }
@@ -277,6 +456,7 @@ struct Recorder {
   std::vector<std::vector<int64_t>> layout_keys;
   std::vector<float> row;  // the last step's values, for put()
   int64_t armed = 0, missed = 0;
+  Stats stats;
 
   explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {
     for (const auto& p : params) param_set.insert(p.unsafeGetTensorImpl());
@@ -322,6 +502,8 @@ struct Recorder {
   // Hook this pass if its shape was learnt: 1; 0: it was not, -1: not on the CPU (nothing
   // is hooked then, but a hook that notes whether backward reaches the pass).
   int arm(const std::vector<at::Tensor>& outs) {
+    stats.in_root = false;  // (the root's forward returned: this pass's statistics stand)
+    stats.made_by.clear();
     bool cpu = true;
     for (const auto& t : outs) cpu = cpu && t.is_cpu();
     std::vector<uint64_t> shape;
@@ -345,6 +527,113 @@ struct Recorder {
 
   bool miss_reached() const { return st->miss_reached; }
 
+  // -- forward statistics (see the top of this file) -------------------------------------
+
+  // A layer's statistic columns (capture.LAYER_STATS); its slot number.
+  int64_t add_layer(const std::array<int64_t, 5>& cols) {
+    stats.layer_cols.push_back(cols);
+    return static_cast<int64_t>(stats.layer_cols.size()) - 1;
+  }
+
+  // An activation module: kind 0 dead at zero, 1 saturated (lo, hi: bounds +- margin).
+  int64_t add_activation(int kind, double lo, double hi) {
+    stats.acts.push_back({kind, lo, hi});
+    return static_cast<int64_t>(stats.acts.size()) - 1;
+  }
+
+  void unit_column(int64_t layer, int kind, int64_t col) { stats.unit_cols[{layer, kind}] = col; }
+
+  // The root's forward begins: a pass that raised before it ended leaves no statistics.
+  void begin() {
+    if (stats.in_root) {
+      stats.key.resize(stats.key_from);
+      stats.vals.resize(stats.vals_from);
+      stats.made_by.clear();
+    }
+    stats.in_root = true;
+    stats.key_from = stats.key.size();
+    stats.vals_from = stats.vals.size();
+  }
+
+  // A layer's forward hook: its outputs (those with an autograd node); statistics of the
+  // first, and which layer made each's node.
+  void stat(const std::vector<at::Tensor>& outs, int64_t slot) {
+    if (outs.empty() || !recording_forward()) return;
+    guard([&] {
+      for (const auto& t : outs) {
+        const auto& fn = t.grad_fn();
+        if (fn)
+          stats.made_by.insert_or_assign(fn.get(),
+                                         std::make_pair(c10::weak_intrusive_ptr<Node>(fn), slot));
+      }
+      const at::Tensor& t = outs[0];
+      if (!t.grad_fn() || !t.is_floating_point() || t.numel() == 0 || !t.is_cpu()) return;
+      at::Tensor x = floats(t);
+      const auto v = x.scalar_type() == at::kFloat
+                         ? layer_stats_of(x.const_data_ptr<float>(), x.numel())
+                         : layer_stats_of(x.const_data_ptr<double>(), x.numel());
+      const auto& cols = stats.layer_cols.at(static_cast<size_t>(slot));
+      stats.key.push_back(5);
+      stats.key.insert(stats.key.end(), cols.begin(), cols.end());
+      stats.vals.insert(stats.vals.end(), v.begin(), v.end());
+    });
+  }
+
+  // An activation module's forward hook: its unit statistic, credited to the layer whose
+  // output it took. -1: done (or nothing to credit); else the layer slot that has no
+  // column for this kind yet (the caller adds one with unit_column and calls again).
+  int64_t unit(const at::Tensor& src, const at::Tensor& out, int64_t act) {
+    if (!recording_forward()) return -1;
+    int64_t need = -1;
+    guard([&] {
+      const Activation& a = stats.acts.at(static_cast<size_t>(act));
+      c10::intrusive_ptr<Node> node = src.grad_fn();
+      if (!node) return;
+      auto it = stats.made_by.find(node.get());
+      if (it == stats.made_by.end() && src.unsafeGetTensorImpl() == out.unsafeGetTensorImpl()) {
+        // in place (ReLU(inplace=True)): the tensor's node is now the activation's own
+        node = node->num_outputs() ? node->next_edge(0).function : c10::intrusive_ptr<Node>();
+        if (!node) return;
+        it = stats.made_by.find(node.get());
+      }
+      if (it == stats.made_by.end() || it->second.first.lock() != node || out.numel() == 0 ||
+          !out.is_cpu() || !out.is_floating_point())
+        return;
+      const int64_t layer = it->second.second;
+      auto col = stats.unit_cols.find({layer, a.kind});
+      if (col == stats.unit_cols.end()) {
+        need = layer;
+        return;
+      }
+      at::Tensor x = floats(out);
+      float v;
+      if (a.kind == 0) {
+        const int64_t rows = x.dim() > 1 ? x.size(0) : 1, cols = x.numel() / rows;
+        v = x.scalar_type() == at::kFloat ? dead_frac_of(x.const_data_ptr<float>(), rows, cols)
+                                          : dead_frac_of(x.const_data_ptr<double>(), rows, cols);
+      } else {
+        v = x.scalar_type() == at::kFloat
+                ? near_frac_of(x.const_data_ptr<float>(), x.numel(), a.lo, a.hi)
+                : near_frac_of(x.const_data_ptr<double>(), x.numel(), a.lo, a.hi);
+      }
+      stats.key.push_back(1);
+      stats.key.push_back(col->second);
+      stats.vals.push_back(v);
+    });
+    return need;
+  }
+
+  // Never break the user's forward: a statistic's error is kept and raised by take().
+  template <typename F>
+  void guard(F&& f) {
+    try {
+      at::NoGradGuard no_grad;
+      f();
+    } catch (const std::exception& e) {
+      if (st->error.empty()) st->error = std::string("in forward: ") + e.what();
+    }
+  }
+
   void forget_layouts() {
     layouts.clear();
     layout_keys.clear();
@@ -361,10 +650,11 @@ struct Recorder {
     if (!record || !st->error.empty()) {
       st->cols.clear();
       st->vals.clear();
+      stats.clear();
       if (record) {
         std::string error = std::move(st->error);
         st->error.clear();
-        throw std::runtime_error("the native recorder failed in backward: " + error);
+        throw std::runtime_error("the native recorder failed: " + error);
       }
       return -1;
     }
@@ -381,6 +671,12 @@ struct Recorder {
     key.push_back(-1);
     key.insert(key.end(), st->cols.begin(), st->cols.end());
     row.insert(row.end(), st->vals.begin(), st->vals.end());
+    if (!stats.key.empty()) {  // (after the last column: -3, then count, columns... each)
+      key.push_back(-3);
+      key.insert(key.end(), stats.key.begin(), stats.key.end());
+      row.insert(row.end(), stats.vals.begin(), stats.vals.end());
+    }
+    stats.clear();
     if (loss.has_value() && loss->defined()) {
       TORCH_CHECK(loss->numel() == 1, "a loss of ", loss->numel(), " values, not one");
       row.push_back(static_cast<float>(loss->item<double>()));
@@ -402,13 +698,19 @@ struct Recorder {
     std::copy(row.begin(), row.end(), buf.data_ptr<float>() + at * buf.size(1));
   }
 
-  // A layout's (parameters present, columns in order of arrival).
-  std::pair<std::vector<int64_t>, std::vector<int64_t>> layout(int64_t id) const {
+  // A layout's (parameters present, columns in order of arrival, statistics' columns).
+  std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::vector<std::vector<int64_t>>>
+  layout(int64_t id) const {
     TORCH_CHECK(id >= 0 && static_cast<size_t>(id) < layout_keys.size(), "no layout ", id);
     const auto& key = layout_keys[id];
     auto sep = std::find(key.begin(), key.end(), -1);
     auto end = key.back() == -2 ? key.end() - 1 : key.end();
-    return {std::vector<int64_t>(key.begin(), sep), std::vector<int64_t>(sep + 1, end)};
+    auto stat = std::find(sep + 1, end, -3);
+    std::vector<std::vector<int64_t>> groups;
+    for (auto it = stat == end ? end : stat + 1; it < end; it += 1 + *it)
+      groups.emplace_back(it + 1, it + 1 + *it);
+    return {std::vector<int64_t>(key.begin(), sep), std::vector<int64_t>(sep + 1, stat),
+            std::move(groups)};
   }
 
 };
@@ -425,6 +727,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("put", &Recorder::put)
       .def("layout", &Recorder::layout)
       .def("forget_layouts", &Recorder::forget_layouts)
+      .def("add_layer", &Recorder::add_layer)
+      .def("add_activation", &Recorder::add_activation)
+      .def("unit_column", &Recorder::unit_column)
+      .def("begin", &Recorder::begin)
+      .def("stat", &Recorder::stat)
+      .def("stat_one", [](Recorder& r, const at::Tensor& t, int64_t slot) {
+        r.stat({t}, slot);
+      })
+      .def("unit", &Recorder::unit)
       .def_property_readonly("miss_reached", &Recorder::miss_reached)
       .def_readonly("armed", &Recorder::armed)
       .def_readonly("missed", &Recorder::missed)

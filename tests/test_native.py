@@ -326,9 +326,9 @@ def test_native_norm_on_every_kind_of_gradient() -> None:
     assert module.norm(torch.zeros(0)) == 0.0
 
 
-def test_not_for_stats_all_modules_frozen_or_distributed_runs() -> None:
+def test_not_for_all_modules_or_frozen_runs() -> None:
     model = demos.DEMOS["mlp"].build()
-    for opts in ({"activation_stats": True}, {"all_modules": True}):
+    for opts in ({"all_modules": True},):
         with pytest.warns(RuntimeWarning, match="gradviz records in Python: no native"), \
                 gradviz.record(model, None, native=True, **opts) as rec:
             assert rec._nat is None
@@ -525,3 +525,278 @@ def test_a_gradient_changed_in_place_between_hooks_is_measured_again() -> None:
     python, fast = run(False), run(True)
     assert fast._nat.armed == 2
     assert_same(table(python), table(fast), rel=1e-6)
+
+
+# -- forward statistics ------------------------------------------------------------------
+
+STAT_NAMES = (*capture.LAYER_STATS, "dead_frac", "saturated_frac")
+
+
+def assert_same_stats(a: dict[tuple, np.ndarray], b: dict[tuple, np.ndarray],
+                      norms: bool = True) -> None:
+    """Statistics to 1e-5 of their layer's range (the mean of values around 0 has no
+    relative precision to speak of: float32 sums and double sums differ there); norms (and
+    the loss) as assert_same."""
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert (np.isnan(x) == np.isnan(y)).all(), key
+        ok = ~np.isnan(x)
+        if key[-1] in STAT_NAMES:
+            if key[-1] in ("act_mean", "act_std", "act_min", "act_max"):
+                lo, hi = a[(*key[:-1], "act_min")], a[(*key[:-1], "act_max")]
+                scale = np.nan_to_num(np.maximum(np.abs(lo), np.abs(hi))[ok], nan=0.0)
+            else:  # fractions: counts over the same size, only the division's rounding
+                scale = np.ones(ok.sum())
+            with np.errstate(invalid="ignore"):  # (inf - inf)
+                near = np.abs(y[ok] - x[ok]) <= 1e-5 * scale + 1e-6 * np.abs(x[ok])
+            assert ((y[ok] == x[ok]) | near).all(), (key, x[ok], y[ok])
+        elif norms:
+            np.testing.assert_allclose(y[ok], x[ok], rtol=5e-5, atol=0, err_msg=str(key))
+
+
+@pytest.mark.parametrize("name", [n for n in demos.DEMOS if n != "lstm"])
+def test_native_statistics_match_python(name: str) -> None:
+    python = train(name, False, activation_stats=True)
+    fast = train(name, True, activation_stats=True)
+    assert (fast._nat.armed, fast._nat.missed) == (7, 0)
+    assert fast.recording.history.steps == python.recording.history.steps == list(range(8))
+    assert fast.recording.nodes == python.recording.nodes  # (which activation fed a layer)
+    a, b = table(python), table(fast)
+    assert any(k[-1] == "act_std" for k in a)
+    assert_same_stats(a, b, norms=name != "plain")  # ("plain": see the test above)
+
+
+class Zoo(nn.Module):
+    """Every kind of output a statistic is taken of, and every activation credited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.relu = nn.Linear(6, 8), nn.ReLU(inplace=True)
+        self.fc2, self.sig = nn.Linear(8, 8), nn.Sigmoid()
+        self.fc3, self.tanh = nn.Linear(8, 8), nn.Tanh()
+        self.pair = Pair()
+        self.fc4 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.fc1(x))
+        h = self.sig(self.fc2(h) * 4)  # (a junction feeds the sigmoid: nothing credited)
+        h = self.tanh(self.fc3(h))
+        a, b = self.pair(h)
+        return self.fc4(a + b)
+
+
+class Pair(nn.Module):
+    """A layer with two outputs, the first one transposed twice (not contiguous)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 3)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (h @ self.w).t().contiguous().t(), h * 2
+
+
+def reference_stats(model: Zoo, x: torch.Tensor) -> dict[tuple, float]:
+    """The statistics of one forward, in float64 from the outputs themselves."""
+    out: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(
+        lambda m, a, o, name=name: out.__setitem__(name, (o[0] if isinstance(o, tuple) else o)
+                                                   .detach().clone()))
+        for name, m in model.named_children()]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    ref: dict[tuple, float] = {}
+    for name in ("fc1", "fc2", "fc3", "pair", "fc4"):
+        v = out[name].double()
+        ref[("node", name, "act_mean")] = float(v.mean())
+        ref[("node", name, "act_std")] = float(v.std())
+        ref[("node", name, "act_min")] = float(v.min())
+        ref[("node", name, "act_max")] = float(v.max())
+        ref[("node", name, "act_zero_frac")] = float((v == 0).double().mean())
+    relu = out["relu"]  # (in place: fc1's output, after the ReLU)
+    ref[("node", "fc1", "dead_frac")] = float((relu == 0).all(dim=0).double().mean())
+    tanh = out["tanh"]
+    ref[("node", "fc3", "saturated_frac")] = float(((tanh <= -0.99) | (tanh >= 0.99))
+                                                   .double().mean())
+    return ref
+
+
+def test_native_statistics_equal_a_float64_reference() -> None:
+    """In-place ReLU (credited through its node to fc1), tanh, a sigmoid fed by a junction,
+    a two-output layer whose first output is not contiguous: each recorded statistic is
+    the float64 value of the output it describes."""
+    torch.manual_seed(0)
+    model = Zoo()
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    with torch.no_grad():  # (some dead units for the ReLU, some saturation for tanh)
+        model.fc1.bias[:3] = -100.0
+        model.fc3.weight.mul_(20)
+    refs = []
+    with gradviz.record(model, None, native=True, activation_stats=True) as rec:
+        for i in range(4):
+            xi = x * (1 + i)
+            refs.append(reference_stats(model, xi))
+            model.zero_grad()
+            nn.functional.cross_entropy(model(xi), y).backward()
+            rec.step()
+    assert rec._nat.armed == 3 and not rec._failed
+    s = table(rec)
+    assert ("node", "fc2", "saturated_frac") not in s  # fed by a junction
+    assert rec.recording.nodes["fc1"]["activation"] == "ReLU"
+    assert rec.recording.nodes["fc3"]["activation"] == "Tanh"
+    assert 0 < s[("node", "fc1", "dead_frac")][3] < 1  # (else it would test little)
+    assert s[("node", "fc3", "saturated_frac")][3] > 0
+    for step in (1, 2, 3):  # native steps
+        for key, want in refs[step].items():
+            got = s[key][step]
+            scale = max(abs(refs[step][(*key[:2], "act_min")]),
+                        abs(refs[step][(*key[:2], "act_max")]), 1.0) if key[2].startswith(
+                            "act_") else 1.0
+            assert abs(got - want) <= 2e-6 * scale + 1e-6 * abs(want), (step, key, got, want)
+
+
+def native_stats(t: torch.Tensor) -> list[float]:
+    """The C++ recorder's five statistics of one layer output."""
+    module = native.load()
+    r = module.Recorder([])
+    slot = r.add_layer([10, 11, 12, 13, 14])
+    r.stat_one(t, slot)
+    lid = r.take(True, None)
+    assert r.layout(lid) == ([], [], [[10, 11, 12, 13, 14]])
+    buf = torch.zeros(1, 5)
+    r.put(buf, 0)
+    return buf[0].tolist()
+
+
+def expected_stats(t: torch.Tensor) -> list[float]:
+    v = t.detach().double().reshape(-1)
+    n = v.numel()
+    if torch.isnan(v).any():
+        return [math.nan] * 4 + [float((v == 0).double().mean())]
+    std = float(v.std()) if n > 1 else 0.0
+    return [float(v.mean()), std, float(v.min()), float(v.max()), float((v == 0).sum()) / n]
+
+
+def produced(values: torch.Tensor) -> torch.Tensor:
+    """values as a layer output: with an autograd node, the same numbers."""
+    return values.clone().requires_grad_(True) * 1.0
+
+
+@pytest.mark.parametrize("case", ["plain", "zeros", "neg-zero", "nan", "inf", "one", "big",
+                                  "float64", "half", "strided", "constant", "offset"])
+def test_native_layer_stats_edge_cases(case: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(5000, generator=g)
+    t = {
+        "plain": lambda: produced(v),
+        "zeros": lambda: produced(torch.where(v > 0, v, 0.0)),
+        "neg-zero": lambda: produced(torch.where(v > 0, v, -0.0)),  # -0.0 counts as zero
+        "nan": lambda: produced(torch.where(v > 2, math.nan, v)),
+        "inf": lambda: produced(torch.where(v > 2.5, math.inf, v)),
+        "one": lambda: produced(v[:1]),
+        "big": lambda: produced(v * 1e30),  # squares beyond float32's range
+        "float64": lambda: produced(v.double()),
+        "half": lambda: produced(v).half(),
+        "strided": lambda: produced(v.reshape(50, 100)).t(),
+        "constant": lambda: produced(torch.full((999,), 0.1)),
+        "offset": lambda: produced(v * 1e-3 + 1e4),  # a mean far larger than the spread
+    }[case]()
+    got, want = native_stats(t), expected_stats(t)
+    if case == "inf":  # the mean is inf, and the std of x - inf is NaN (as torch's)
+        want[:2] = [math.inf, math.nan]
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        if math.isnan(b):
+            assert math.isnan(a), (k, a)
+        else:
+            tol = 1e-6 * max(abs(want[2]), abs(want[3])) if k < 2 else 0.0
+            assert a == pytest.approx(b, rel=1e-6, abs=tol), (k, a, b)
+    if case == "plain":  # and what the Python recorder takes agrees
+        np.testing.assert_allclose(got, capture._layer_stats(t).tolist(), rtol=1e-5, atol=1e-6)
+
+
+def test_native_unit_stats_edge_cases() -> None:
+    module = native.load()
+    r = module.Recorder([])
+    slot = r.add_layer([0, 1, 2, 3, 4])
+    dead, sat = r.add_activation(0, 0.0, 0.0), r.add_activation(1, -1 + 0.01, 1 - 0.01)
+    for kind, col in ((0, 7), (1, 8)):
+        r.unit_column(slot, kind, col)
+    g = torch.Generator().manual_seed(4)
+    pre = produced(torch.randn(64, 40, generator=g))
+    pre.data[:, :10] = -1.0  # ten units dead
+    pre.data[3, 0] = math.nan  # ... but a NaN keeps one alive (as amax == 0 says)
+    with torch.no_grad():  # (statistics are not taken with grad off: nothing recorded)
+        r.stat_one(pre, slot)
+    r.stat_one(pre, slot)
+    relu, tanh = torch.relu(pre), torch.tanh(pre * 3)
+    assert r.unit(pre, relu, dead) == -1 and r.unit(pre, tanh, sat) == -1
+    lid = r.take(True, None)
+    assert r.layout(lid)[2] == [[0, 1, 2, 3, 4], [7], [8]]
+    buf = torch.zeros(1, 7)
+    r.put(buf, 0)
+    assert buf[0, 5] == pytest.approx(9 / 40)
+    assert buf[0, 5] == pytest.approx(float((relu.amax(dim=0) == 0).float().mean()))
+    near = (tanh <= -0.99) | (tanh >= 0.99)
+    assert 0 < near.sum() < near.numel()
+    assert buf[0, 6] == pytest.approx(float(near.sum()) / near.numel())
+    # a layer with no column yet for a kind: its slot back, nothing recorded
+    other = r.add_layer([20, 21, 22, 23, 24])
+    r.stat_one(pre, other)
+    assert r.unit(pre, relu, dead) == other
+    assert r.layout(r.take(True, None))[2] == [[20, 21, 22, 23, 24]]
+
+
+def test_a_statistic_that_fails_stops_the_recorder_not_the_forward() -> None:
+    module = native.load()
+    r = module.Recorder([])
+    r.stat_one(produced(torch.ones(3)), 5)  # no layer 5: kept, not raised here
+    with pytest.raises(RuntimeError, match="the native recorder failed: in forward"):
+        r.take(True, None)
+    assert r.take(True, None) >= 0  # raised once
+
+
+def test_a_pass_that_raised_leaves_no_statistics_and_misses_keep_them() -> None:
+    """A forward that raised between two layers is forgotten at the next pass's start; a
+    step of a graph not learnt is recorded with its statistics (and parameter norms)."""
+
+    class Flaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.fail = self.twice = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(x))
+            if self.fail:
+                raise ValueError("bad batch")
+            if self.twice:  # another graph shape: a miss
+                h = torch.relu(self.fc1(x)) + h
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    model = Flaky()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as said, gradviz.record(
+            model, None, native=True, activation_stats=True) as rec:
+        warnings.simplefilter("always")
+        for i in range(4):
+            model.zero_grad()
+            if i == 2:
+                model.fail = True
+                with pytest.raises(ValueError):
+                    model(x * 100)  # (fc1's statistics of this input must not count)
+                model.fail = False
+            model.twice = i == 3
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+    assert rec._nat.armed == 2 and rec._nat.missed == 1
+    s = table(rec)
+    want = float(model.fc1(x).detach().mean())
+    assert s[("node", "fc1", "act_mean")][2] == pytest.approx(want, rel=1e-5)
+    assert not np.isnan(s[("node", "fc1", "act_mean")][3])  # the miss kept its statistics
+    assert np.isnan(s[("node", "fc1", "activation_grad_norm")][3])
+    assert any("step 3 with parameter norms and forward statistics only" in str(w.message)
+               for w in said)
