@@ -865,8 +865,9 @@ class Recorder:
                 torch._C._current_graph_task_id() != -1):
             return  # (as _armed: hooks are attached only on recorded steps)
         try:
-            outs = ([output] if isinstance(output, torch.Tensor) and output.grad_fn is not None
-                    else _grad_outputs(output))
+            # (not output.grad_fn: a fresh node's Python object costs microseconds; the
+            # walk reads the node in C++, and a tensor without one has nothing to hook)
+            outs = [output] if isinstance(output, torch.Tensor) else _grad_outputs(output)
             armed = 0
             if _compiled_autograd_on():  # (its C++ hooks have no compiled_args)
                 self._nat_stop = "compiled autograd is on"
@@ -1533,7 +1534,33 @@ def _compiled_autograd_on() -> bool:
     if getattr(ca, "compiled_autograd_enabled", False) or getattr(
             ca, "in_compiled_autograd_region", False):
         return True
-    return bool(getattr(sys.modules.get("torch._dynamo.config"), "compiled_autograd", False))
+    return _dynamo_config_compiled_autograd()
+
+
+def _dynamo_config_compiled_autograd() -> bool:
+    """torch._dynamo.config.compiled_autograd, read as torch's config module reads it, from
+    its entry: the module's own __getattr__ costs 3-4 us, once per native forward."""
+    cfg = sys.modules.get("torch._dynamo.config")
+    if cfg is None:
+        return False
+    global _CA_ENTRY
+    try:
+        if _CA_ENTRY is None or _CA_ENTRY[0] is not cfg:
+            from torch.utils._config_module import _UNSET_SENTINEL
+
+            _CA_ENTRY = (cfg, cfg._config["compiled_autograd"], _UNSET_SENTINEL)
+        _, e, unset = _CA_ENTRY
+        if e.alias is None and e.justknob is None and not e.hide:
+            for value in (e.env_value_force, e.user_override.get(), e.env_value_default):
+                if value is not unset:
+                    return bool(value)
+            return bool(e.default)
+    except Exception:  # (another torch: ask the module)
+        pass
+    return bool(getattr(cfg, "compiled_autograd", False))
+
+
+_CA_ENTRY: tuple[Any, Any, Any] | None = None  # (config module, its entry, its "unset")
 
 
 def _drain_of(rec: Recorder) -> Callable[[], None]:

@@ -800,3 +800,24 @@ def test_a_pass_that_raised_leaves_no_statistics_and_misses_keep_them() -> None:
     assert np.isnan(s[("node", "fc1", "activation_grad_norm")][3])
     assert any("step 3 with parameter norms and forward statistics only" in str(w.message)
                for w in said)
+
+
+def test_the_compiled_autograd_config_is_read_as_torch_reads_it() -> None:
+    """_dynamo_config_compiled_autograd reads torch._dynamo.config's entry directly (its
+    __getattr__ is slow): it must agree with the module in every way the flag is set."""
+    import torch._dynamo.config as cfg
+
+    def both() -> tuple[bool, bool]:
+        return capture._dynamo_config_compiled_autograd(), bool(cfg.compiled_autograd)
+
+    assert both() == (False, False)
+    with cfg.patch(compiled_autograd=True):
+        assert both() == (True, True)
+        assert capture._compiled_autograd_on()
+    assert both() == (False, False)
+    cfg.compiled_autograd = True
+    try:
+        assert both() == (True, True)
+    finally:
+        cfg.compiled_autograd = False
+    assert both() == (False, False) and not capture._compiled_autograd_on()
