@@ -427,7 +427,8 @@ class Recorder:
         # The native recorder (gradviz/native.cpp): None, or its C++ half for this model.
         # Python records every pass whose graph shape is new and teaches it to the native
         # recorder; once a step's passes are all learnt, the next recorded steps run with
-        # no per-layer forward hook and no Python in backward (see _on_pass_end, step).
+        # no Python in backward and no per-layer forward hook (with activation_stats, a
+        # slim one per layer that calls C++: _native_stat_hooks) (see _on_pass_end, step).
         self._native_asked = native
         self._nat: Any = None
         self._native_on = False  # this step: native (root hooks only) or Python (all hooks)

@@ -3,7 +3,8 @@
 The recorder in gradviz.capture is Python; on a small model its forward hooks, its backward
 hooks and torch's norm op called per gradient cost about a fifth of a step. native.cpp does
 the backward half in C++ for steps whose autograd graph has a shape the Python recorder has
-learnt (see capture.Recorder._native_*): the Python recorder still records every new shape.
+learnt (see capture.Recorder._native_*), and the forward statistics, called from one slim
+forward hook per layer: the Python recorder still records every new shape.
 
 It is compiled with torch's cpp_extension (a C++ compiler and ninja) into a folder under
 ``$XDG_CACHE_HOME/gradviz`` (default ``~/.cache/gradviz``) named after the torch and Python
