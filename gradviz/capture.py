@@ -864,6 +864,8 @@ class Recorder:
         learnt, else note the miss (the step then gets parameter norms only)."""
         if self._failed or not torch.is_grad_enabled() or (
                 torch._C._current_graph_task_id() != -1):
+            if self._nat_hooks and not self._failed:  # (a pass under no_grad: it ended)
+                self._nat.end()
             return  # (as _armed: hooks are attached only on recorded steps)
         try:
             # (not output.grad_fn: a fresh node's Python object costs microseconds; the
@@ -1675,11 +1677,11 @@ def record(
     ``p.grad.data.mul_()`` or a GradScaler not passed to gradviz would go unseen).
     ``native``: None (default) records with the native recorder where it is built
     (``python -m gradviz.native``) and the run allows it (one process on the CPU, no
-    forward statistics, no ``all_modules``, no loss scaling, every parameter trainable),
-    else in Python; True also builds it if it is not yet (20-60 s, once) and warns when it
-    cannot be used; False always records in Python. The native recorder takes the numbers
-    the Python one takes, from the second step on (the first teaches it the graph), at
-    about a quarter of the cost; a step whose graph has a new shape gets parameter norms
-    only, with a warning, and teaches it that shape (see gradviz/native.py).
+    ``all_modules``, no loss scaling, every parameter trainable), else in Python; True
+    also builds it if it is not yet (20-60 s, once) and warns when it cannot be used;
+    False always records in Python. The native recorder takes the numbers the Python one
+    takes, from the second step on (the first teaches it the graph), at about a quarter of
+    the cost; a step whose graph has a new shape gets parameter norms (and forward
+    statistics) only, with a warning, and teaches it that shape (see gradviz/native.py).
     """
     return Recorder(model, path, **options)

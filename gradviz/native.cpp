@@ -35,7 +35,9 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 using torch::autograd::AccumulateGrad;
@@ -52,7 +54,9 @@ constexpr size_t MAX_PLANS = 32;       // as gradviz.capture.MAX_PLANS
 // The loops over floats below are written so that the compiler vectorises them; on x86-64
 // each is also compiled for AVX2 and FMA (x86-64-v3), picked at load time where the CPU has
 // them: twice as many lanes per instruction.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
+// (GCC 12 or later: "arch=x86-64-v3" in target_clones is new there)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    defined(__GLIBC__)
 #define GV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define GV_INLINE __attribute__((always_inline)) inline  // (into each clone)
 #else
@@ -114,10 +118,11 @@ float l2(const at::Tensor& g) {
 // -- forward statistics ------------------------------------------------------------------
 
 // A layer output's mean, std, min, max and fraction of exact zeros (capture._layer_stats):
-// sums in 16 lanes per block of 1024 values (vectorised, as sum_sq), the blocks' sums in
-// double; min and max exact; NaN anywhere makes min and max NaN (as torch.aminmax) and
-// counts as not zero (as x != 0); -0.0 counts as zero. The std is the two-pass one, of the
-// differences from the mean in the tensor's dtype (as torch's x - mean).
+// sums in 16 double lanes per block of 1024 values (vectorised), min and max exact; NaN
+// anywhere makes min and max NaN (as torch.aminmax) and counts as not zero (as x != 0);
+// -0.0 counts as zero. The std is the two-pass one, in double throughout: no float32
+// square overflows or underflows there, and a mean rounded to float32 would bias it
+// (values 1e4 apart by 1e-3: the rounding of the mean is as large as the spread).
 template <typename T>
 GV_INLINE std::array<float, 5> layer_stats(const T* p, int64_t n) {
   constexpr int L = 16;
@@ -126,14 +131,15 @@ GV_INLINE std::array<float, 5> layer_stats(const T* p, int64_t n) {
   T lo = p[0], hi = p[0];
   for (int64_t i = 0; i < n; i += 1024) {
     const int64_t end = std::min<int64_t>(n, i + 1024);
-    T s[L] = {0}, mn[L], mx[L];
+    double s[L] = {0};
+    T mn[L], mx[L];
     int32_t z[L] = {0}, nn[L] = {0};
     for (int k = 0; k < L; ++k) mn[k] = mx[k] = p[i];
     int64_t j = i;
     for (; j + L <= end; j += L)
       for (int k = 0; k < L; ++k) {
         const T v = p[j + k];
-        s[k] += v;
+        s[k] += static_cast<double>(v);
         z[k] += v == 0;
         nn[k] += v != v;
         mn[k] = v < mn[k] ? v : mn[k];
@@ -142,7 +148,7 @@ GV_INLINE std::array<float, 5> layer_stats(const T* p, int64_t n) {
     double block = 0;
     for (; j < end; ++j) {
       const T v = p[j];
-      block += v;
+      block += static_cast<double>(v);
       zeros += v == 0;
       nans += v != v;
       lo = v < lo ? v : lo;
@@ -160,25 +166,20 @@ GV_INLINE std::array<float, 5> layer_stats(const T* p, int64_t n) {
   const double mean = sum / static_cast<double>(n);
   double sq = 0;
   if (n > 1) {
-    const T m = static_cast<T>(mean);
     for (int64_t i = 0; i < n; i += 1024) {
       const int64_t end = std::min<int64_t>(n, i + 1024);
-      T q[L] = {0};
+      double q[L] = {0};
       int64_t j = i;
       for (; j + L <= end; j += L)
         for (int k = 0; k < L; ++k) {
-          const T d = p[j + k] - m;
+          const double d = static_cast<double>(p[j + k]) - mean;
           q[k] += d * d;
         }
       double block = 0;
-      for (; j < end; ++j) block += static_cast<double>(p[j] - m) * (p[j] - m);
-      for (T v : q) block += v;
+      for (; j < end; ++j) block += (p[j] - mean) * (p[j] - mean);
+      for (double v : q) block += v;
       sq += block;
     }
-    if (!std::isfinite(sq) && std::isfinite(mean))  // a square beyond float's range: in double
-      sq = 0;
-    if (sq == 0 && std::isfinite(mean))
-      for (int64_t i = 0; i < n; ++i) sq += (p[i] - mean) * (p[i] - mean);
   }
   const double std = n > 1 ? std::sqrt(sq / static_cast<double>(n - 1)) : 0.0;
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -235,6 +236,21 @@ at::Tensor floats(const at::Tensor& t) {
   return x.contiguous();
 }
 
+// An autograd node as Tensor::grad_fn() holds it (std::shared_ptr in older torch, an
+// intrusive_ptr in newer), and its weak counterpart.
+using NodeRef = std::decay_t<decltype(std::declval<const at::Tensor&>().grad_fn())>;
+template <typename P>
+struct WeakOf;
+template <typename N>
+struct WeakOf<std::shared_ptr<N>> {
+  using type = std::weak_ptr<N>;
+};
+template <typename N, typename Null>
+struct WeakOf<c10::intrusive_ptr<N, Null>> {
+  using type = c10::weak_intrusive_ptr<N, Null>;
+};
+using WeakNode = WeakOf<NodeRef>::type;
+
 struct Activation {  // an activation module's unit statistic
   int kind;          // 0: dead (ReLU), 1: saturated (bounds)
   double lo, hi;     // saturated: a value <= lo or >= hi (bound +- margin)
@@ -247,8 +263,8 @@ struct Stats {
   std::vector<Activation> acts;                    // by activation slot
   std::map<std::pair<int64_t, int>, int64_t> unit_cols;  // (layer slot, kind) -> column
   // which layer made an output's autograd node this pass (to credit an activation's
-  // statistic to it); weak: a node that died and whose address came back is no match
-  std::unordered_map<Node*, std::pair<c10::weak_intrusive_ptr<Node>, int64_t>> made_by;
+  // statistic to it); weak, so a dead node is no match (cleared at each pass's end)
+  std::unordered_map<Node*, std::pair<WeakNode, int64_t>> made_by;
   std::vector<int64_t> key;
   std::vector<float> vals;
   size_t key_from = 0, vals_from = 0;  // where this root pass's statistics start
@@ -503,8 +519,7 @@ struct Recorder {
   // Hook this pass if its shape was learnt: 1; 0: it was not, -1: not on the CPU (nothing
   // is hooked then, but a hook that notes whether backward reaches the pass).
   int arm(const std::vector<at::Tensor>& outs) {
-    stats.in_root = false;  // (the root's forward returned: this pass's statistics stand)
-    stats.made_by.clear();
+    end();
     bool cpu = true;
     for (const auto& t : outs) cpu = cpu && t.is_cpu();
     std::vector<uint64_t> shape;
@@ -545,6 +560,12 @@ struct Recorder {
   void unit_column(int64_t layer, int kind, int64_t col) { stats.unit_cols[{layer, kind}] = col; }
 
   // The root's forward begins: a pass that raised before it ended leaves no statistics.
+  // The root's forward returned (armed or not): this pass's statistics stand.
+  void end() {
+    stats.in_root = false;
+    stats.made_by.clear();
+  }
+
   void begin() {
     if (stats.in_root) {
       stats.key.resize(stats.key_from);
@@ -565,7 +586,7 @@ struct Recorder {
         const auto& fn = t.grad_fn();
         if (fn)
           stats.made_by.insert_or_assign(fn.get(),
-                                         std::make_pair(c10::weak_intrusive_ptr<Node>(fn), slot));
+                                         std::make_pair(WeakNode(fn), slot));
       }
       const at::Tensor& t = outs[0];
       if (!t.grad_fn() || !t.is_floating_point() || t.numel() == 0 || !t.is_cpu()) return;
@@ -588,12 +609,12 @@ struct Recorder {
     int64_t need = -1;
     guard([&] {
       const Activation& a = stats.acts.at(static_cast<size_t>(act));
-      c10::intrusive_ptr<Node> node = src.grad_fn();
+      NodeRef node = src.grad_fn();
       if (!node) return;
       auto it = stats.made_by.find(node.get());
       if (it == stats.made_by.end() && src.unsafeGetTensorImpl() == out.unsafeGetTensorImpl()) {
         // in place (ReLU(inplace=True)): the tensor's node is now the activation's own
-        node = node->num_outputs() ? node->next_edge(0).function : c10::intrusive_ptr<Node>();
+        node = node->num_outputs() ? node->next_edge(0).function : NodeRef();
         if (!node) return;
         it = stats.made_by.find(node.get());
       }
@@ -607,6 +628,14 @@ struct Recorder {
         return;
       }
       at::Tensor x = floats(out);
+      double lo = a.lo, hi = a.hi;  // (as torch compares: the bound in the output's dtype)
+      if (out.scalar_type() == at::kHalf) {
+        lo = static_cast<float>(static_cast<at::Half>(lo));
+        hi = static_cast<float>(static_cast<at::Half>(hi));
+      } else if (out.scalar_type() == at::kBFloat16) {
+        lo = static_cast<float>(static_cast<at::BFloat16>(lo));
+        hi = static_cast<float>(static_cast<at::BFloat16>(hi));
+      }
       float v;
       if (a.kind == 0) {
         const int64_t rows = x.dim() > 1 ? x.size(0) : 1, cols = x.numel() / rows;
@@ -614,8 +643,8 @@ struct Recorder {
                                           : dead_frac_of(x.const_data_ptr<double>(), rows, cols);
       } else {
         v = x.scalar_type() == at::kFloat
-                ? near_frac_of(x.const_data_ptr<float>(), x.numel(), a.lo, a.hi)
-                : near_frac_of(x.const_data_ptr<double>(), x.numel(), a.lo, a.hi);
+                ? near_frac_of(x.const_data_ptr<float>(), x.numel(), lo, hi)
+                : near_frac_of(x.const_data_ptr<double>(), x.numel(), lo, hi);
       }
       stats.key.push_back(1);
       stats.key.push_back(col->second);
@@ -681,7 +710,7 @@ struct Recorder {
     if (loss.has_value() && loss->defined()) {
       TORCH_CHECK(loss->numel() == 1, "a loss of ", loss->numel(), " values, not one");
       const at::Tensor& l = *loss;
-      row.push_back(l.is_cpu() && l.scalar_type() == at::kFloat && l.is_contiguous()
+      row.push_back(l.is_cpu() && l.scalar_type() == at::kFloat && !l.is_neg()
                         ? *l.const_data_ptr<float>()  // (item() dispatches: a microsecond)
                         : static_cast<float>(l.item<double>()));
       key.push_back(-2);  // (a layout of its own: the loss's column ends it)
@@ -735,6 +764,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_activation", &Recorder::add_activation)
       .def("unit_column", &Recorder::unit_column)
       .def("begin", &Recorder::begin)
+      .def("end", &Recorder::end)
       .def("stat", &Recorder::stat)
       .def("stat_one", [](Recorder& r, const at::Tensor& t, int64_t slot) {
         r.stat({t}, slot);
