@@ -441,6 +441,7 @@ class Recorder:
         # by the C++ layout's number (~number: with a loss given as a number, not a tensor)
         self._nat_layouts: dict[int, _Layout] = {}
         self._nat_hooks: list[tuple[nn.Module, Any]] = []  # forward statistics (native)
+        self._quiet = False  # between recorded steps with every > 1, all cleared (see step)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -528,7 +529,7 @@ class Recorder:
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))
                 glue.append(module)
-        self._open = True
+        self._open, self._quiet = True, False
         self._nat = self._native_recorder()
         self._nat_hooks = (self._native_stat_hooks(layers, glue)
                            if self._nat is not None and self.activation_stats else [])
@@ -1031,6 +1032,13 @@ class Recorder:
                 "rec.step() was called outside the `with gradviz.record(...)` block; "
                 "call it inside, once per optimizer step"
             )
+        if self._quiet:  # between recorded steps (every > 1), no hook attached: no work
+            self.step_count += 1
+            if self.step_count % self.every == 0:  # the next step is recorded
+                self._quiet = False
+                if not self._failed:
+                    self._attach()
+            return
         step = self.step_count
         self.step_count += 1
         native_now, nat = self._native_on, self._nat
@@ -1062,6 +1070,8 @@ class Recorder:
             self._stats.clear()
             self._local.clear()
             self._passes = self._batch = 0
+            # (until the next recorded step nothing can arrive: step() only counts)
+            self._quiet = not self._handles
             return
         try:
             if native_now:
@@ -1507,7 +1517,7 @@ class Recorder:
         if not self._open:
             return
         self._detach()
-        self._open = False
+        self._open = self._quiet = False
         self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
         self._pending.clear()
         self._close_parts(emit=False)

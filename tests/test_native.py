@@ -886,3 +886,31 @@ def test_an_eval_pass_then_a_layer_outside_the_model_keeps_its_statistics() -> N
     assert not np.isnan(b[("node", "fc1", "saturated_frac")][3])
     # (norms differ at step 3: the native recorder does not see the call outside the model)
     assert_same_stats(a, b, norms=False)
+
+
+def test_every_fourth_step_matches_python_and_hooks_only_those() -> None:
+    """every=4 with statistics: between recorded steps step() only counts (no hook is
+    attached, nothing can arrive); the recorded steps match the Python recorder's."""
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = demos.DEMOS["saturating"].build()
+        x, y = data("saturating", 16 * 13)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with gradviz.record(model, None, native=native_, every=4,
+                            activation_stats=True) as rec:
+            for i in range(13):
+                hooked = bool(model._forward_hooks)  # (the root's: in both modes)
+                assert hooked == (i % 4 == 0), i
+                assert rec._quiet == (i % 4 in (2, 3)), i
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[16 * i:16 * i + 16]),
+                                                   y[16 * i:16 * i + 16])
+                loss.backward()
+                rec.step(loss)
+                opt.step()
+        return rec
+
+    python, fast = run(False), run(True)
+    assert (fast._nat.armed, fast._nat.missed) == (3, 0)
+    assert fast.recording.history.steps == python.recording.history.steps == [0, 4, 8, 12]
+    assert_same_stats(table(python), table(fast))
