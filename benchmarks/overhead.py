@@ -4,6 +4,7 @@ Usage:
     python benchmarks/overhead.py                  # full run, 4 models x 7 conditions (minutes)
     python benchmarks/overhead.py --quick          # a few seconds: is it still working?
     python benchmarks/overhead.py --models mlp --rounds 20
+    python benchmarks/overhead.py --conditions 'bare again' 'gradviz every=10' --rounds 40
     python benchmarks/overhead.py --profile mlp    # where a recorded step's time goes
     python benchmarks/overhead.py --scaling        # recorded step time against depth
     python benchmarks/overhead.py --threads 2      # torch intra-op threads (default 1)
@@ -490,6 +491,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no native recorder: 'gradviz', 'gradviz every=10' and 'gradviz + stats' "
                         "record in Python "
                         "(by default it is built first if it is not yet: 20-60 s, once)")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS[1:], metavar="CONDITION",
+                   help="only these (and bare), for more rounds in the same time; quote "
+                        "names with spaces, e.g. 'bare again' 'gradviz every=10' (default: "
+                        "all)")
     p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
     p.add_argument("--profile-steps", type=int, default=200)
     p.add_argument("--scaling", nargs="*", type=int, metavar="LAYERS",
@@ -513,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     DEVICE = torch.device(args.device)
     BATCH = args.batch
     NATIVE = not args.no_native
+    if args.conditions:  # (in the usual order, bare first)
+        CONDITIONS[:] = ["bare", *[c for c in CONDITIONS[1:] if c in args.conditions]]
     if NATIVE:
         from gradviz import native
 

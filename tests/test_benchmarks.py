@@ -77,6 +77,16 @@ def test_overhead_batch_size() -> None:
     assert r.returncode == 2 and "--batch must be at least 1, not 0" in r.stderr
 
 
+def test_overhead_some_conditions_only() -> None:
+    r = run("overhead.py", "--quick", "--conditions", "gradviz every=10", "bare again")
+    assert r.returncode == 0, r.stderr[-3000:]
+    header = next(line for line in r.stdout.splitlines() if line.startswith("| model "))
+    assert [c.strip() for c in header.split("|")[1:-1]] == [
+        "model", "bare ms/step", "bare again", "gradviz every=10"]
+    r = run("overhead.py", "--conditions", "nope")
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
+
+
 def test_overhead_profile_and_scaling_run() -> None:
     r = run("overhead.py", "--profile", "mlp", "--profile-steps", "20")
     assert r.returncode == 0, r.stderr[-3000:]
