@@ -202,8 +202,8 @@ GV_INLINE float dead_frac(const T* p, int64_t rows, int64_t cols) {
   return static_cast<float>(static_cast<double>(dead) / static_cast<double>(cols));
 }
 
-// sigmoid/tanh: the fraction of values within margin of a bound (compared in the tensor's
-// dtype, as torch compares a tensor with a Python number).
+// sigmoid/tanh: the fraction of values within margin of a bound (lo, hi: already in the
+// output's dtype, see in_dtype).
 template <typename T>
 GV_INLINE float near_frac(const T* p, int64_t n, double lo, double hi) {
   const T a = static_cast<T>(lo), b = static_cast<T>(hi);
@@ -227,6 +227,14 @@ GV_CLONES float dead_frac_of(const T* p, int64_t rows, int64_t cols) {
 template <typename T>
 GV_CLONES float near_frac_of(const T* p, int64_t n, double lo, double hi) {
   return near_frac(p, n, lo, hi);
+}
+
+// A bound as torch compares a tensor with a Python number: rounded to the tensor's dtype
+// (bfloat16(0.99) is 0.98828125); float32 and float64 data are compared in their own type.
+double in_dtype(double v, at::ScalarType dtype) {
+  if (dtype == at::kHalf) return static_cast<float>(static_cast<at::Half>(v));
+  if (dtype == at::kBFloat16) return static_cast<float>(static_cast<at::BFloat16>(v));
+  return v;
 }
 
 // A float32 or float64 CPU tensor, contiguous (anything else converted: float32).
@@ -559,13 +567,13 @@ struct Recorder {
 
   void unit_column(int64_t layer, int kind, int64_t col) { stats.unit_cols[{layer, kind}] = col; }
 
-  // The root's forward begins: a pass that raised before it ended leaves no statistics.
   // The root's forward returned (armed or not): this pass's statistics stand.
   void end() {
     stats.in_root = false;
     stats.made_by.clear();
   }
 
+  // The root's forward begins: a pass that raised before it ended leaves no statistics.
   void begin() {
     if (stats.in_root) {
       stats.key.resize(stats.key_from);
@@ -628,14 +636,7 @@ struct Recorder {
         return;
       }
       at::Tensor x = floats(out);
-      double lo = a.lo, hi = a.hi;  // (as torch compares: the bound in the output's dtype)
-      if (out.scalar_type() == at::kHalf) {
-        lo = static_cast<float>(static_cast<at::Half>(lo));
-        hi = static_cast<float>(static_cast<at::Half>(hi));
-      } else if (out.scalar_type() == at::kBFloat16) {
-        lo = static_cast<float>(static_cast<at::BFloat16>(lo));
-        hi = static_cast<float>(static_cast<at::BFloat16>(hi));
-      }
+      const double lo = in_dtype(a.lo, out.scalar_type()), hi = in_dtype(a.hi, out.scalar_type());
       float v;
       if (a.kind == 0) {
         const int64_t rows = x.dim() > 1 ? x.size(0) : 1, cols = x.numel() / rows;
