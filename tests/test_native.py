@@ -44,14 +44,19 @@ def data(name: str, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return demos.DEMOS[name].data(n, torch.Generator().manual_seed(seed))
 
 
-def train(name: str, native_: bool, steps: int = 8, **opts) -> gradviz.Recorder:
-    """steps recorded SGD steps of a demo, each on its own batch of 16."""
+def train(name: str, native_: bool, steps: int = 8,
+          before: Callable[[int, nn.Module, gradviz.Recorder], None] | None = None,
+          **opts) -> gradviz.Recorder:
+    """steps recorded SGD steps of a demo, each on its own batch of 16 (before(step, model,
+    recorder): a check run before each)."""
     torch.manual_seed(0)
     model = demos.DEMOS[name].build()
     x, y = data(name, 16 * steps)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradviz.record(model, None, native=native_, **opts) as rec:
         for i in range(steps):
+            if before is not None:
+                before(i, model, rec)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x[16 * i:16 * i + 16]),
                                                y[16 * i:16 * i + 16])
@@ -891,24 +896,13 @@ def test_an_eval_pass_then_a_layer_outside_the_model_keeps_its_statistics() -> N
 def test_every_fourth_step_matches_python_and_hooks_only_those() -> None:
     """every=4 with statistics: between recorded steps step() only counts (no hook is
     attached, nothing can arrive); the recorded steps match the Python recorder's."""
+    def hooked_only_when_recorded(i: int, model: nn.Module, rec: gradviz.Recorder) -> None:
+        assert bool(model._forward_hooks) == (i % 4 == 0), i  # (the root's: in both modes)
+        assert rec._quiet == (i % 4 in (2, 3)), i
+
     def run(native_: bool) -> gradviz.Recorder:
-        torch.manual_seed(0)
-        model = demos.DEMOS["saturating"].build()
-        x, y = data("saturating", 16 * 13)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        with gradviz.record(model, None, native=native_, every=4,
-                            activation_stats=True) as rec:
-            for i in range(13):
-                hooked = bool(model._forward_hooks)  # (the root's: in both modes)
-                assert hooked == (i % 4 == 0), i
-                assert rec._quiet == (i % 4 in (2, 3)), i
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x[16 * i:16 * i + 16]),
-                                                   y[16 * i:16 * i + 16])
-                loss.backward()
-                rec.step(loss)
-                opt.step()
-        return rec
+        return train("saturating", native_, steps=13, before=hooked_only_when_recorded,
+                     every=4, activation_stats=True)
 
     python, fast = run(False), run(True)
     assert (fast._nat.armed, fast._nat.missed) == (3, 0)
