@@ -1,7 +1,7 @@
 """Recording overhead: median training-step time with gradviz over the same step without it.
 
 Usage:
-    python benchmarks/overhead.py                  # full run, 4 models x 7 conditions (minutes)
+    python benchmarks/overhead.py                  # full run, 4 models x 10 conditions (minutes)
     python benchmarks/overhead.py --quick          # a few seconds: is it still working?
     python benchmarks/overhead.py --models mlp --rounds 20
     python benchmarks/overhead.py --conditions 'bare again' 'gradviz every=10' --rounds 40
@@ -22,8 +22,9 @@ median of those ratios over rounds and their interquartile range. A second untou
 this off): without it, two identical copies of the small MLP differed by up to 1.7x.
 
 Conditions: bare; gradviz every step; gradviz every 10th step; gradviz every step with
-forward activation statistics; gradviz every step with early_param_norms=True (large
-parameters' norms taken in backward); the original project's naive hook (a full backward hook per
+forward activation statistics; gradviz every step without and with statistics in Python
+(no native recorder); gradviz every step with early_param_norms=True (large parameters'
+norms taken in backward); the original project's naive hook (a full backward hook per
 layer calling ``module.weight.grad.norm().item()``); the reference tutorial's
 GradientMonitor (forward and backward hooks, mean/std/min/max/... by ``.item()`` each).
 """
@@ -488,9 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--malloc", choices=["keep", "default"], default="keep",
                    help="keep (default): glibc keeps freed memory, less noise; default: as is")
     p.add_argument("--no-native", action="store_true",
-                   help="no native recorder: 'gradviz', 'gradviz every=10' and 'gradviz + stats' "
-                        "record in Python "
-                        "(by default it is built first if it is not yet: 20-60 s, once)")
+                   help="no native recorder: 'gradviz', 'gradviz every=10' and 'gradviz + "
+                        "stats' record in Python (by default it is built first if it is not "
+                        "yet: 20-60 s, once)")
     p.add_argument("--conditions", nargs="+", choices=CONDITIONS[1:], metavar="CONDITION",
                    help="only these (and bare), for more rounds in the same time; quote "
                         "names with spaces, e.g. 'bare again' 'gradviz every=10' (default: "
