@@ -831,6 +831,32 @@ def test_the_compiled_autograd_config_is_read_as_torch_reads_it() -> None:
     assert both() == (False, False) and not capture._compiled_autograd_on()
 
 
+def test_the_native_hooks_go_back_in_place_between_recorded_steps() -> None:
+    """every=3, native: the root's hook comes off after a recorded step and goes back before
+    the next as the same hook under the same id (no handle built each time), after a user's
+    hook added meanwhile, as a fresh registration would; close() leaves none of gradviz's."""
+    torch.manual_seed(0)
+    model = demos.DEMOS["mlp"].build()
+    x, y = data("mlp", 16)
+    calls: list[str] = []
+    ids = []
+    with gradviz.record(model, None, native=True, every=3) as rec:
+        for i in range(10):
+            if i == 4:  # (between recorded steps 3 and 6: gradviz's hook is off)
+                assert not model._forward_hooks
+                model.register_forward_hook(lambda *_: calls.append("user"))
+            if i % 3 == 0:
+                ids.append(list(model._forward_hooks))
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+        assert rec._nat.armed == 3  # (steps 3, 6 and 9; step 0 was recorded in Python)
+        hook_id = ids[1][-1]
+        assert ids[2] == ids[3] == [ids[2][0], hook_id]  # (the user's first, then gradviz's)
+        assert calls == ["user"] * 6
+    assert list(model._forward_hooks) == [ids[2][0]]  # (only the user's is left)
+    assert rec.recording.history.steps == [0, 3, 6, 9]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_saturation_is_counted_in_the_outputs_dtype(dtype: torch.dtype) -> None:
     """torch compares a bfloat16 tensor with bounds rounded to bfloat16 (0.99 is 0.98828125
@@ -895,10 +921,12 @@ def test_an_eval_pass_then_a_layer_outside_the_model_keeps_its_statistics() -> N
 
 def test_every_fourth_step_matches_python_and_hooks_only_those() -> None:
     """every=4 with statistics: between recorded steps step() only counts (no hook is
-    attached, nothing can arrive); the recorded steps match the Python recorder's."""
+    attached, nothing can arrive; after a native step, from the next one on: its take()
+    closed the step); the recorded steps match the Python recorder's."""
     def hooked_only_when_recorded(i: int, model: nn.Module, rec: gradviz.Recorder) -> None:
         assert bool(model._forward_hooks) == (i % 4 == 0), i  # (the root's: in both modes)
-        assert rec._quiet == (i % 4 in (2, 3)), i
+        after_native = i % 4 == 1 and rec._nat is not None and rec._nat.armed > 0
+        assert rec._quiet == (i % 4 in (2, 3) or after_native), i
 
     def run(native_: bool) -> gradviz.Recorder:
         return train("saturating", native_, steps=13, before=hooked_only_when_recorded,
