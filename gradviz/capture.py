@@ -896,23 +896,22 @@ class Recorder:
     def _native_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         """The root's forward hook on a native step: hook the pass in C++ if its shape was
         learnt, else note the miss (the step then gets parameter norms only)."""
-        if self._failed or not torch.is_grad_enabled() or (
-                torch._C._current_graph_task_id() != -1):
-            if self._nat_hooks and not self._failed:  # (a pass under no_grad: it ended)
-                self._nat.end()
-            return  # (as _armed: hooks are attached only on recorded steps)
+        if self._failed:
+            return
         try:
             # (not output.grad_fn: a fresh node's Python object costs microseconds; the
             # walk reads the node in C++, and a tensor without one has nothing to hook)
             outs = [output] if isinstance(output, torch.Tensor) else _grad_outputs(output)
-            armed = 0
-            if _compiled_autograd_on():  # (its C++ hooks have no compiled_args)
+            nat = self._nat
+            if _compiled_autograd_on() and nat.recording():  # (its hooks: no compiled_args)
                 self._nat_stop = "compiled autograd is on"
+                armed = 0
             else:
-                armed = self._nat.arm(outs)
+                # (2: a pass under no_grad or re-run in backward, as _armed: it has ended)
+                armed = nat.arm(outs)
             if armed == 1:
                 self._calls_seen += 1
-            else:
+            elif armed != 2:
                 if armed == -1:
                     self._nat_stop = "the model is no longer on the CPU"
                 self._nat_missed = True  # (a miss if the loss reached it: see step)

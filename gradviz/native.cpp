@@ -36,6 +36,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -427,25 +428,39 @@ struct MissHook : FunctionPostHook {
 
 using Params = std::unordered_set<const c10::TensorImpl*>;
 
-uint64_t kind(Node* n, const Params& params) {
-  if (auto* ag = dynamic_cast<AccumulateGrad*>(n)) {  // a parameter: which one
-    const c10::TensorImpl* p = ag->variable.unsafeGetTensorImpl();
+// What kind() needs of a node's class, found once per class: dynamic_cast and hash_code
+// read the class's name and its bases' (strings cold in memory on a step recorded 1 in N).
+struct TypeKind {
+  bool accumulate;  // an AccumulateGrad (or a subclass): a leaf
+  bool py;          // a torch::autograd::PyNode: a custom autograd.Function
+  uint64_t hash;
+};
+using TypeKinds = std::unordered_map<const std::type_info*, TypeKind>;
+
+uint64_t kind(Node* n, const Params& params, TypeKinds& types) {
+  const std::type_info& type = typeid(*n);
+  auto it = types.find(&type);
+  if (it == types.end())
+    it = types.emplace(&type, TypeKind{dynamic_cast<AccumulateGrad*>(n) != nullptr,
+                                       // (torch does not export PyNode's type_info)
+                                       std::strcmp(type.name(), "N5torch8autograd6PyNodeE") == 0,
+                                       type.hash_code()}).first;
+  const TypeKind& k = it->second;
+  if (k.accumulate) {  // a parameter: which one
+    const c10::TensorImpl* p = static_cast<AccumulateGrad*>(n)->variable.unsafeGetTensorImpl();
     // (any other leaf, an input that requires grad, is new every step: all alike)
     return params.count(p) ? reinterpret_cast<uint64_t>(p) : NONE - 2;
   }
-  const std::type_info& type = typeid(*n);
-  // a custom autograd.Function (torch::autograd::PyNode, whose type_info torch does not
-  // export): its class, from the Python object every such node has
-  if (std::strcmp(type.name(), "N5torch8autograd6PyNodeE") == 0) {
+  if (k.py) {  // a custom autograd.Function: its class, from the node's Python object
     PyObject* obj = n->pyobj_slot()->load_pyobj();
     return obj ? reinterpret_cast<uint64_t>(Py_TYPE(obj)) : NONE - 1;
   }
-  return type.hash_code();
+  return k.hash;
 }
 
 // Breadth first from the outputs' nodes, as gradviz.dataflow.shape walks.
 std::vector<Node*> walk(const std::vector<at::Tensor>& outs, const Params& params,
-                        std::vector<uint64_t>& shape) {
+                        TypeKinds& types, std::vector<uint64_t>& shape) {
   std::vector<Node*> order;
   std::unordered_map<Node*, uint64_t> at;
   at.reserve(2 * shape.capacity() / 5 + 16);  // (no rehashing: about 5 shape entries a node)
@@ -461,7 +476,7 @@ std::vector<Node*> walk(const std::vector<at::Tensor>& outs, const Params& param
   }
   for (size_t i = 0; i < order.size(); ++i) {
     Node* n = order[i];
-    shape.push_back(kind(n, params));
+    shape.push_back(kind(n, params, types));
     shape.push_back(n->num_outputs());
     for (const auto& e : n->next_edges()) {
       shape.push_back(e.function ? place(e.function.get()) : NONE);
@@ -477,6 +492,7 @@ struct Recorder {
   std::set<std::vector<uint64_t>> ambiguous;  // shapes seen with two plans: never armed
   std::vector<at::Tensor> params;  // each parameter once, in capture's _unique order
   Params param_set;
+  TypeKinds types;  // (node classes seen in walks)
   std::map<std::vector<int64_t>, int64_t> layouts;  // (present; -1; columns) -> number
   std::vector<std::vector<int64_t>> layout_keys;
   std::vector<float> row;  // the last step's values, for put()
@@ -494,7 +510,7 @@ struct Recorder {
                                           std::vector<std::tuple<int64_t, int64_t, int64_t>>>>& hooks,
              const std::vector<std::pair<int64_t, int64_t>>& groups) {
     Plan plan;
-    auto order = walk(outs, param_set, plan.shape);
+    auto order = walk(outs, param_set, types, plan.shape);
     if (ambiguous.count(plan.shape)) return false;
     std::unordered_map<uint64_t, int64_t> by_seq;
     for (size_t i = 0; i < order.size(); ++i) {
@@ -525,14 +541,16 @@ struct Recorder {
   }
 
   // Hook this pass if its shape was learnt: 1; 0: it was not, -1: not on the CPU (nothing
-  // is hooked then, but a hook that notes whether backward reaches the pass).
+  // is hooked then, but a hook that notes whether backward reaches the pass); 2: nothing to
+  // hook, grad mode is off or the forward is re-run in backward (activation checkpointing).
   int arm(const std::vector<at::Tensor>& outs) {
     end();
+    if (!recording_forward()) return 2;
     bool cpu = true;
     for (const auto& t : outs) cpu = cpu && t.is_cpu();
     std::vector<uint64_t> shape;
     shape.reserve(plans.empty() ? 64 : plans.back().shape.size());
-    auto order = walk(outs, param_set, shape);
+    auto order = walk(outs, param_set, types, shape);
     for (const auto& plan : plans) {
       if (plan.shape != shape) continue;
       if (plan.ambiguous || !cpu) break;
@@ -765,7 +783,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_activation", &Recorder::add_activation)
       .def("unit_column", &Recorder::unit_column)
       .def("begin", &Recorder::begin)
-      .def("end", &Recorder::end)
+      .def("recording", [](const Recorder&) { return recording_forward(); },
+           "whether a forward now is recorded: grad mode on, not in backward")
       .def("stat", &Recorder::stat)
       .def("stat_one", [](Recorder& r, const at::Tensor& t, int64_t slot) {
         r.stat({t}, slot);
