@@ -831,6 +831,36 @@ def test_the_compiled_autograd_config_is_read_as_torch_reads_it() -> None:
     assert both() == (False, False) and not capture._compiled_autograd_on()
 
 
+def test_the_compiled_autograd_config_read_follows_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's values (torch reads them once, at import; so does the cached read):
+    a default counts only where the user set nothing, a forced one over the user's."""
+    import contextvars
+
+    import torch._dynamo.config as cfg
+    from torch.utils._config_module import _UNSET_SENTINEL
+
+    entry = cfg._config["compiled_autograd"]
+
+    def both() -> tuple[bool, bool]:
+        return capture._dynamo_config_compiled_autograd(), bool(cfg.compiled_autograd)
+
+    def environment(name: str) -> None:
+        monkeypatch.setattr(entry, name, True)
+        monkeypatch.setattr(capture, "_CA_ENTRY", None)  # (as at import)
+
+    def check() -> None:  # (in a copy of the context: the user's value does not leak)
+        entry.user_override.set(_UNSET_SENTINEL)  # (the user set nothing)
+        environment("env_value_default")
+        assert both() == (True, True)
+        cfg.compiled_autograd = False
+        assert both() == (False, False)
+        environment("env_value_force")
+        assert both() == (True, True)
+
+    contextvars.copy_context().run(check)
+
+
 def test_the_native_hooks_go_back_in_place_between_recorded_steps() -> None:
     """every=3, native: the root's hook comes off after a recorded step and goes back before
     the next as the same hook under the same id (no handle built each time), after a user's
