@@ -6,6 +6,7 @@ Usage:
     python benchmarks/overhead.py --models mlp --rounds 20
     python benchmarks/overhead.py --conditions 'bare again' 'gradviz every=10' --rounds 40
     python benchmarks/overhead.py --profile mlp    # where a recorded step's time goes
+    python benchmarks/overhead.py --cycle mlp      # every=10: each step of the cycle's cost
     python benchmarks/overhead.py --scaling        # recorded step time against depth
     python benchmarks/overhead.py --threads 2      # torch intra-op threads (default 1)
     python benchmarks/overhead.py --device cuda    # on a GPU (synchronised around each block)
@@ -38,6 +39,7 @@ import ctypes
 import gc
 import io
 import pstats
+import random
 import statistics
 import sys
 import tempfile
@@ -255,6 +257,30 @@ class Trainer:
             opt.step()
 
 
+    def timed_step(self) -> tuple[float, float, float, float, float]:
+        """One step, with the time at its start and after forward, backward, rec.step()
+        and the optimizer step."""
+        model, opt, rec = self.model, self.opt, self.rec
+        x, y = self.batches[self.at % len(self.batches)]
+        self.at += 1
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t0 = time.perf_counter()
+        loss = self.loss_fn(model(x), y)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        if rec is not None:
+            rec.step(loss)
+        sync()
+        t3 = time.perf_counter()
+        opt.step()
+        sync()
+        return t0, t1, t2, t3, time.perf_counter()
+
+
 def copies(w: Workload, conditions: list[str]) -> list[Trainer]:
     """A trainer per condition, each on an identical copy of the model, nothing attached."""
     torch.manual_seed(0)
@@ -435,6 +461,55 @@ def profile(name: str, steps: int) -> None:
           f"{out.getvalue()}")
 
 
+def cycle(name: str, rounds: int) -> None:
+    """Every 10th step, step by step: what each phase of each step of the 10-step cycle
+    costs over the same step without gradviz (the recorded step is the first)."""
+    w = WORKLOADS[name]
+    phases = ["forward", "backward", "rec.step()", "optimizer"]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        trainers = copies(w, ["bare", "bare again", "gradviz every=10"])
+        rec = trainers[2]
+        rec.rec = stack.enter_context(gradviz.record(rec.model, Path(tmp) / "cycle.json",
+                                                     every=BLOCK, native=NATIVE))
+        times = {t.condition: [[[] for _ in phases] for _ in range(BLOCK)] for t in trainers}
+        rng = random.Random(0)
+        for r in range(rounds + 2):  # (two rounds to warm up)
+            # a random order each round: with a fixed one each condition always follows the
+            # same other, and which one shifts the first steps' times by microseconds
+            order = trainers[:]
+            rng.shuffle(order)
+            for t in order:
+                for i in range(BLOCK):
+                    marks = t.timed_step()
+                    if r >= 2:
+                        for k in range(len(phases)):
+                            times[t.condition][i][k].append(marks[k + 1] - marks[k])
+        native_used = rec.rec._nat is not None and rec.rec._nat.armed > 0
+
+    def extra(cond: str, i: int, k: int) -> float:
+        return (statistics.median(times[cond][i][k])
+                - statistics.median(times["bare"][i][k])) * 1e6
+
+    rows = []
+    for i in range(BLOCK):
+        cells = [extra("gradviz every=10", i, k) for k in range(len(phases))]
+        noise = sum(extra("bare again", i, k) for k in range(len(phases)))
+        rows.append([i, *[f"{c:+.1f}" for c in cells], f"{sum(cells):+.1f}", f"{noise:+.1f}"])
+    total = sum(float(row[-2]) for row in rows)
+    noise = sum(float(row[-1]) for row in rows)
+    bare_ms = sum(statistics.median(times["bare"][i][k])
+                  for i in range(BLOCK) for k in range(len(phases))) * 1e3
+    print(f"# Every 10th step, step by step: {name}\n\n{machine()}, torch {torch.__version__}; "
+          f"{rounds} rounds in a random order of bare, bare again and gradviz every=10 "
+          f"({'native' if native_used else 'Python'} recorder). Each cell: the median over "
+          "rounds of that phase of that step, minus bare's, in microseconds.\n")
+    print(table(["step of the cycle", *[f"{p} us" for p in phases], "total us",
+                 "bare again us"], rows))
+    print(f"\nA cycle of bare: {bare_ms:.2f} ms. gradviz every=10 adds {total:+.0f} us to it "
+          f"({1 + total / (bare_ms * 1e3):.4f}x); 'bare again', an untouched copy, "
+          f"{noise:+.0f} us ({1 + noise / (bare_ms * 1e3):.4f}x).")
+
+
 def scaling(depths: list[int], rounds: int) -> None:
     """Recorded step time against depth: chains of Linear(16, 16) + ReLU, batch 8."""
     rows = []
@@ -472,7 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:9]))
+                                epilog="\n".join(__doc__.splitlines()[2:12]))
     p.add_argument("--quick", action="store_true",
                    help="a few seconds: 2 rounds of one block, the MLP only (unless --models)")
     p.add_argument("--models", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
@@ -498,11 +573,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "all)")
     p.add_argument("--profile", choices=list(WORKLOADS), help="profile this model and exit")
     p.add_argument("--profile-steps", type=int, default=200)
+    p.add_argument("--cycle", choices=list(WORKLOADS), metavar="MODEL",
+                   help="every 10th step, step by step: each phase's added time at each "
+                        "step of the cycle, for this model, and exit")
+    p.add_argument("--cycle-rounds", type=int, default=300, metavar="N",
+                   help="rounds for --cycle (default 300)")
     p.add_argument("--scaling", nargs="*", type=int, metavar="LAYERS",
                    help="recorded step time against depth (default 25 50 100 200 500) and exit")
     args = p.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         p.error(f"--batch must be at least 1, not {args.batch}")
+    if args.cycle_rounds < 1:
+        p.error(f"--cycle-rounds must be at least 1, not {args.cycle_rounds}")
     if args.quick:
         args.rounds, args.blocks, args.warmup = 2, 1, 1
         if args.models == list(WORKLOADS):
@@ -534,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                 2 if args.quick else 5)
     elif args.profile:
         profile(args.profile, args.profile_steps)
+    elif args.cycle:
+        cycle(args.cycle, 3 if args.quick else args.cycle_rounds)
     else:
         run_benchmark(args)
     return 0

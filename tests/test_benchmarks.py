@@ -96,6 +96,20 @@ def test_overhead_profile_and_scaling_run() -> None:
     assert "added us per layer" in r.stdout
 
 
+def test_overhead_cycle_times_each_step_of_every_10() -> None:
+    r = run("overhead.py", "--cycle", "mlp", "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].split("|")[1:-1] == [
+        f" {c} " for c in ("step of the cycle", "forward us", "backward us", "rec.step() us",
+                           "optimizer us", "total us", "bare again us")]
+    steps = [line.split("|")[1].strip() for line in lines[1:]]
+    assert steps == [str(i) for i in range(10)]
+    assert "gradviz every=10 adds" in r.stdout and " recorder). Each cell" in r.stdout
+    r = run("overhead.py", "--cycle", "mlp", "--cycle-rounds", "0")
+    assert r.returncode == 2 and "--cycle-rounds must be at least 1, not 0" in r.stderr
+
+
 def _floor_table(out: str) -> dict[str, str]:
     """floor.py's one model row, by column."""
     lines = [line for line in out.splitlines() if line.startswith("|")]
