@@ -256,7 +256,6 @@ class Trainer:
                 rec.step(loss)
             opt.step()
 
-
     def timed_step(self) -> tuple[float, float, float, float, float]:
         """One step, with the time at its start and after forward, backward, rec.step()
         and the optimizer step."""
@@ -468,9 +467,9 @@ def cycle(name: str, rounds: int) -> None:
     phases = ["forward", "backward", "rec.step()", "optimizer"]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         trainers = copies(w, ["bare", "bare again", "gradviz every=10"])
-        rec = trainers[2]
-        rec.rec = stack.enter_context(gradviz.record(rec.model, Path(tmp) / "cycle.json",
-                                                     every=BLOCK, native=NATIVE))
+        watched = trainers[2]
+        watched.rec = stack.enter_context(gradviz.record(
+            watched.model, Path(tmp) / "cycle.json", every=BLOCK, native=NATIVE))
         times = {t.condition: [[[] for _ in phases] for _ in range(BLOCK)] for t in trainers}
         rng = random.Random(0)
         for r in range(rounds + 2):  # (two rounds to warm up)
@@ -484,19 +483,19 @@ def cycle(name: str, rounds: int) -> None:
                     if r >= 2:
                         for k in range(len(phases)):
                             times[t.condition][i][k].append(marks[k + 1] - marks[k])
-        native_used = rec.rec._nat is not None and rec.rec._nat.armed > 0
+        native_used = watched.rec._nat is not None and watched.rec._nat.armed > 0
 
-    def extra(cond: str, i: int, k: int) -> float:
-        return (statistics.median(times[cond][i][k])
-                - statistics.median(times["bare"][i][k])) * 1e6
+    def extra(cond: str, i: int) -> list[float]:
+        """Each phase's median time at step i of the cycle, minus bare's, in us."""
+        return [(statistics.median(times[cond][i][k])
+                 - statistics.median(times["bare"][i][k])) * 1e6 for k in range(len(phases))]
 
     rows = []
+    total = noise = 0.0
     for i in range(BLOCK):
-        cells = [extra("gradviz every=10", i, k) for k in range(len(phases))]
-        noise = sum(extra("bare again", i, k) for k in range(len(phases)))
-        rows.append([i, *[f"{c:+.1f}" for c in cells], f"{sum(cells):+.1f}", f"{noise:+.1f}"])
-    total = sum(float(row[-2]) for row in rows)
-    noise = sum(float(row[-1]) for row in rows)
+        cells, again = extra("gradviz every=10", i), sum(extra("bare again", i))
+        total, noise = total + sum(cells), noise + again
+        rows.append([i, *[f"{c:+.1f}" for c in cells], f"{sum(cells):+.1f}", f"{again:+.1f}"])
     bare_ms = sum(statistics.median(times["bare"][i][k])
                   for i in range(BLOCK) for k in range(len(phases))) * 1e3
     print(f"# Every 10th step, step by step: {name}\n\n{machine()}, torch {torch.__version__}; "
