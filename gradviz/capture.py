@@ -659,7 +659,7 @@ class Recorder:
         """Register the forward hooks (for a step that will be recorded)."""
         if self._handles:
             return
-        if self._native_on:  # the root's forward hook alone (see _native_pass)
+        if self._native_on:  # the root's forward hook alone (native.cpp on_root)
             if not self._nat_regs:  # (registered once, then put back: see _Reg)
                 root = self.model
                 if self._nat_hooks:  # ... and, for forward statistics, the slim ones
@@ -668,7 +668,9 @@ class Recorder:
                     for module, hook in self._nat_hooks:
                         h = module.register_forward_hook(_Hook(hook))
                         self._nat_regs.append(_Reg(h, module._forward_hooks))
-                h = root.register_forward_hook(_Hook(self._native_pass))
+                # (C++ as it is: no Python runs for it; a copy of the model gets _Inert)
+                h = root.register_forward_hook(self._nat.root_hook(
+                    _grad_outputs, _dynamo_config_compiled_autograd, globals()))
                 self._nat_regs.append(_Reg(h, root._forward_hooks))
             else:
                 for reg in self._nat_regs:
@@ -893,31 +895,6 @@ class Recorder:
         except Exception as e:
             self._fail(e)
 
-    def _native_pass(self, module: nn.Module, args: Any, output: Any) -> None:
-        """The root's forward hook on a native step: hook the pass in C++ if its shape was
-        learnt, else note the miss (the step then gets parameter norms only)."""
-        if self._failed:
-            return
-        try:
-            # (not output.grad_fn: a fresh node's Python object costs microseconds; the
-            # walk reads the node in C++, and a tensor without one has nothing to hook)
-            outs = [output] if isinstance(output, torch.Tensor) else _grad_outputs(output)
-            nat = self._nat
-            if _compiled_autograd_on() and nat.recording():  # (its hooks: no compiled_args)
-                self._nat_stop = "compiled autograd is on"
-                armed = 0
-            else:
-                # (2: a pass under no_grad or re-run in backward, as _armed: it has ended)
-                armed = nat.arm(outs)
-            if armed == 1:
-                self._calls_seen += 1
-            elif armed != 2:
-                if armed == -1:
-                    self._nat_stop = "the model is no longer on the CPU"
-                self._nat_missed = True  # (a miss if the loss reached it: see step)
-        except Exception as e:
-            self._fail(e)
-
     def _plan(self, flow: dataflow.Flow, calls: list[dataflow.Call], nodes: list[Any]) -> _Plan:
         """Register the flow's junctions and edges; say which node of the walk gets which hook."""
         rec = self._recording
@@ -1082,8 +1059,12 @@ class Recorder:
         if self._failed:
             self._detach()
             return
-        if native_now and self._nat_missed:  # a pass not armed: did backward reach it?
-            self._nat_missed = nat.miss_reached or self._nat_stop is not None
+        # What the root's hook saw (native.cpp on_root): None when every pass was armed.
+        notes = nat.notes() if native_now else None
+        if notes is not None:  # (passes armed, a pass not armed that backward reached
+            seen, self._nat_missed, stop = notes  # or never can be, why never)
+            if stop is not None:
+                self._nat_stop = stop
         missed = native_now and self._nat_missed
         if self._nat is not None and (not native_now or self._nat_missed):
             self._native_on = self._native_next(native_now, step)
@@ -1107,7 +1088,8 @@ class Recorder:
             return
         try:
             if native_now:
-                self._record_native(nat, step, loss, missed)
+                self._record_native(nat, step, loss,
+                                    notes is not None and not seen and not missed)
             else:
                 with torch.no_grad():  # (parameter gradients with a graph: create_graph=True)
                     self._record(step, loss)
@@ -1167,7 +1149,7 @@ class Recorder:
                 and not self._generic and not self._failed)
 
     def _record_native(self, nat: Any, step: int, loss: torch.Tensor | float | None,
-                       missed: bool) -> None:
+                       unseen: bool) -> None:
         """A native step: the C++ recorder's row (parameter norms, then the hooks' values in
         the order they arrived) goes into the row buffer as _record_one's vector would."""
         # (raises the first error its hooks met in backward); a loss tensor ends the row
@@ -1184,7 +1166,7 @@ class Recorder:
                 self._nat_layouts.clear()
             else:
                 self._nat_layouts[~lid if loss_value is not None else lid] = lay
-        if self._calls_seen == 0 and not missed:  # (an armed pass counts as a call)
+        if unseen:  # no pass armed, none missed: no layer call (an armed pass counts)
             self._check_calls(lay.has_params)
         self._calls_seen = self._passes = 0
         with self._rows_lock:
@@ -1539,6 +1521,8 @@ class Recorder:
         """Stop recording, keep training: gradviz must never break the user's loop."""
         if not self._failed:
             self._failed = True
+            if self._nat is not None:  # (its root hook: nothing more from here on)
+                self._nat.off = True
             warnings.warn(
                 f"gradviz stopped recording after an internal error ({type(e).__name__}: {e}); "
                 "training goes on and the steps recorded so far are kept",
@@ -1576,7 +1560,9 @@ class Recorder:
 
 
 def _compiled_autograd_on() -> bool:
-    """Whether torch's compiled autograd is on (it cannot run the native recorder's hooks)."""
+    """Whether torch's compiled autograd is on (it cannot run the native recorder's hooks).
+
+    native.cpp's compiled_autograd_on reads the same, in C++, for the root's hook."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     if ca is None:  # (never imported: never on)
         return False

@@ -458,16 +458,69 @@ uint64_t kind(Node* n, const Params& params, TypeKinds& types) {
   return k.hash;
 }
 
-// Breadth first from the outputs' nodes, as gradviz.dataflow.shape walks.
-std::vector<Node*> walk(const std::vector<at::Tensor>& outs, const Params& params,
-                        TypeKinds& types, std::vector<uint64_t>& shape) {
-  std::vector<Node*> order;
-  std::unordered_map<Node*, uint64_t> at;
-  at.reserve(2 * shape.capacity() / 5 + 16);  // (no rehashing: about 5 shape entries a node)
-  auto place = [&](Node* n) {
-    auto [it, fresh] = at.emplace(n, order.size());
+// Node* -> its place in a walk: open addressing in one array kept from walk to walk, each
+// walk's entries told apart by a generation number (no allocation per node, nor per walk:
+// cold, on a step recorded 1 in N, a std::unordered_map's allocations cost microseconds).
+struct Places {
+  struct Slot {
+    Node* node = nullptr;
+    uint32_t gen = 0;
+    uint32_t at = 0;
+  };
+  std::vector<Slot> slots = std::vector<Slot>(64);
+  uint32_t gen = 0;
+  size_t used = 0;
+
+  void clear() {
+    used = 0;
+    if (++gen == 0) {  // (wrapped: every slot's generation is stale again)
+      std::fill(slots.begin(), slots.end(), Slot{});
+      gen = 1;
+    }
+  }
+
+  static size_t hash(const Node* n) {
+    return static_cast<size_t>((reinterpret_cast<uintptr_t>(n) >> 4) * 0x9E3779B97F4A7C15ull);
+  }
+
+  // (its place, whether it is new here: then at)
+  std::pair<uint32_t, bool> place(Node* n, uint32_t at) {
+    if (2 * (used + 1) > slots.size()) grow();
+    const size_t mask = slots.size() - 1;
+    for (size_t i = hash(n) & mask;; i = (i + 1) & mask) {
+      Slot& s = slots[i];
+      if (s.gen != gen) {
+        s = Slot{n, gen, at};
+        ++used;
+        return {at, true};
+      }
+      if (s.node == n) return {s.at, false};
+    }
+  }
+
+  void grow() {
+    std::vector<Slot> old(slots.size() * 2);
+    old.swap(slots);
+    const size_t mask = slots.size() - 1;
+    for (const Slot& s : old) {
+      if (s.gen != gen) continue;
+      size_t i = hash(s.node) & mask;
+      while (slots[i].gen == gen) i = (i + 1) & mask;
+      slots[i] = s;
+    }
+  }
+};
+
+// Breadth first from the outputs' nodes, as gradviz.dataflow.shape walks: the nodes in
+// order (into order, cleared first), their shape appended to shape.
+void walk(const std::vector<at::Tensor>& outs, const Params& params, TypeKinds& types,
+          Places& at, std::vector<Node*>& order, std::vector<uint64_t>& shape) {
+  order.clear();
+  at.clear();
+  auto place = [&](Node* n) -> uint64_t {
+    auto [i, fresh] = at.place(n, static_cast<uint32_t>(order.size()));
     if (fresh) order.push_back(n);
-    return it->second;
+    return i;
   };
   for (const auto& t : outs) {
     auto fn = t.grad_fn();
@@ -483,7 +536,6 @@ std::vector<Node*> walk(const std::vector<at::Tensor>& outs, const Params& param
       shape.push_back(e.input_nr);
     }
   }
-  return order;
 }
 
 struct Recorder {
@@ -493,11 +545,22 @@ struct Recorder {
   std::vector<at::Tensor> params;  // each parameter once, in capture's _unique order
   Params param_set;
   TypeKinds types;  // (node classes seen in walks)
+  Places places;    // (kept from walk to walk, as these two)
+  std::vector<Node*> order;
+  std::vector<uint64_t> shape;
   std::map<std::vector<int64_t>, int64_t> layouts;  // (present; -1; columns) -> number
   std::vector<std::vector<int64_t>> layout_keys;
   std::vector<float> row;  // the last step's values, for put()
   int64_t armed = 0, missed = 0;
   Stats stats;
+  // The root's forward hook (RootHook): what it saw this step, read by notes().
+  int64_t calls = 0;         // passes armed
+  bool pass_missed = false;  // a pass not armed
+  std::string stop;          // why the recorder must leave native for good (kept)
+  bool off = false;          // the Python recorder failed: the root hook does nothing
+  py::object py_outputs;     // capture._grad_outputs, for an output that is not a tensor
+  py::object py_config;      // capture._dynamo_config_compiled_autograd
+  py::object capture_dict;   // gradviz.capture's globals (its _CA_ENTRY)
 
   explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {
     for (const auto& p : params) param_set.insert(p.unsafeGetTensorImpl());
@@ -510,7 +573,7 @@ struct Recorder {
                                           std::vector<std::tuple<int64_t, int64_t, int64_t>>>>& hooks,
              const std::vector<std::pair<int64_t, int64_t>>& groups) {
     Plan plan;
-    auto order = walk(outs, param_set, types, plan.shape);
+    walk(outs, param_set, types, places, order, plan.shape);
     if (ambiguous.count(plan.shape)) return false;
     std::unordered_map<uint64_t, int64_t> by_seq;
     for (size_t i = 0; i < order.size(); ++i) {
@@ -548,9 +611,8 @@ struct Recorder {
     if (!recording_forward()) return 2;
     bool cpu = true;
     for (const auto& t : outs) cpu = cpu && t.is_cpu();
-    std::vector<uint64_t> shape;
-    shape.reserve(plans.empty() ? 64 : plans.back().shape.size());
-    auto order = walk(outs, param_set, types, shape);
+    shape.clear();
+    walk(outs, param_set, types, places, order, shape);
     for (const auto& plan : plans) {
       if (plan.shape != shape) continue;
       if (plan.ambiguous || !cpu) break;
@@ -568,6 +630,102 @@ struct Recorder {
   }
 
   bool miss_reached() const { return st->miss_reached; }
+
+  // -- the root's forward hook (capture's forward hook for native steps, in C++) ---------
+
+  // An attribute of obj, as truth (missing: false).
+  static bool flag(PyObject* obj, const char* name) {
+    PyObject* v = PyObject_GetAttrString(obj, name);
+    if (v == nullptr) {
+      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
+      PyErr_Clear();
+      return false;
+    }
+    const int truth = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (truth < 0) throw py::error_already_set();
+    return truth == 1;
+  }
+
+  static py::object loaded(const char* name) {  // sys.modules[name], or None: no import
+    PyObject* m = PyImport_GetModule(py::str(name).ptr());
+    if (m == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return py::none();
+    }
+    return py::reinterpret_steal<py::object>(m);
+  }
+
+  // capture._compiled_autograd_on: the module's flags, then torch._dynamo.config's
+  // compiled_autograd through capture's cached entry (cfg, context variable or None,
+  // unset marker, value); anything else, capture's own read (which caches the entry).
+  bool compiled_autograd_on() {
+    py::object ca = loaded("torch._dynamo.compiled_autograd");
+    if (ca.is_none()) return false;  // (never imported: never on)
+    if (flag(ca.ptr(), "compiled_autograd_enabled") ||
+        flag(ca.ptr(), "in_compiled_autograd_region"))
+      return true;
+    py::object cfg = loaded("torch._dynamo.config");
+    if (cfg.is_none()) return false;
+    PyObject* entry = PyDict_GetItemString(capture_dict.ptr(), "_CA_ENTRY");  // (borrowed)
+    if (entry == nullptr || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4 ||
+        PyTuple_GET_ITEM(entry, 0) != cfg.ptr())
+      return py_config().cast<bool>();
+    PyObject* user = PyTuple_GET_ITEM(entry, 1);
+    if (user != Py_None) {
+      if (!PyContextVar_CheckExact(user)) return py_config().cast<bool>();
+      PyObject* v = nullptr;
+      if (PyContextVar_Get(user, nullptr, &v) < 0) throw py::error_already_set();
+      if (v != nullptr) {
+        py::object value = py::reinterpret_steal<py::object>(v);
+        if (v != PyTuple_GET_ITEM(entry, 2)) return py::bool_(value);
+      }
+    }
+    return PyObject_IsTrue(PyTuple_GET_ITEM(entry, 3)) == 1;
+  }
+
+  // The root module's forward returned: hook the pass if its shape was learnt, else note
+  // the miss (the step then gets parameter norms only). An error here is kept for take()
+  // to raise, as a hook's: the user's forward goes on.
+  void on_root(py::handle output) {
+    if (off) return;
+    try {
+      std::vector<at::Tensor> outs;
+      // (not output.grad_fn: a fresh node's Python object costs microseconds; the walk
+      // reads the node in C++, and a tensor without one has nothing to hook)
+      if (THPVariable_Check(output.ptr()))
+        outs.push_back(THPVariable_Unpack(output.ptr()));
+      else
+        outs = py_outputs(output).cast<std::vector<at::Tensor>>();
+      int got;
+      if (recording_forward() && compiled_autograd_on()) {  // (its hooks: no compiled_args)
+        end();
+        stop = "compiled autograd is on";
+        got = 0;
+      } else {
+        got = arm(outs);  // (2: a pass under no_grad or re-run in backward: it has ended)
+      }
+      if (got == 1) {
+        ++calls;
+      } else if (got != 2) {
+        if (got == -1) stop = "the model is no longer on the CPU";
+        pass_missed = true;  // (a miss if the loss reached it: see notes)
+      }
+    } catch (py::error_already_set& e) {
+      if (st->error.empty()) st->error = std::string("in forward: ") + e.what();
+    } catch (const std::exception& e) {
+      if (st->error.empty()) st->error = std::string("in forward: ") + e.what();
+    }
+  }
+
+  // What the root's hook saw this step, before take(): None when every pass was armed
+  // (the usual step), else (passes armed, a pass not armed that backward reached or that
+  // cannot be armed for good, why not for good or None).
+  py::object notes() const {
+    if (calls > 0 && !pass_missed) return py::none();
+    const bool reached = pass_missed && (st->miss_reached || !stop.empty());
+    return py::make_tuple(calls, reached, stop.empty() ? py::object(py::none()) : py::str(stop));
+  }
 
   // -- forward statistics (see the top of this file) -------------------------------------
 
@@ -692,6 +850,8 @@ struct Recorder {
   // A hook's error (none should happen) is raised here, once: the recorder then stops.
   // loss: the step's loss as a tensor (its value ends the row), or None.
   int64_t take(bool record, const c10::optional<at::Tensor>& loss) {
+    calls = 0;
+    pass_missed = false;
     for (auto& pass : st->passes) pass->close(*st, record && st->error.empty());
     st->passes.clear();
     st->last = at::Tensor();
@@ -767,12 +927,42 @@ struct Recorder {
 
 };
 
+// The root module's forward hook on native steps, registered in its _forward_hooks as is
+// (a Python function around it costs microseconds, cold, once in every=N steps). A copy of
+// the model (copy.deepcopy, torch.save) gets capture._Inert instead, as for capture._Hook.
+struct RootHook {
+  std::shared_ptr<Recorder> rec;
+};
+
+py::object inert() { return py::module_::import("gradviz.capture").attr("_Inert"); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm", [](const at::Tensor& t) { return l2(t); }, "an L2 norm as the hooks take it");
-  py::class_<Recorder>(m, "Recorder")
+  py::class_<RootHook>(m, "RootHook")
+      .def("__call__",
+           [](const RootHook& h, py::handle, py::handle, py::handle output) {
+             h.rec->on_root(output);
+           })
+      .def("__deepcopy__", [](const RootHook&, py::handle) { return inert()(); })
+      .def("__reduce__", [](const RootHook&) { return py::make_tuple(inert(), py::tuple()); });
+  py::class_<Recorder, std::shared_ptr<Recorder>>(m, "Recorder")
       .def(py::init<std::vector<at::Tensor>>())
+      .def("root_hook",
+           [](std::shared_ptr<Recorder> r, py::object outputs, py::object config,
+              py::object globals) {
+             r->py_outputs = std::move(outputs);
+             r->py_config = std::move(config);
+             r->capture_dict = std::move(globals);
+             return RootHook{r};
+           },
+           "the root's forward hook, given capture's _grad_outputs, its compiled-autograd "
+           "config read, and its globals")
+      .def("notes", &Recorder::notes)
+      .def("compiled_autograd_on", &Recorder::compiled_autograd_on,
+           "as capture._compiled_autograd_on (after root_hook)")
+      .def_readwrite("off", &Recorder::off)
       .def("learn", &Recorder::learn)
       .def("arm", &Recorder::arm)
       .def("take", &Recorder::take)

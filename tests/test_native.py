@@ -815,8 +815,16 @@ def test_the_compiled_autograd_config_is_read_as_torch_reads_it() -> None:
     __getattr__ is slow): it must agree with the module in every way the flag is set."""
     import torch._dynamo.config as cfg
 
+    rec = gradviz.record(nn.Linear(2, 2), None, native=True).start()
+    # (the root's C++ hook, as capture makes it: its half reads what capture reads)
+    rec._nat.root_hook(capture._grad_outputs, capture._dynamo_config_compiled_autograd,
+                       vars(capture))
+    cxx = rec._nat.compiled_autograd_on
+
     def both() -> tuple[bool, bool]:
-        return capture._dynamo_config_compiled_autograd(), bool(cfg.compiled_autograd)
+        python = capture._dynamo_config_compiled_autograd()
+        assert cxx() == capture._compiled_autograd_on() == python  # (C++: the root's hook)
+        return python, bool(cfg.compiled_autograd)
 
     assert both() == (False, False)
     with cfg.patch(compiled_autograd=True):
@@ -829,6 +837,17 @@ def test_the_compiled_autograd_config_is_read_as_torch_reads_it() -> None:
     finally:
         cfg.compiled_autograd = False
     assert both() == (False, False) and not capture._compiled_autograd_on()
+    import torch._dynamo.compiled_autograd as ca
+
+    for flag in ("compiled_autograd_enabled", "in_compiled_autograd_region"):
+        was = getattr(ca, flag)
+        setattr(ca, flag, True)
+        try:
+            assert cxx() and capture._compiled_autograd_on()
+        finally:
+            setattr(ca, flag, was)
+    assert not cxx()
+    rec.close()
 
 
 def test_the_compiled_autograd_config_read_follows_the_environment(
@@ -842,8 +861,15 @@ def test_the_compiled_autograd_config_read_follows_the_environment(
 
     entry = cfg._config["compiled_autograd"]
 
+    rec = gradviz.record(nn.Linear(2, 2), None, native=True).start()
+    rec._nat.root_hook(capture._grad_outputs, capture._dynamo_config_compiled_autograd,
+                       vars(capture))
+    cxx = rec._nat.compiled_autograd_on  # (the root's hook's read, in C++)
+
     def both() -> tuple[bool, bool]:
-        return capture._dynamo_config_compiled_autograd(), bool(cfg.compiled_autograd)
+        python = capture._dynamo_config_compiled_autograd()
+        assert cxx() == python
+        return python, bool(cfg.compiled_autograd)
 
     def environment(name: str) -> None:
         monkeypatch.setattr(entry, name, True)
@@ -859,6 +885,33 @@ def test_the_compiled_autograd_config_read_follows_the_environment(
         assert both() == (True, True)
 
     contextvars.copy_context().run(check)
+    rec.close()
+
+
+def test_a_copy_of_the_model_made_on_a_native_step_gets_inert_hooks(tmp_path: Path) -> None:
+    """The root's C++ hook, as capture._Hook: deepcopy and torch.save copy it as _Inert (the
+    copy trains and records nothing), and the recorder goes on recording the model."""
+    import copy
+
+    torch.manual_seed(0)
+    model = demos.DEMOS["mlp"].build()
+    x, y = data("mlp", 16)
+    with gradviz.record(model, None, native=True) as rec:
+        for i in range(4):
+            if i == 3:
+                assert rec._native_on
+                twin = copy.deepcopy(model)
+                torch.save(model, tmp_path / "model.pt")
+                saved = torch.load(tmp_path / "model.pt", weights_only=False)
+                for other in (twin, saved):
+                    hooks = list(other._forward_hooks.values())
+                    assert hooks and all(type(h) is capture._Inert for h in hooks)
+                    nn.functional.cross_entropy(other(x), y).backward()
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+    assert rec._nat.armed == 3 and rec._nat.missed == 0  # (the copies' passes: not seen)
+    assert not np.isnan(table(rec)[("node", "fc1", "activation_grad_norm")]).any()
 
 
 def test_the_native_hooks_go_back_in_place_between_recorded_steps() -> None:
