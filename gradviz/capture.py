@@ -138,6 +138,7 @@ _CPU = torch.device("cpu")
 HOT_NUMEL = 1 << 15  # parameters this large get their norm in backward (see _hot_hook)
 MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
 NATIVE_MISSES = 4  # native steps with a pass of a new shape before a recorder stays in Python
+NATIVE_LAYOUTS = 4 * MAX_PLANS  # layouts the native recorder numbers before it starts afresh
 
 
 @dataclasses.dataclass
@@ -202,7 +203,7 @@ class _Rows:
     when the history is read), so the device's queue is not emptied at every step.
     """
 
-    __slots__ = ("buf", "device", "events", "layout", "next", "steps")
+    __slots__ = ("buf", "device", "events", "layout", "nat_key", "next", "steps")
 
     def __init__(self, layout: _Layout, device: torch.device) -> None:
         self.layout = layout
@@ -224,6 +225,9 @@ class _Rows:
         # most ROWS_AT_ONCE steps waiting are in different rows.
         self.steps: list[tuple[int, int, float | None]] = []
         self.next = 0
+        # Native steps: this layout's key in Recorder._nat_layouts (None: unknown to the
+        # native recorder now, whose numbers start afresh with each C++ recorder)
+        self.nat_key: int | None = None
 
     def put(self, at: int, flat: torch.Tensor) -> None:
         """Copy a step's vector into row ``at``: the step's one transfer from the device."""
@@ -560,6 +564,8 @@ class Recorder:
         self._nat_regs = []
         # (a recorder started again: its new C++ half numbers its layouts afresh)
         self._native_on, self._nat_misses, self._nat_layouts = False, 0, {}
+        if self._rows is not None:  # (rows buffered before: no number of this C++ half)
+            self._rows.nat_key = None
         self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
         self._nat_eager, self._nat_stop = False, None
         self._attach()
@@ -1154,26 +1160,38 @@ class Recorder:
         the order they arrived) goes into the row buffer as _record_one's vector would."""
         # (raises the first error its hooks met in backward); a loss tensor ends the row
         tensor = isinstance(loss, torch.Tensor)
-        lid = nat.take(True, loss if tensor else None)
         loss_value = None if loss is None or tensor else float(loss)  # type: ignore[arg-type]
-        lay = self._nat_layouts.get(~lid if loss_value is not None else lid)
-        if lay is None:
-            present, cols, stats = nat.layout(lid)
-            lay = self._layout_for((tuple(present), tuple(cols), tuple(map(tuple, stats)),
-                                    1 if tensor else 0 if loss is None else 2))
-            if len(self._nat_layouts) >= 4 * MAX_PLANS:  # (numbered afresh from the next step)
-                nat.forget_layouts()
-                self._nat_layouts.clear()
-            else:
-                self._nat_layouts[~lid if loss_value is not None else lid] = lay
-        if unseen:  # no pass armed, none missed: no layer call (an armed pass counts)
-            self._check_calls(lay.has_params)
-        self._calls_seen = self._passes = 0
         with self._rows_lock:
-            rows, at = self._next_row(lay, _CPU)
-            nat.put(rows.buf, at)
-            rows.next += 1
-            rows.steps.append((step, at, loss_value))
+            # The usual step: the layout of the rows buffered last, with room for one more:
+            # take() writes the row there itself (the layout's number, want, says it fits).
+            rows, want, at = self._rows, -1, 0
+            if rows is not None and rows.nat_key is not None and len(rows.steps) < ROWS_AT_ONCE:
+                want = ~rows.nat_key if loss_value is not None else rows.nat_key
+                at = rows.next % ROWS_AT_ONCE
+            lid = nat.take_into(loss if tensor else None,
+                                rows.buf if want >= 0 else None, at, want)  # type: ignore[union-attr]
+            if lid != want:  # (want < 0: none, or a number given as the loss's)
+                key: int | None = ~lid if loss_value is not None else lid
+                lay = self._nat_layouts.get(key)  # type: ignore[arg-type]
+                if lay is None:
+                    present, cols, stats = nat.layout(lid)
+                    lay = self._layout_for((tuple(present), tuple(cols),
+                                            tuple(map(tuple, stats)),
+                                            1 if tensor else 0 if loss is None else 2))
+                    if len(self._nat_layouts) >= NATIVE_LAYOUTS:  # (numbered afresh next)
+                        nat.forget_layouts()
+                        self._nat_layouts.clear()
+                        key = None
+                    else:
+                        self._nat_layouts[key] = lay  # type: ignore[index]
+                rows, at = self._next_row(lay, _CPU)
+                nat.put(rows.buf, at)
+                rows.nat_key = key
+            if unseen:  # no pass armed, none missed: no layer call (an armed pass counts)
+                self._check_calls(rows.layout.has_params)  # type: ignore[union-attr]
+            self._calls_seen = self._passes = 0
+            rows.next += 1  # type: ignore[union-attr]
+            rows.steps.append((step, at, loss_value))  # type: ignore[union-attr]
 
     def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
         self._close_parts(emit=True)

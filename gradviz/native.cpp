@@ -319,10 +319,15 @@ struct Plan {
 
 struct Pass;
 
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
 struct State {
   std::vector<int64_t> cols;  // this step's values, in the order they arrived
   std::vector<float> vals;
-  at::Tensor last;            // the last gradient measured, its version and norm
+  // The last gradient measured (weakly: holding it would keep its memory from the next
+  // node's outputs, and move the user's tensors about in memory for a few steps), its
+  // version and norm.
+  WeakTensor last{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
   int64_t last_version = -1;
   float last_norm = 0;
   std::vector<std::shared_ptr<Pass>> passes;  // this step's armed passes
@@ -332,12 +337,12 @@ struct State {
   void emit(int64_t col, const at::Tensor& g) {
     // Autograd often hands the same tensor to several hooks in a row (see capture._emit).
     float v;
-    if (last.defined() && last.unsafeGetTensorImpl() == g.unsafeGetTensorImpl() &&
+    if (!last.expired() && last._unsafe_get_target() == g.unsafeGetTensorImpl() &&
         last_version == static_cast<int64_t>(g._version())) {
       v = last_norm;
     } else {
       v = l2(g);
-      last = g;
+      last = WeakTensor(g.getIntrusivePtr());
       last_version = g._version();
       last_norm = v;
     }
@@ -551,6 +556,7 @@ struct Recorder {
   std::map<std::vector<int64_t>, int64_t> layouts;  // (present; -1; columns) -> number
   std::vector<std::vector<int64_t>> layout_keys;
   std::vector<float> row;  // the last step's values, for put()
+  std::vector<int64_t> key;  // ... and its layout's key (kept: no allocation a step)
   int64_t armed = 0, missed = 0;
   Stats stats;
   // The root's forward hook (RootHook): what it saw this step, read by notes().
@@ -854,7 +860,7 @@ struct Recorder {
     pass_missed = false;
     for (auto& pass : st->passes) pass->close(*st, record && st->error.empty());
     st->passes.clear();
-    st->last = at::Tensor();
+    st->last.reset();
     st->miss_reached = false;
     if (!record || !st->error.empty()) {
       st->cols.clear();
@@ -867,7 +873,7 @@ struct Recorder {
       }
       return -1;
     }
-    std::vector<int64_t> key;
+    key.clear();
     row.clear();
     for (size_t i = 0; i < params.size(); ++i) {
       const auto& g = params[i].grad();
@@ -896,9 +902,21 @@ struct Recorder {
     }
     st->cols.clear();
     st->vals.clear();
-    auto [it, fresh] = layouts.emplace(std::move(key), static_cast<int64_t>(layouts.size()));
-    if (fresh) layout_keys.push_back(it->first);
+    auto it = layouts.find(key);
+    if (it == layouts.end()) {
+      it = layouts.emplace(key, static_cast<int64_t>(layouts.size())).first;
+      layout_keys.push_back(it->first);
+    }
     return it->second;
+  }
+
+  // take(true, loss), and when the step's layout is number want (that of the caller's
+  // buffer, with room: the usual step) its row into row at of buf, as put(): one call.
+  int64_t take_into(const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& buf,
+                    int64_t at, int64_t want) {
+    const int64_t lid = take(true, loss);
+    if (lid == want && buf.has_value()) put(*buf, at);
+    return lid;
   }
 
   // The step's values into row ``at`` of buf (the caller's float32 host buffer).
@@ -967,6 +985,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("arm", &Recorder::arm)
       .def("take", &Recorder::take)
       .def("put", &Recorder::put)
+      .def("take_into", &Recorder::take_into)
       .def("layout", &Recorder::layout)
       .def("forget_layouts", &Recorder::forget_layouts)
       .def("add_layer", &Recorder::add_layer)
