@@ -260,6 +260,40 @@ def test_accumulation_every_and_loss_kinds_match_python() -> None:
     assert_same(table(python), table(fast), rel=5e-5)
 
 
+@pytest.mark.parametrize("layouts", [capture.NATIVE_LAYOUTS, 2])
+def test_rows_across_buffers_loss_kinds_and_renumbered_layouts_match_python(
+        layouts: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More steps than a row buffer holds, the loss's kind changing in runs (a new layout
+    each time: a tensor, a number, none), and (2) the native layouts numbered afresh every
+    third new one: each step's row lands where Python's does."""
+    monkeypatch.setattr(capture, "NATIVE_LAYOUTS", layouts)
+    steps = capture.ROWS_AT_ONCE + 60
+
+    def kind(i: int) -> int:  # 0: a tensor, 1: a number, 2: no loss given
+        return (i // 7) % 3 if i > capture.ROWS_AT_ONCE - 10 else 0
+
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = demos.DEMOS["mlp"].build()
+        x, y = data("mlp", 16)
+        with gradviz.record(model, None, native=native_) as rec:
+            for i in range(steps):
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(model(x + 0.01 * i), y)
+                loss.backward()
+                rec.step(loss if kind(i) == 0 else float(loss.detach()) if kind(i) == 1
+                         else None)
+        return rec
+
+    python, fast = run(False), run(True)
+    assert fast._nat.armed == steps - 1 and fast._nat.missed == 0
+    assert fast.recording.history.steps == python.recording.history.steps == list(range(steps))
+    assert_same(table(python), table(fast), rel=5e-5)
+    no_loss = [i for i in range(steps) if kind(i) == 2]
+    assert len(no_loss) > 10 and [i for i, v in enumerate(table(fast)[("loss",)])
+                                  if np.isnan(v)] == no_loss
+
+
 def test_retain_graph_and_create_graph_match_python() -> None:
     def run(native_: bool) -> gradviz.Recorder:
         torch.manual_seed(0)
