@@ -31,7 +31,6 @@
 #include <limits>
 #include <map>
 #include <set>
-#include <unordered_set>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -302,18 +301,16 @@ struct Spec {  // one hooked node: what it measures
 
 struct Plan {
   std::vector<uint64_t> shape;
-  std::vector<std::pair<int64_t, std::shared_ptr<const Spec>>> hooks;  // (place in walk, spec)
-  std::vector<std::pair<int64_t, int64_t>> groups;                     // (column, parts)
+  // (place in walk, spec): one block, which each armed pass keeps alive for its hooks
+  using Hooks = std::vector<std::pair<int64_t, Spec>>;
+  std::shared_ptr<const Hooks> hooks = std::make_shared<const Hooks>();
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (column, parts)
   // Two passes of this shape had different plans in Python (they differ in what the walk
   // cannot see: which parameter-free module ran): never armed, always Python.
   bool ambiguous = false;
 
   bool same(const Plan& o) const {
-    if (groups != o.groups || hooks.size() != o.hooks.size()) return false;
-    for (size_t i = 0; i < hooks.size(); ++i)
-      if (hooks[i].first != o.hooks[i].first || !(*hooks[i].second == *o.hooks[i].second))
-        return false;
-    return true;
+    return groups == o.groups && *hooks == *o.hooks;
   }
 };
 
@@ -355,8 +352,9 @@ struct Pass {  // one armed pass: its series that arrive in parts
   std::vector<int64_t> col, left, parts;
   std::vector<at::Tensor> sum;
   bool open = true;
+  std::shared_ptr<const Plan::Hooks> specs;  // (its hooks' specs: one count for them all)
 
-  explicit Pass(const Plan& plan) {
+  explicit Pass(const Plan& plan) : specs(plan.hooks) {
     for (const auto& [c, n] : plan.groups) {
       col.push_back(c);
       left.push_back(n);
@@ -387,10 +385,10 @@ struct Pass {  // one armed pass: its series that arrive in parts
 struct Hook : FunctionPostHook {
   std::shared_ptr<State> st;
   std::shared_ptr<Pass> pass;
-  std::shared_ptr<const Spec> spec;
+  const Spec* spec;  // (in pass->specs)
 
-  Hook(std::shared_ptr<State> s, std::shared_ptr<Pass> p, std::shared_ptr<const Spec> sp)
-      : st(std::move(s)), pass(std::move(p)), spec(std::move(sp)) {}
+  Hook(std::shared_ptr<State> s, std::shared_ptr<Pass> p, const Spec* sp)
+      : st(std::move(s)), pass(std::move(p)), spec(sp) {}
 
   variable_list operator()(const variable_list& grad_inputs,
                            const variable_list& grad_outputs) override {
@@ -431,26 +429,66 @@ struct MissHook : FunctionPostHook {
   }
 };
 
-using Params = std::unordered_set<const c10::TensorImpl*>;
+// The parameters' TensorImpls, sorted: a binary search over one small array (cold, on a
+// step recorded 1 in N, a hash set's buckets and nodes cost a cache miss each).
+struct Params {
+  std::vector<const c10::TensorImpl*> sorted;
+  void insert(const c10::TensorImpl* p) {
+    sorted.insert(std::upper_bound(sorted.begin(), sorted.end(), p), p);
+  }
+  bool count(const c10::TensorImpl* p) const {
+    return std::binary_search(sorted.begin(), sorted.end(), p);
+  }
+};
 
 // What kind() needs of a node's class, found once per class: dynamic_cast and hash_code
 // read the class's name and its bases' (strings cold in memory on a step recorded 1 in N).
 struct TypeKind {
-  bool accumulate;  // an AccumulateGrad (or a subclass): a leaf
-  bool py;          // a torch::autograd::PyNode: a custom autograd.Function
-  uint64_t hash;
+  const std::type_info* type = nullptr;
+  bool accumulate = false;  // an AccumulateGrad (or a subclass): a leaf
+  bool py = false;          // a torch::autograd::PyNode: a custom autograd.Function
+  uint64_t hash = 0;
 };
-using TypeKinds = std::unordered_map<const std::type_info*, TypeKind>;
+
+// The classes seen, by their type_info's address: open addressing in one small array (a
+// class's entry is one cache line; a hash map's bucket and node are two, apart).
+struct TypeKinds {
+  std::vector<TypeKind> slots = std::vector<TypeKind>(64);
+  size_t used = 0;
+
+  static size_t hash(const std::type_info* t) {
+    return static_cast<size_t>((reinterpret_cast<uintptr_t>(t) >> 3) * 0x9E3779B97F4A7C15ull);
+  }
+
+  const TypeKind& of(Node* n) {
+    const std::type_info* type = &typeid(*n);
+    const size_t mask = slots.size() - 1;
+    size_t i = hash(type) & mask;
+    for (; slots[i].type != nullptr; i = (i + 1) & mask)
+      if (slots[i].type == type) return slots[i];
+    if (2 * (used + 1) > slots.size()) {  // (grow, then find the class's free slot again)
+      std::vector<TypeKind> old(slots.size() * 2);
+      old.swap(slots);
+      for (const auto& k : old)
+        if (k.type != nullptr) put(k);
+    }
+    ++used;
+    return put(TypeKind{type, dynamic_cast<AccumulateGrad*>(n) != nullptr,
+                        // (torch does not export PyNode's type_info)
+                        std::strcmp(type->name(), "N5torch8autograd6PyNodeE") == 0,
+                        type->hash_code()});
+  }
+
+  TypeKind& put(const TypeKind& k) {
+    const size_t mask = slots.size() - 1;
+    size_t i = hash(k.type) & mask;
+    while (slots[i].type != nullptr) i = (i + 1) & mask;
+    return slots[i] = k;
+  }
+};
 
 uint64_t kind(Node* n, const Params& params, TypeKinds& types) {
-  const std::type_info& type = typeid(*n);
-  auto it = types.find(&type);
-  if (it == types.end())
-    it = types.emplace(&type, TypeKind{dynamic_cast<AccumulateGrad*>(n) != nullptr,
-                                       // (torch does not export PyNode's type_info)
-                                       std::strcmp(type.name(), "N5torch8autograd6PyNodeE") == 0,
-                                       type.hash_code()}).first;
-  const TypeKind& k = it->second;
+  const TypeKind& k = types.of(n);
   if (k.accumulate) {  // a parameter: which one
     const c10::TensorImpl* p = static_cast<AccumulateGrad*>(n)->variable.unsafeGetTensorImpl();
     // (any other leaf, an input that requires grad, is new every step: all alike)
@@ -586,16 +624,15 @@ struct Recorder {
       auto seq = order[i]->sequence_nr();
       if (!by_seq.emplace(seq, static_cast<int64_t>(i)).second) by_seq[seq] = -1;
     }
+    auto specs = std::make_shared<Plan::Hooks>();
     for (const auto& [seq, outs_, ins] : hooks) {
       auto it = by_seq.find(seq);
       if (it == by_seq.end() || it->second < 0) return false;
-      auto spec = std::make_shared<Spec>();
-      spec->outs = outs_;
-      spec->ins = ins;
       for (const auto& [index, col, gi] : ins)
         if (gi >= static_cast<int64_t>(groups.size())) return false;
-      plan.hooks.emplace_back(it->second, std::move(spec));
+      specs->emplace_back(it->second, Spec{outs_, ins});
     }
+    plan.hooks = std::move(specs);
     plan.groups = groups;
     for (auto& p : plans) {
       if (p.shape != plan.shape) continue;
@@ -624,8 +661,8 @@ struct Recorder {
       if (plan.ambiguous || !cpu) break;
       auto pass = std::make_shared<Pass>(plan);
       st->passes.push_back(pass);
-      for (const auto& [i, spec] : plan.hooks)
-        order[i]->add_post_hook(std::make_unique<Hook>(st, pass, spec));
+      for (const auto& [i, spec] : *plan.hooks)
+        order[i]->add_post_hook(std::make_unique<Hook>(st, pass, &spec));
       ++armed;
       return 1;
     }
