@@ -98,6 +98,44 @@ def test_native_records_what_python_records(name: str) -> None:
         assert_same(table(python), table(fast), rel=5e-5)
 
 
+class ManyOps(nn.Module):
+    """A graph of more kinds of autograd node than the native recorder's class table holds
+    at first (it grows): forty-odd elementwise functions of one layer's output, summed."""
+
+    OPS = ("sin", "cos", "exp", "tanh", "sigmoid", "relu", "abs", "neg", "log1p", "sqrt",
+           "square", "atan", "asinh", "erf", "expm1", "sinh", "cosh", "reciprocal", "rsqrt",
+           "tan", "acos", "asin", "atanh", "erfinv", "lgamma", "digamma", "log", "log2",
+           "log10", "exp2", "deg2rad", "rad2deg", "sinc")
+    F = ("softplus", "gelu", "silu", "elu", "selu", "mish", "hardtanh", "logsigmoid", "celu",
+         "hardswish", "hardsigmoid", "relu6", "softsign", "tanhshrink")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.sigmoid(self.fc1(x)) * 0.5 + 0.1  # (in every function's domain)
+        fns = [getattr(torch, o) for o in self.OPS] + [getattr(nn.functional, f) for f in self.F]
+        return self.fc2(sum(f(z) for f in fns) / len(fns))
+
+
+def test_native_learns_a_graph_of_many_node_kinds() -> None:
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = ManyOps()
+        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        with gradviz.record(model, None, native=native_) as rec:
+            for i in range(4):
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x + 0.1 * i), y).backward()
+                rec.step()
+        return rec
+
+    python, fast = run(False), run(True)
+    assert (fast._nat.armed, fast._nat.missed) == (3, 0)
+    assert_same(table(python), table(fast), rel=5e-5)
+
+
 def test_native_keeps_tiny_gradients_that_torch_float32_loses() -> None:
     """The "plain" demo's early layers get gradients below 1e-20: torch's float32 norm gives
     0 or a value off by orders of magnitude there; the native loop gives float64's value."""
