@@ -87,6 +87,22 @@ def test_overhead_some_conditions_only() -> None:
     assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr
 
 
+def test_overhead_in_several_processes_gives_each_targets_median() -> None:
+    r = run("overhead.py", "--quick", "--conditions", "gradviz every=10", "--processes", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = next(line for line in r.stdout.splitlines() if "| gradviz every=10" in line)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[0] == "mlp" and len(cells[2].split()) == 2  # (one ratio per process)
+    ratios = sorted(float(v) for v in cells[2].split())
+    assert float(cells[3][:-1]) == pytest.approx(sum(ratios) / 2, abs=1e-3)  # the median
+    assert float(cells[4][:-1]) == ratios[-1] and cells[5] == "1.01x"
+    assert r.stderr.count("process ") == 2
+    r = run("overhead.py", "--processes", "0")
+    assert r.returncode == 2 and "--processes must be at least 1" in r.stderr
+    r = run("overhead.py", "--cycle", "mlp", "--processes", "2")
+    assert r.returncode == 2 and "not with --profile, --cycle" in r.stderr
+
+
 def test_overhead_profile_and_scaling_run() -> None:
     r = run("overhead.py", "--profile", "mlp", "--profile-steps", "20")
     assert r.returncode == 0, r.stderr[-3000:]
