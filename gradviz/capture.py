@@ -1067,11 +1067,12 @@ class Recorder:
             return
         # What the root's hook saw (native.cpp on_root): None when every pass was armed.
         notes = nat.notes() if native_now else None
+        unseen = False  # (native: no pass armed, none missed, so no layer call)
         if notes is not None:  # (passes armed, a pass not armed that backward reached
             seen, self._nat_missed, stop = notes  # or never can be, why never)
             if stop is not None:
                 self._nat_stop = stop
-        missed = native_now and self._nat_missed
+            unseen = not seen and not self._nat_missed
         if self._nat is not None and (not native_now or self._nat_missed):
             self._native_on = self._native_next(native_now, step)
             if self._native_on != native_now:
@@ -1094,8 +1095,7 @@ class Recorder:
             return
         try:
             if native_now:
-                self._record_native(nat, step, loss,
-                                    notes is not None and not seen and not missed)
+                self._record_native(nat, step, loss, unseen)
             else:
                 with torch.no_grad():  # (parameter gradients with a graph: create_graph=True)
                     self._record(step, loss)

@@ -605,6 +605,11 @@ struct Recorder {
   py::object py_outputs;     // capture._grad_outputs, for an output that is not a tensor
   py::object py_config;      // capture._dynamo_config_compiled_autograd
   py::object capture_dict;   // gradviz.capture's globals (its _CA_ENTRY)
+  struct {                   // the names compiled_autograd_on reads, made once
+    py::str ca{"torch._dynamo.compiled_autograd"}, cfg{"torch._dynamo.config"},
+        enabled{"compiled_autograd_enabled"}, region{"in_compiled_autograd_region"},
+        entry{"_CA_ENTRY"};
+  } names;
 
   explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {
     for (const auto& p : params) param_set.insert(p.unsafeGetTensorImpl());
@@ -672,13 +677,11 @@ struct Recorder {
     return cpu ? 0 : -1;
   }
 
-  bool miss_reached() const { return st->miss_reached; }
-
   // -- the root's forward hook (capture's forward hook for native steps, in C++) ---------
 
   // An attribute of obj, as truth (missing: false).
-  static bool flag(PyObject* obj, const char* name) {
-    PyObject* v = PyObject_GetAttrString(obj, name);
+  static bool flag(PyObject* obj, const py::str& name) {
+    PyObject* v = PyObject_GetAttr(obj, name.ptr());
     if (v == nullptr) {
       if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw py::error_already_set();
       PyErr_Clear();
@@ -690,8 +693,8 @@ struct Recorder {
     return truth == 1;
   }
 
-  static py::object loaded(const char* name) {  // sys.modules[name], or None: no import
-    PyObject* m = PyImport_GetModule(py::str(name).ptr());
+  static py::object loaded(const py::str& name) {  // sys.modules[name], or None: no import
+    PyObject* m = PyImport_GetModule(name.ptr());
     if (m == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       return py::none();
@@ -703,14 +706,13 @@ struct Recorder {
   // compiled_autograd through capture's cached entry (cfg, context variable or None,
   // unset marker, value); anything else, capture's own read (which caches the entry).
   bool compiled_autograd_on() {
-    py::object ca = loaded("torch._dynamo.compiled_autograd");
+    py::object ca = loaded(names.ca);
     if (ca.is_none()) return false;  // (never imported: never on)
-    if (flag(ca.ptr(), "compiled_autograd_enabled") ||
-        flag(ca.ptr(), "in_compiled_autograd_region"))
+    if (flag(ca.ptr(), names.enabled) || flag(ca.ptr(), names.region))
       return true;
-    py::object cfg = loaded("torch._dynamo.config");
+    py::object cfg = loaded(names.cfg);
     if (cfg.is_none()) return false;
-    PyObject* entry = PyDict_GetItemString(capture_dict.ptr(), "_CA_ENTRY");  // (borrowed)
+    PyObject* entry = PyDict_GetItem(capture_dict.ptr(), names.entry.ptr());  // (borrowed)
     if (entry == nullptr || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4 ||
         PyTuple_GET_ITEM(entry, 0) != cfg.ptr())
       return py_config().cast<bool>();
@@ -1029,14 +1031,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_activation", &Recorder::add_activation)
       .def("unit_column", &Recorder::unit_column)
       .def("begin", &Recorder::begin)
-      .def("recording", [](const Recorder&) { return recording_forward(); },
-           "whether a forward now is recorded: grad mode on, not in backward")
       .def("stat", &Recorder::stat)
       .def("stat_one", [](Recorder& r, const at::Tensor& t, int64_t slot) {
         r.stat({t}, slot);
       })
       .def("unit", &Recorder::unit)
-      .def_property_readonly("miss_reached", &Recorder::miss_reached)
       .def_readonly("armed", &Recorder::armed)
       .def_readonly("missed", &Recorder::missed)
       .def_property_readonly("plans", [](const Recorder& r) { return r.plans.size(); });
