@@ -68,6 +68,15 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _host(text: str) -> str:
+    if not text.strip():  # (it listened on every interface and printed http://:5000/)
+        raise argparse.ArgumentTypeError(
+            "expected an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every "
+            "interface), got ''"
+        )
+    return text.strip()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked."""
     p = _Parser(description="Serve (or export) the gradient-flow graph of a recorded run.")
@@ -95,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--host",
         default="127.0.0.1",
+        type=_host,
         help="address to listen on (default: %(default)s, this machine only)",
     )
     p.add_argument("--port", default=5000, type=_port, help="port (default: %(default)s)")

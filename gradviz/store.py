@@ -8,9 +8,11 @@ doubling; on disk each series is one base64 string (see gradviz.schema).
 from __future__ import annotations
 
 import binascii
+import json
 import operator
 import os
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -631,7 +633,13 @@ def parse(data: bytes, path: Path | None = None) -> Run:
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        raise FileFormatError(f"{name} is not valid JSON ({e})") from e
+        # Python's json.dump writes a NaN or infinite norm as a bare NaN / Infinity, which
+        # strict JSON (orjson) refuses: a file of the original project whose gradients blew
+        # up is exactly such a file. Python's own parser takes those.
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
+            raise FileFormatError(f"{name} is not valid JSON ({e})") from e
     try:
         version = schema.validate(doc)
         return Run(doc, version, path)
@@ -643,17 +651,33 @@ def parse(data: bytes, path: Path | None = None) -> Run:
         ) from e
 
 
+def read_file(path: Path) -> tuple[bytes, os.stat_result]:
+    """A recorded file's bytes and the stat of what was read; FileFormatError saying why not.
+
+    Only a regular file is read: a device (/dev/zero), a pipe or a socket would never end or
+    never answer.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # (before opening: opening a pipe waits for a writer)
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+            raise FileFormatError(f"{path} is {what}, not a file; pass the path of a "
+                                  "training_output.json written by python extract.py")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())  # (of the file read, even if it is replaced meanwhile)
+            if not stat.S_ISREG(st.st_mode):  # (replaced between the two looks)
+                raise FileFormatError(f"{path} is not a regular file; pass the path of a "
+                                      "training_output.json")
+            return f.read(), st
+    except FileNotFoundError as e:
+        raise FileFormatError(
+            f"{path} does not exist; record a run first with: python extract.py"
+        ) from e
+    except OSError as e:
+        raise FileFormatError(f"cannot read {path}: {e.strerror}") from e
+
+
 def load(path: str | os.PathLike[str] = "training_output.json") -> Run:
     """Read a training_output.json written by gradviz (or in the original minimal format)."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError as e:
-        raise FileFormatError(
-            f"{p} does not exist; record a run first with: python extract.py"
-        ) from e
-    except IsADirectoryError as e:
-        raise FileFormatError(f"{p} is a directory, not a training_output.json file") from e
-    except OSError as e:
-        raise FileFormatError(f"cannot read {p}: {e.strerror}") from e
-    return parse(data, p)
+    return parse(read_file(p)[0], p)

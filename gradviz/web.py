@@ -68,16 +68,7 @@ def no_gc() -> Iterator[None]:
 
 def read_run(path: Path) -> tuple[store.Run, tuple[int, int, int]]:
     """Parse the file and return it with the (mtime, size, inode) of what was read."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())  # of the file we read, even if it is replaced meanwhile
-            data = f.read()
-    except FileNotFoundError:
-        return store.load(path), (0, 0, 0)  # store words the error
-    except IsADirectoryError:
-        return store.load(path), (0, 0, 0)
-    except OSError as e:
-        raise FileFormatError(f"cannot read {path}: {e.strerror}") from e
+    data, st = store.read_file(path)  # (store words every error)
     try:
         with no_gc():
             run = store.parse(data, path)

@@ -77,6 +77,34 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     assert_one_line_error(run("--input", tmp_path), "is a directory")
 
 
+def test_a_device_or_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    # /dev/zero was read until memory ran out; a pipe with no writer waited forever
+    pipe = tmp_path / "run.fifo"
+    os.mkfifo(pipe)
+    for path in (Path("/dev/zero"), pipe):
+        r = run("--input", path, "--report", timeout=20)
+        assert_one_line_error(r, str(path), "a device, pipe or socket", "training_output.json")
+        assert_one_line_error(run("--input", path, "--port", "0", timeout=20), "not a file")
+
+
+def test_bare_nan_and_infinity_as_python_json_writes_them(tmp_path: Path) -> None:
+    # json.dump (the original project's writer) spells NaN and inf so; strict JSON does not
+    p = write(tmp_path, b'{"nodes": [{"id": "fc1", "gradient_norm": NaN}, '
+                        b'{"id": "fc2", "gradient_norm": Infinity}], '
+                        b'"edges": [{"source": "fc1", "target": "fc2", "gradient_norm": 0.5}]}',
+              "python.json")
+    r = run("--input", p, "--report")
+    assert r.returncode == 1, r.stderr  # critical: non-finite gradients
+    assert "non-finite" in r.stdout and "fc1" in r.stdout
+    # still not JSON: a lower-case nan, and -Infinity as a norm, each named
+    assert_one_line_error(run("--input", write(tmp_path, b'{"nodes": [{"id": "a", '
+                                                         b'"gradient_norm": nan}]}'),
+                              "--report"), "bad.json", "not valid JSON")
+    assert_one_line_error(run("--input", write(tmp_path, b'{"nodes": [{"id": "a", '
+                                                         b'"gradient_norm": -Infinity}]}'),
+                              "--report"), "cannot be negative")
+
+
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
@@ -92,6 +120,7 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         (["--depth", "deep"], ["--depth", "'deep'"]),
         (["--depth", "\u00b2"], ["--depth", "auto, full or a whole number"]),
         (["--port", "\uff18\uff10"], ["--port", "65535"]),  # full-width 80
+        (["--host", ""], ["--host", "127.0.0.1", "0.0.0.0"]),  # (it printed http://:5000/)
     ],
 )
 def test_bad_flags_are_one_line_exit_2(flags: list[str], words: list[str]) -> None:
