@@ -80,6 +80,23 @@ def _trainable(model: nn.Module) -> tuple[_Params, _Layers]:
 
 
 @contextmanager
+def _twice_differentiable_attention() -> Iterator[None]:
+    """scaled_dot_product_attention by its math kernel, which has a double backward.
+
+    The fused kernels torch picks otherwise (flash attention on the CPU among them) have
+    none, so a Hessian-vector product through a transformer raised "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented".
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # (torch >= 2.3)
+    except ImportError:
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextmanager
 def _restoring_buffers(model: nn.Module) -> Iterator[None]:
     """Put buffers (e.g. BatchNorm running statistics) back as they were, and enable grad."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
@@ -300,7 +317,8 @@ def top_hessian_eigenvalue(
     used, converged = 0, False
 
     with _restoring_buffers(model):
-        loss = _loss(model, loss_fn, x, y)
+        with _twice_differentiable_attention():
+            loss = _loss(model, loss_fn, x, y)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         # a gradient that is constant in the parameters contributes nothing to H v
         live = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]

@@ -237,6 +237,40 @@ def test_hessian_is_seeded_and_checks_its_arguments() -> None:
         analyses.top_hessian_eigenvalue(model, mse, x, y, tol=-1)
 
 
+class Attention(nn.Module):
+    """One attention layer, by F.scaled_dot_product_attention or written out by hand."""
+
+    def __init__(self, dim: int = 4, by_hand: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.qkv, self.out, self.by_hand = nn.Linear(dim, 3 * dim), nn.Linear(dim, 2), by_hand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (two heads: the fused kernels take (batch, heads, tokens, dim))
+        q, k, v = (z.reshape(b, t, 2, d // 2).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        if self.by_hand:
+            w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+            y = w @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.mean(dim=2).reshape(b, d))
+
+
+def test_hessian_through_scaled_dot_product_attention() -> None:
+    # torch's fused attention kernels have no double backward: the analysis picks the math one
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4), dtype=DT)
+    y = torch.randn(3, 2, generator=torch.Generator().manual_seed(5), dtype=DT)
+    fused, by_hand = Attention().to(DT), Attention(by_hand=True).to(DT)
+    with pytest.raises(RuntimeError, match="not implemented"):  # (so the test can fail)
+        grads = torch.autograd.grad(mse(fused, x, y), list(fused.parameters()),
+                                    create_graph=True)
+        torch.autograd.grad(sum(g.sum() for g in grads), list(fused.parameters()))
+    out = analyses.top_hessian_eigenvalue(fused, mse, x, y, iters=300, tol=1e-10)
+    expected = top_by_magnitude(full_hessian(by_hand, x, y))
+    assert out["converged"]
+    assert out["eigenvalue"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_hessian_of_a_loss_linear_in_its_parameters_is_zero() -> None:
     model = LinearLoss(3)
     z = torch.ones(2, 3, dtype=DT)
