@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
-from gradviz import demos, store
-from gradviz.analyses import COST
-from gradviz.diagnose import Thresholds, diagnose, format_report
-from gradviz.errors import GradvizError
-from gradviz.store import Run
+try:  # (torch loads here, a second or more: a Ctrl-C meanwhile ends quietly, as it does later)
+    from gradviz import demos, store
+    from gradviz.analyses import COST
+    from gradviz.diagnose import Thresholds, diagnose, format_report
+    from gradviz.errors import GradvizError
+    from gradviz.store import Run
+except KeyboardInterrupt:
+    sys.exit(130)
+
+_terminated = False  # SIGTERM arrived (it ends the run as Ctrl-C does)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +126,9 @@ def summary(run: Run) -> list[str]:
 
 
 def analysis_line(name: str, value: dict) -> str:
-    """One line for a deeper analysis' headline number."""
+    """One line for a deeper analysis' headline number (or why it has none)."""
+    if "error" in value:
+        return f"not computed: {value['error']}"
     if name == "noise_scale":
         return f"B_simple = {value['model']['noise_scale']:.4g} (batch {value['b_small']})"
     if name == "hessian":
@@ -180,11 +190,18 @@ def check_flags(args: argparse.Namespace, analyses: tuple[str, ...]) -> None:
                      accumulate=args.accumulate, analyses=analyses, world=args.nproc)
 
 
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (kill, a job scheduler's stop) ends training as Ctrl-C does: the recorder
+    writes every recorded step on its way out, instead of losing those since its last
+    periodic write."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit code."""
     args = parse_args(argv)
-    from gradviz import train
-
     chosen = tuple(name for name, on in (("noise_scale", args.noise_scale),
                                          ("hessian", args.hessian),
                                          ("covariance", args.covariance)) if on)
@@ -200,6 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = Thresholds(vanishing=args.vanish_below, exploding=args.explode_above,
                             dead=args.dead_above, saturated=args.saturated_above,
                             jump=args.jump_above)
+    # (one process only: under torchrun the launcher stops the ranks itself; and signal
+    # handlers can only be set from the main thread)
+    term = (signal.signal(signal.SIGTERM, _on_sigterm) if distributed is None
+            and threading.current_thread() is threading.main_thread() else None)
+    try:
+        return _run(args, chosen, distributed, rank, thresholds)
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+
+
+def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | None,
+         rank: int, thresholds: Thresholds) -> int:
+    """Train, diagnose, write and report: main() once the flags are checked."""
+    from gradviz import train
+
     try:
         result = train.train(
             args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -230,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(findings))
     print(f"view it with: python visualize.py --input {result.path}")
     if result.interrupted:
-        print(f"interrupted after {result.steps} steps; every recorded step was kept",
+        how = "terminated" if _terminated else "interrupted"
+        print(f"{how} after {result.steps} steps; every recorded step was kept",
               file=sys.stderr)
-        return 130
+        return 143 if _terminated else 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (while the flags are read, or the findings written at the end)
+        print("extract.py: interrupted; the file holds every step recorded", file=sys.stderr)
+        sys.exit(143 if _terminated else 130)

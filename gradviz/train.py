@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -201,16 +203,43 @@ def train(
                     bar.update(done, last)
             except KeyboardInterrupt:
                 interrupted = True  # leaving the with block writes every step recorded so far
+            except RuntimeError as e:
+                if not _out_of_memory(e):
+                    raise
+                # (the with block still writes every step recorded so far)
+                raise RecordingError(f"out of memory at step {done} with --batch-size "
+                                     f"{batch_size} ({_allocation(e)}); try a smaller "
+                                     "--batch-size") from e
         if analyses and not interrupted and world == 1:
-            results = run_analyses(model, loss_fn, x_all, y_all, batch_size, analyses, g, dev)
-            rec.recording.meta = {**rec.recording.meta, "analyses": results}
-            if rec.path is not None:
-                store.save(rec.path, rec.recording)
+            try:
+                results = run_analyses(model, loss_fn, x_all, y_all, batch_size, analyses, g,
+                                       dev)
+            except KeyboardInterrupt:  # (the training is written already: keep it as it is)
+                interrupted = True
+            else:
+                rec.recording.meta = {**rec.recording.meta, "analyses": results}
+                if rec.path is not None:
+                    store.save(rec.path, rec.recording)
         return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
     finally:
         if distributed:
             trained = model  # drop the DDP wrapper (and its reducer) before the group goes
             _leave()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed (torch.OutOfMemoryError, or the CPU allocator's error)."""
+    oom: Any = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(e, oom) or "can't allocate memory" in str(e)
+
+
+def _allocation(e: BaseException) -> str:
+    """What the failed allocation asked for, in a few words."""
+    m = re.search(r"(?i)tried to allocate (\d+) bytes", str(e))  # (the CPU allocator)
+    if m:
+        return f"it asked for {int(m.group(1)) / 1e9:.3g} GB"
+    m = re.search(r"(?i)tried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))  # (CUDA's)
+    return f"it asked for {m.group(1)}" if m else (str(e).strip().splitlines() or [""])[0][:120]
 
 
 def _leave() -> None:
@@ -254,7 +283,10 @@ def _join(mode: str, device: str) -> tuple[torch.device, int, int]:
 def run_analyses(model: nn.Module, loss_fn: nn.Module, x_all: torch.Tensor,
                  y_all: torch.Tensor, batch_size: int, names: tuple[str, ...],
                  g: torch.Generator, dev: torch.device) -> dict[str, object]:
-    """The deeper analyses on the trained model, on 8 fresh batches (outside the recorder)."""
+    """The deeper analyses on the trained model, on 8 fresh batches (outside the recorder).
+
+    One that fails gives {"error": its first line} instead of a result.
+    """
     def fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_fn(m(x), y)
 
@@ -262,11 +294,14 @@ def run_analyses(model: nn.Module, loss_fn: nn.Module, x_all: torch.Tensor,
     for _ in range(8):
         idx = torch.randint(0, DATASET_SIZE, (batch_size,), generator=g)
         batches.append((x_all[idx].to(dev), y_all[idx].to(dev)))
+    todo = {"noise_scale": lambda: deep.gradient_noise_scale(model, fn, batches),
+            "hessian": lambda: deep.top_hessian_eigenvalue(model, fn, *batches[0]),
+            "covariance": lambda: deep.gradient_covariance(model, fn, batches)}
     out: dict[str, object] = {}
-    if "noise_scale" in names:
-        out["noise_scale"] = deep.gradient_noise_scale(model, fn, batches)
-    if "hessian" in names:
-        out["hessian"] = deep.top_hessian_eigenvalue(model, fn, *batches[0])
-    if "covariance" in names:
-        out["covariance"] = deep.gradient_covariance(model, fn, batches)
+    for name in (n for n in todo if n in names):
+        try:
+            out[name] = todo[name]()
+        except RuntimeError as e:  # (an op without the derivative it needs, memory: the
+            # trained run and its diagnosis stand; the analysis says why it has no result)
+            out[name] = {"error": (str(e).strip().splitlines() or [type(e).__name__])[0][:300]}
     return out

@@ -170,8 +170,65 @@ def test_an_output_that_is_not_a_file_is_left_alone(tmp_path) -> None:
     assert pipe.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe.json"]
 
 
+def test_running_out_of_memory_names_the_batch_size_and_keeps_the_file(tmp_path) -> None:
+    # 10**12 samples: no machine has the memory, so the first allocation fails at once
+    out = run_extract("--batch-size", str(10**12), "--steps", "2", "--no-progress",
+                      cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("extract.py: out of memory at step 0 with "
+                                                   f"--batch-size {10**12} ("), out.stderr
+    assert lines[0].endswith("); try a smaller --batch-size")
+    validate_against_schema(tmp_path / "training_output.json")  # (written, with no step)
+
+
+def test_an_analysis_that_fails_leaves_the_run_and_its_diagnosis(tmp_path, monkeypatch
+                                                                  ) -> None:
+    import extract
+    from gradviz import analyses
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("derivative for aten::something is not implemented\nmore")
+
+    monkeypatch.setattr(analyses, "top_hessian_eigenvalue", fails)
+    path = tmp_path / "run.json"
+    result = train.train("mlp", steps=3, output=path, device="cpu", progress=False,
+                         analyses=("hessian", "covariance"))
+    got = orjson.loads(path.read_bytes())["meta"]["analyses"]
+    assert got["hessian"] == {"error": "derivative for aten::something is not implemented"}
+    assert got["covariance"]["batches"] == 8  # (the others still ran)
+    assert result.steps == 3 and len(result.run.steps) == 3
+    assert extract.analysis_line("hessian", got["hessian"]) == (
+        "not computed: derivative for aten::something is not implemented")
+
+
+def test_ctrl_c_during_the_analyses_keeps_the_trained_run(tmp_path, monkeypatch) -> None:
+    from gradviz import analyses
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analyses, "gradient_noise_scale", interrupted)
+    path = tmp_path / "run.json"
+    result = train.train("mlp", steps=3, output=path, device="cpu", progress=False,
+                         analyses=("noise_scale",))
+    assert result.interrupted and result.steps == 3
+    doc = orjson.loads(path.read_bytes())
+    assert "analyses" not in doc["meta"] and doc["history"]["steps"] == [0, 1, 2]
+
+
+def test_hessian_of_the_transformer_demo(tmp_path) -> None:
+    # torch's CPU attention kernel has no double backward: this ended in a traceback
+    out = run_extract("--model", "transformer", "--steps", "2", "--hessian", "--no-progress",
+                      cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^hessian: top eigenvalue -?[\d.]+(e[-+]\d+)? after \d+ iterations",
+                     out.stdout, re.M), out.stdout
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_a_run_stopped_mid_way_leaves_a_valid_file(tmp_path, sig: int) -> None:
     path = tmp_path / "training_output.json"
     proc = subprocess.Popen([sys.executable, EXTRACT, "--steps", "1000000", "--no-progress"],
@@ -191,7 +248,10 @@ def test_a_run_stopped_mid_way_leaves_a_valid_file(tmp_path, sig: int) -> None:
     run = gradviz.load(path)
     assert len(run.steps) >= 2
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written temporary file left
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
-        done = int(re.search(r"interrupted after (\d+) steps", err).group(1))
+    if sig in (signal.SIGINT, signal.SIGTERM):  # (SIGTERM once lost the steps since the
+        # last periodic write; now it ends the run as Ctrl-C does)
+        how, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err
+        done = int(re.search(rf"{how} after (\d+) steps", err).group(1))
         assert run.steps[-1] + 1 >= done  # every completed step is in the file
