@@ -88,8 +88,12 @@ def test_overhead_some_conditions_only() -> None:
 
 
 def test_overhead_in_several_processes_gives_each_targets_median() -> None:
-    r = run("overhead.py", "--quick", "--conditions", "gradviz every=10", "--processes", "2")
+    r = run("overhead.py", "--quick", "--conditions", "bare again", "gradviz every=10",
+            "--processes", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    noise = next(line for line in r.stdout.splitlines() if " bare again |" in line)
+    cells = [c.strip() for c in noise.split("|")[1:-1]]
+    assert len(cells[2].split()) == 2 and cells[5:] == ["-", "-"]  # (no target of its own)
     row = next(line for line in r.stdout.splitlines() if "| gradviz every=10" in line)
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[0] == "mlp" and len(cells[2].split()) == 2  # (one ratio per process)
