@@ -273,6 +273,7 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # (while the flags are read, or the findings written at the end)
-        print("extract.py: interrupted; the file holds every step recorded", file=sys.stderr)
+    except KeyboardInterrupt:  # (while the flags are read, or the findings written at the end:
+        # before training there is no file, after it the file is whole, written atomically)
+        print("extract.py: interrupted", file=sys.stderr)
         sys.exit(143 if _terminated else 130)

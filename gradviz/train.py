@@ -239,7 +239,12 @@ def _allocation(e: BaseException) -> str:
     if m:
         return f"it asked for {int(m.group(1)) / 1e9:.3g} GB"
     m = re.search(r"(?i)tried to allocate ([\d.]+ ?[KMGT]i?B)", str(e))  # (CUDA's)
-    return f"it asked for {m.group(1)}" if m else (str(e).strip().splitlines() or [""])[0][:120]
+    return f"it asked for {m.group(1)}" if m else _first_line(e, 120)
+
+
+def _first_line(e: BaseException, limit: int) -> str:
+    """An error's first line, at most limit characters (its type's name if it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def _leave() -> None:
@@ -298,10 +303,12 @@ def run_analyses(model: nn.Module, loss_fn: nn.Module, x_all: torch.Tensor,
             "hessian": lambda: deep.top_hessian_eigenvalue(model, fn, *batches[0]),
             "covariance": lambda: deep.gradient_covariance(model, fn, batches)}
     out: dict[str, object] = {}
-    for name in (n for n in todo if n in names):
+    for name, analyse in todo.items():
+        if name not in names:
+            continue
         try:
-            out[name] = todo[name]()
+            out[name] = analyse()
         except RuntimeError as e:  # (an op without the derivative it needs, memory: the
             # trained run and its diagnosis stand; the analysis says why it has no result)
-            out[name] = {"error": (str(e).strip().splitlines() or [type(e).__name__])[0][:300]}
+            out[name] = {"error": _first_line(e, 300)}
     return out
