@@ -458,6 +458,9 @@ class Recorder:
         # slim one per layer that calls C++: _native_stat_hooks) (see _on_pass_end, step).
         self._native_asked = native
         self._nat: Any = None
+        # its root's forward hook, which also carries the recorded step's two calls to it
+        # (notes, take_into) as plain C calls: native.cpp's RootHook
+        self._nat_hook: Any = None
         self._native_on = False  # this step: native (root hooks only) or Python (all hooks)
         self._nat_learnt = True  # Python steps: every pass of this step was learnt
         self._nat_learnt_n = 0  # ... and how many passes were
@@ -559,6 +562,8 @@ class Recorder:
                 glue.append(module)
         self._open, self._quiet = True, False
         self._nat = self._native_recorder()
+        self._nat_hook = None if self._nat is None else self._nat.root_hook(
+            _grad_outputs, _dynamo_config_compiled_autograd, globals())
         self._nat_hooks = (self._native_stat_hooks(layers, glue)
                            if self._nat is not None and self.activation_stats else [])
         self._nat_regs = []
@@ -675,8 +680,7 @@ class Recorder:
                         h = module.register_forward_hook(_Hook(hook))
                         self._nat_regs.append(_Reg(h, module._forward_hooks))
                 # (C++ as it is: no Python runs for it; a copy of the model gets _Inert)
-                h = root.register_forward_hook(self._nat.root_hook(
-                    _grad_outputs, _dynamo_config_compiled_autograd, globals()))
+                h = root.register_forward_hook(self._nat_hook)
                 self._nat_regs.append(_Reg(h, root._forward_hooks))
             else:
                 for reg in self._nat_regs:
@@ -1066,7 +1070,7 @@ class Recorder:
             self._detach()
             return
         # What the root's hook saw (native.cpp on_root): None when every pass was armed.
-        notes = nat.notes() if native_now else None
+        notes = self._nat_hook.notes() if native_now else None
         unseen = False  # (native: no pass armed, none missed, so no layer call)
         if notes is not None:  # (passes armed, a pass not armed that backward reached
             seen, self._nat_missed, stop = notes  # or never can be, why never)
@@ -1168,7 +1172,7 @@ class Recorder:
             if rows is not None and rows.nat_key is not None and len(rows.steps) < ROWS_AT_ONCE:
                 want = ~rows.nat_key if loss_value is not None else rows.nat_key
                 at = rows.next % ROWS_AT_ONCE
-            lid = nat.take_into(loss if tensor else None,
+            lid = self._nat_hook.take_into(loss if tensor else None,
                                 rows.buf if want >= 0 else None, at, want)  # type: ignore[union-attr]
             if lid != want:  # (want < 0: none, or a number given as the loss's)
                 key: int | None = ~lid if loss_value is not None else lid

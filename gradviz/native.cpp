@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/Exceptions.h>
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
@@ -993,23 +994,110 @@ struct Recorder {
 // The root module's forward hook on native steps, registered in its _forward_hooks as is
 // (a Python function around it costs microseconds, cold, once in every=N steps). A copy of
 // the model (copy.deepcopy, torch.save) gets capture._Inert instead, as for capture._Hook.
+// It also carries the recorded step's two calls from rec.step(), notes() and take_into().
+// A bare CPython type, not a pybind11 class: pybind11's dispatch of a call (overloads,
+// argument casters, the type's registry) cold cost 7-14 us more than a no-op Python hook,
+// more than the hook's own work; these are plain C calls.
 struct RootHook {
-  std::shared_ptr<Recorder> rec;
+  PyObject_HEAD
+  std::shared_ptr<Recorder>* rec;  // (owned; null only if made from Python, which it is not)
 };
 
 py::object inert() { return py::module_::import("gradviz.capture").attr("_Inert"); }
+
+// hook(module, args, output), as nn.Module calls a forward hook registered without kwargs
+PyObject* root_hook_call(PyObject* self, PyObject* args, PyObject* kwargs) {
+  auto* h = reinterpret_cast<RootHook*>(self);
+  if (h->rec == nullptr || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 3 ||
+      (kwargs != nullptr && PyDict_GET_SIZE(kwargs) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "gradviz's root hook takes (module, args, output)");
+    return nullptr;
+  }
+  (*h->rec)->on_root(py::handle(PyTuple_GET_ITEM(args, 2)));  // (keeps its own errors)
+  Py_RETURN_NONE;
+}
+
+void root_hook_dealloc(PyObject* self) {
+  auto* h = reinterpret_cast<RootHook*>(self);
+  delete h->rec;
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);  // (an instance of a heap type holds a reference to it)
+}
+
+PyObject* root_hook_copy(PyObject*, PyObject*) {  // __deepcopy__(memo): an inert hook
+  HANDLE_TH_ERRORS
+  return inert()().release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* root_hook_reduce(PyObject*, PyObject*) {  // pickled: an inert hook
+  HANDLE_TH_ERRORS
+  return py::make_tuple(inert(), py::tuple()).release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+// notes(): Recorder.notes
+PyObject* root_hook_notes(PyObject* self, PyObject*) {
+  HANDLE_TH_ERRORS
+  return (*reinterpret_cast<RootHook*>(self)->rec)->notes().release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+// take_into(loss, buf, at, want): Recorder.take_into (loss and buf: a tensor or None)
+PyObject* root_hook_take_into(PyObject* self, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  const auto tensor = [](PyObject* o, c10::optional<at::Tensor>& out) {
+    if (o == Py_None) return true;
+    if (!THPVariable_Check(o)) return false;
+    out = THPVariable_Unpack(o);
+    return true;
+  };
+  c10::optional<at::Tensor> loss, buf;
+  if (n != 4 || !tensor(args[0], loss) || !tensor(args[1], buf) || !PyLong_Check(args[2]) ||
+      !PyLong_Check(args[3])) {
+    PyErr_SetString(PyExc_TypeError, "take_into(loss, buf, at, want): tensors or None, ints");
+    return nullptr;
+  }
+  const long long at = PyLong_AsLongLong(args[2]), want = PyLong_AsLongLong(args[3]);
+  if (PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong((*reinterpret_cast<RootHook*>(self)->rec)->take_into(loss, buf, at, want));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef root_hook_methods[] = {
+    {"notes", root_hook_notes, METH_NOARGS, "Recorder.notes, as a plain C call"},
+    {"take_into", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(root_hook_take_into)),
+     METH_FASTCALL, "Recorder.take_into, as a plain C call"},
+    {"__deepcopy__", root_hook_copy, METH_O, "a copy of the model gets an inert hook"},
+    {"__reduce__", root_hook_reduce, METH_NOARGS, "a pickled model gets an inert hook"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyType_Slot root_hook_slots[] = {
+    {Py_tp_call, reinterpret_cast<void*>(root_hook_call)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(root_hook_dealloc)},
+    {Py_tp_methods, root_hook_methods},
+    {Py_tp_doc, const_cast<char*>("gradviz's forward hook on the root module (native steps)")},
+    {0, nullptr}};
+
+PyType_Spec root_hook_spec = {
+    "gradviz_native.RootHook", sizeof(RootHook), 0,
+#ifdef Py_TPFLAGS_DISALLOW_INSTANTIATION
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+#else
+    Py_TPFLAGS_DEFAULT,
+#endif
+    root_hook_slots};
+
+PyTypeObject* root_hook_type = nullptr;  // (made when the module loads)
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm", [](const at::Tensor& t) { return l2(t); }, "an L2 norm as the hooks take it");
-  py::class_<RootHook>(m, "RootHook")
-      .def("__call__",
-           [](const RootHook& h, py::handle, py::handle, py::handle output) {
-             h.rec->on_root(output);
-           })
-      .def("__deepcopy__", [](const RootHook&, py::handle) { return inert()(); })
-      .def("__reduce__", [](const RootHook&) { return py::make_tuple(inert(), py::tuple()); });
+  root_hook_type = reinterpret_cast<PyTypeObject*>(PyType_FromSpec(&root_hook_spec));
+  if (root_hook_type == nullptr) throw py::error_already_set();
+  m.add_object("RootHook", py::handle(reinterpret_cast<PyObject*>(root_hook_type)));
   py::class_<Recorder, std::shared_ptr<Recorder>>(m, "Recorder")
       .def(py::init<std::vector<at::Tensor>>())
       .def("root_hook",
@@ -1018,7 +1106,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              r->py_outputs = std::move(outputs);
              r->py_config = std::move(config);
              r->capture_dict = std::move(globals);
-             return RootHook{r};
+             PyObject* o = root_hook_type->tp_alloc(root_hook_type, 0);
+             if (o == nullptr) throw py::error_already_set();
+             reinterpret_cast<RootHook*>(o)->rec = new std::shared_ptr<Recorder>(std::move(r));
+             return py::reinterpret_steal<py::object>(o);
            },
            "the root's forward hook, given capture's _grad_outputs, its compiled-autograd "
            "config read, and its globals")

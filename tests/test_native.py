@@ -986,6 +986,27 @@ def test_a_copy_of_the_model_made_on_a_native_step_gets_inert_hooks(tmp_path: Pa
     assert not np.isnan(table(rec)[("node", "fc1", "activation_grad_norm")]).any()
 
 
+def test_the_root_hook_is_a_plain_c_type_that_refuses_misuse() -> None:
+    """The root's hook (and the step's notes and take_into on it) is a bare CPython type, for
+    a cheap call: made only by root_hook, it refuses a Python construction (which would
+    hold no recorder) and arguments of the wrong kind with a TypeError, never a crash."""
+    rec = gradviz.record(nn.Linear(2, 2), None, native=True).start()
+    hook = rec._nat_hook
+    assert type(hook).__name__ == "RootHook" and hook.notes() is not None  # (no pass armed)
+    with pytest.raises(TypeError):
+        type(hook)()
+    with pytest.raises(TypeError, match="module, args, output"):
+        hook(rec.model, ())
+    with pytest.raises(TypeError, match="take_into"):
+        hook.take_into(1.5, None, 0, -1)
+    with pytest.raises(TypeError, match="take_into"):
+        hook.take_into(None, None, 0)
+    out = rec.model(torch.ones(1, 2))  # (Python records this pass and teaches C++ its shape)
+    assert hook(rec.model, (), out) is None and hook.notes() is None  # (armed: all seen)
+    assert hook.take_into(torch.tensor(2.0), None, 0, -1) >= 0
+    rec.close()
+
+
 def test_the_native_hooks_go_back_in_place_between_recorded_steps() -> None:
     """every=3, native: the root's hook comes off after a recorded step and goes back before
     the next as the same hook under the same id (no handle built each time), after a user's
