@@ -1005,15 +1005,23 @@ struct RootHook {
 
 py::object inert() { return py::module_::import("gradviz.capture").attr("_Inert"); }
 
+// Its recorder, or null with a TypeError set (a RootHook is only made by root_hook)
+Recorder* recorder_of(PyObject* self) {
+  auto* rec = reinterpret_cast<RootHook*>(self)->rec;
+  if (rec == nullptr) PyErr_SetString(PyExc_TypeError, "a RootHook without a recorder");
+  return rec == nullptr ? nullptr : rec->get();
+}
+
 // hook(module, args, output), as nn.Module calls a forward hook registered without kwargs
 PyObject* root_hook_call(PyObject* self, PyObject* args, PyObject* kwargs) {
-  auto* h = reinterpret_cast<RootHook*>(self);
-  if (h->rec == nullptr || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 3 ||
+  Recorder* rec = recorder_of(self);
+  if (rec == nullptr) return nullptr;
+  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 3 ||
       (kwargs != nullptr && PyDict_GET_SIZE(kwargs) != 0)) {
     PyErr_SetString(PyExc_TypeError, "gradviz's root hook takes (module, args, output)");
     return nullptr;
   }
-  (*h->rec)->on_root(py::handle(PyTuple_GET_ITEM(args, 2)));  // (keeps its own errors)
+  rec->on_root(py::handle(PyTuple_GET_ITEM(args, 2)));  // (keeps its own errors)
   Py_RETURN_NONE;
 }
 
@@ -1040,13 +1048,16 @@ PyObject* root_hook_reduce(PyObject*, PyObject*) {  // pickled: an inert hook
 // notes(): Recorder.notes
 PyObject* root_hook_notes(PyObject* self, PyObject*) {
   HANDLE_TH_ERRORS
-  return (*reinterpret_cast<RootHook*>(self)->rec)->notes().release().ptr();
+  Recorder* rec = recorder_of(self);
+  return rec == nullptr ? nullptr : rec->notes().release().ptr();
   END_HANDLE_TH_ERRORS
 }
 
 // take_into(loss, buf, at, want): Recorder.take_into (loss and buf: a tensor or None)
 PyObject* root_hook_take_into(PyObject* self, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
+  Recorder* rec = recorder_of(self);
+  if (rec == nullptr) return nullptr;
   const auto tensor = [](PyObject* o, c10::optional<at::Tensor>& out) {
     if (o == Py_None) return true;
     if (!THPVariable_Check(o)) return false;
@@ -1059,9 +1070,9 @@ PyObject* root_hook_take_into(PyObject* self, PyObject* const* args, Py_ssize_t 
     PyErr_SetString(PyExc_TypeError, "take_into(loss, buf, at, want): tensors or None, ints");
     return nullptr;
   }
-  const long long at = PyLong_AsLongLong(args[2]), want = PyLong_AsLongLong(args[3]);
-  if (PyErr_Occurred()) return nullptr;
-  return PyLong_FromLongLong((*reinterpret_cast<RootHook*>(self)->rec)->take_into(loss, buf, at, want));
+  const long long row = PyLong_AsLongLong(args[2]), want = PyLong_AsLongLong(args[3]);
+  if (PyErr_Occurred()) return nullptr;  // (too large for 64 bits)
+  return PyLong_FromLongLong(rec->take_into(loss, buf, row, want));
   END_HANDLE_TH_ERRORS
 }
 

@@ -1001,6 +1001,8 @@ def test_the_root_hook_is_a_plain_c_type_that_refuses_misuse() -> None:
         hook.take_into(1.5, None, 0, -1)
     with pytest.raises(TypeError, match="take_into"):
         hook.take_into(None, None, 0)
+    with pytest.raises(OverflowError):
+        hook.take_into(None, None, 2**70, -1)
     out = rec.model(torch.ones(1, 2))  # (Python records this pass and teaches C++ its shape)
     assert hook(rec.model, (), out) is None and hook.notes() is None  # (armed: all seen)
     assert hook.take_into(torch.tensor(2.0), None, 0, -1) >= 0
