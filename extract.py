@@ -182,9 +182,15 @@ def check_flags(args: argparse.Namespace, analyses: tuple[str, ...]) -> None:
     if not args.vanish_below < args.explode_above:
         raise GradvizError(f"--vanish-below ({args.vanish_below:g}) must be below "
                            f"--explode-above ({args.explode_above:g})")
-    why = store.unwritable(Path(args.output)) if args.output else None
+    if not args.output.strip():
+        raise GradvizError("--output is empty; pass a file path such as training_output.json")
+    if args.output.endswith(("/", os.sep)):  # (Path() drops the slash)
+        raise GradvizError(f"--output {args.output} names a folder; pass a file path such "
+                           f"as {args.output.rstrip('/' + os.sep) or '.'}/training_output.json")
+    why = store.unwritable(Path(args.output))
     if why is not None:  # (in the recorder too, but with --nproc that is inside each rank)
         raise GradvizError(why)
+    train.resolve_device(args.device)  # (else, with --nproc, once in each rank)
     train.check_args(args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      optimizer=args.optimizer, seed=args.seed, every=args.every,
                      accumulate=args.accumulate, analyses=analyses, world=args.nproc)

@@ -139,7 +139,12 @@ def report(path: Path) -> int:
 
 def _check_export_target(out: Path, recorded: Path) -> None:
     """Refuse to write the page over the recording, or over a file that is not a page."""
-    if not out.is_file():
+    try:
+        is_file = out.is_file()
+    except OSError as e:  # (a name too long for the system, say)
+        raise GradvizError(
+            f"cannot write {out}: {e.strerror or e}; pick a writable --export path") from e
+    if not is_file:
         return  # (nothing there, a folder, or a device or pipe such as /dev/stdout)
     try:
         same = os.path.samefile(out, recorded)
@@ -167,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     from gradviz.web import create_app, export_html
 
     try:
+        if args.report and args.export:
+            raise GradvizError("--report prints the findings and --export writes a page; "
+                               "run one, then the other")
+        if args.open and (args.report or args.export):
+            raise GradvizError(f"--open opens the page this command serves; with "
+                               f"--{'report' if args.report else 'export'} nothing is served "
+                               f"(open an exported page in a browser yourself)")
         if args.report:
             return report(args.input)
         if args.export:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import math
 import operator
 import os
 import secrets
@@ -320,7 +321,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _write_atomic_parts(path: Path, parts: Iterable[bytes | memoryview]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    # (the name's first 100 characters: a name near the folder's limit, 255 bytes, still
+    # fits with the dot, the process and thread numbers around it)
+    tmp = path.with_name(f".{path.name[:100]}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             for data in parts:
@@ -452,9 +455,25 @@ def unwritable(path: Path) -> str | None:
 
     Said before training starts, not after its last step when the file is written.
     """
+    try:
+        return _unwritable(path)
+    except OSError as e:  # (a path the system cannot even look up)
+        return f"cannot record to {path}: {e.strerror or e}; pass another file path"
+
+
+def _unwritable(path: Path) -> str | None:
+    folder = path.parent
+    try:
+        name_max = os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - len(".999")  # (an older file is kept as NAME.1.json, NAME.2.json...)
+    if len(os.fsencode(path.name)) > room:
+        return (f"cannot record to {path}: its file name is {len(os.fsencode(path.name))} "
+                f"bytes, and this folder allows {room} (with room for NAME.1.json); "
+                f"pass a shorter file name")
     if path.is_dir():
         return f"{path} is a directory; pass a file path to record to"
-    folder = path.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         why = "does not exist" if not folder.exists() else "is not a writable folder"
         return (f"cannot record to {path}: {folder} {why}; create it or pass a path in a "
@@ -625,6 +644,23 @@ def _decode_series(text: Any, n: int, where: str) -> np.ndarray:
     return a
 
 
+class _OutOfRange(ValueError):
+    """An integer in a file too large for any float."""
+
+
+def _int_as_orjson(text: str) -> int | float:
+    """An integer as orjson reads one (Python's parser, the fallback, takes any size: a
+    float of it would overflow far from here): beyond 64 bits a float, beyond that refused."""
+    value = int(text)
+    if -(2**63) <= value < 2**64:
+        return value
+    as_float = float(text)
+    if math.isinf(as_float):
+        raise _OutOfRange(f"the integer {text[:12]}... ({len(text)} digits) is too large "
+                          f"for a number")
+    return as_float
+
+
 def parse(data: bytes, path: Path | None = None) -> Run:
     """Parse and check a file's bytes; raise FileFormatError with the reason."""
     name = str(path) if path else "input"
@@ -637,7 +673,9 @@ def parse(data: bytes, path: Path | None = None) -> Run:
         # strict JSON (orjson) refuses: a file of the original project whose gradients blew
         # up is exactly such a file. Python's own parser takes those.
         try:
-            doc = json.loads(data)
+            doc = json.loads(data, parse_int=_int_as_orjson)
+        except _OutOfRange as big:
+            raise FileFormatError(f"{name}: {big}; is it a gradviz file?") from big
         except (ValueError, RecursionError):
             raise FileFormatError(f"{name} is not valid JSON ({e})") from e
     try:

@@ -139,6 +139,10 @@ def test_same_seed_same_numbers(tmp_path) -> None:
     (["--nproc", "2", "--steps", "0"], "--steps must be at least 1"),
     (["--nproc", "2", "--batch-size", "3"], "does not split over 2 processes"),
     (["--nproc", "2", "--output", "nodir/x.json"], "nodir does not exist"),  # (it hung)
+    (["--nproc", "2", "--device", "foo"], "is not a device"),  # (once, not once per rank)
+    (["--output", "newdir/"], "names a folder"),  # (it wrote a file called newdir)
+    (["--output", ""], "--output is empty"),
+    (["--output", "x" * 300 + ".json"], "pass a shorter file name"),  # (a traceback)
 ])
 def test_bad_flags_get_one_clear_line(tmp_path, args: list[str], message: str) -> None:
     out = run_extract(*args, "--steps" if "--steps" not in args else "--seed", "2", cwd=tmp_path)
@@ -255,3 +259,14 @@ def test_a_run_stopped_mid_way_leaves_a_valid_file(tmp_path, sig: int) -> None:
         assert "Traceback" not in err
         done = int(re.search(rf"{how} after (\d+) steps", err).group(1))
         assert run.steps[-1] + 1 >= done  # every completed step is in the file
+
+
+def test_a_long_output_name_that_fits_is_written(tmp_path) -> None:
+    """A name near the folder's limit (255 bytes): the periodic writes' temporary file beside
+    it was ".NAME.PID.TID.tmp", too long, so every write failed and the whole run was lost."""
+    name = "x" * 240 + ".json"
+    out = run_extract("--output", name, "--steps", "3", "--no-progress", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "could not write" not in out.stderr
+    assert len(gradviz.load(tmp_path / name).steps) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # (no temporary file left)

@@ -88,6 +88,16 @@ def test_original_minimal_format_is_a_valid_subset(tmp_path) -> None:
     assert {"source", "target", "gradient_norm"} <= set(doc["edges"][0])
 
 
+def test_large_integers_read_as_orjson_reads_them(tmp_path) -> None:
+    """Beyond 64 bits a float, whichever parser reads the file (a bare NaN: Python's)."""
+    for nan in (b"0.5", b"NaN"):
+        path = tmp_path / "big.json"
+        path.write_bytes(b'{"nodes": [{"id": "a", "gradient_norm": 1' + b"0" * 25 + b'}, '
+                         b'{"id": "b", "gradient_norm": ' + nan + b'}], "edges": []}')
+        norm = gradviz.load(path).nodes[0]["gradient_norm"]
+        assert norm == 1e25 and isinstance(norm, float)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
     (b"{not json", "not valid JSON"),
@@ -99,6 +109,12 @@ def test_original_minimal_format_is_a_valid_subset(tmp_path) -> None:
      b'"edges": [{"source": "a", "target": "zz", "gradient_norm": 1}]}', "'zz' is not a node id"),
     (b'{"nodes": [{"id": "a", "gradient_norm": 1}, {"id": "a", "gradient_norm": 2}]}',
      "duplicate node id"),
+    # an integer too large for a float (an OverflowError far from the read), also where a
+    # bare NaN sends the file to Python's parser, which takes integers of any size
+    (b'{"nodes": [{"id": "a", "gradient_norm": 1' + b"0" * 400 + b'}], "edges": []}',
+     "is too large for a number"),
+    (b'{"nodes": [{"id": "a", "gradient_norm": NaN, "order": 1' + b"0" * 400 + b'}]}',
+     "is too large for a number"),
 ])
 def test_bad_files_name_the_problem(tmp_path, content: bytes, message: str) -> None:
     path = tmp_path / "bad.json"

@@ -171,6 +171,17 @@ def test_export_never_writes_over_a_recording(residual_file: Path, tmp_path: Pat
 def test_export_to_unwritable_place(residual_file: Path, tmp_path: Path) -> None:
     r = run("--input", residual_file, "--export", tmp_path / "no" / "such" / "dir.html")
     assert_one_line_error(r, "cannot write", "--export")
+    r = run("--input", residual_file, "--export", tmp_path / ("y" * 300 + ".html"))
+    assert_one_line_error(r, "cannot write", "--export")  # (name too long: a traceback)
+
+
+def test_flags_that_cannot_go_together_are_refused(residual_file: Path, tmp_path: Path) -> None:
+    page = tmp_path / "x.html"  # (--report printed and dropped the export without a word)
+    assert_one_line_error(run("--input", residual_file, "--report", "--export", page),
+                          "--report prints the findings and --export writes a page")
+    assert_one_line_error(run("--input", residual_file, "--export", page, "--open"),
+                          "--open opens the page this command serves")
+    assert not page.exists()
 
 
 def test_never_imports_torch(residual_file: Path, tmp_path: Path) -> None:
