@@ -41,6 +41,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"visualize.py: {message}; see python visualize.py --help\n")
 
 
+def _path(text: str) -> Path:
+    if not text.strip():  # (Path("") is ".", which was then "a directory")
+        raise argparse.ArgumentTypeError("expected a file path, got ''")
+    return Path(text)
+
+
 def _threshold(text: str) -> float:
     try:
         t = float(text)
@@ -79,18 +85,20 @@ def _host(text: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked."""
-    p = _Parser(description="Serve (or export) the gradient-flow graph of a recorded run.")
+    p = _Parser(description="Serve (or export) the gradient-flow graph of a recorded run.",
+                epilog="Exit codes: 0 done; 1 --report found a critical problem; 2 bad input "
+                       "or flags (one line on stderr says which and how to fix it).")
     p.add_argument(
         "--input",
         default="training_output.json",
-        type=Path,
+        type=_path,
         help="file written by extract.py or gradviz.record (default: %(default)s)",
     )
     p.add_argument(
         "--threshold",
         default=0.01,
         type=_threshold,
-        help="edges with a gradient norm above this are green, others red "
+        help="edges with a gradient norm above this (a number >= 0) are green, others red "
         "(default: %(default)s; the page has a slider)",
     )
     p.add_argument(
@@ -107,12 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_host,
         help="address to listen on (default: %(default)s, this machine only)",
     )
-    p.add_argument("--port", default=5000, type=_port, help="port (default: %(default)s)")
+    p.add_argument("--port", default=5000, type=_port,
+                   help="port (default: %(default)s; 0 picks a free one and prints it)")
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.add_argument(
         "--export",
         metavar="FILE",
-        type=Path,
+        type=_path,
         help="write one self-contained HTML file (works offline) and exit",
     )
     p.add_argument(
