@@ -30,6 +30,7 @@ from .store import Run
 OK, NONFINITE, ABSENT = "ok", "nonfinite", "absent"
 GROUP = "group"  # the kind of a rolled-up node
 ROLLUP_ABOVE = 1000  # graphs with more nodes are rolled up by default (--depth auto)
+DEPTH_MAX = 64  # the deepest roll-up offered (--depth N, as web's and visualize.py's check)
 ROLLUP_TARGET = 300  # ...to the depth whose node count is closest to this, on a log scale
 SEVERITIES = ("critical", "warning", "info")
 _MAX_TEXT = 500  # longer strings from the file are cut: they only feed labels and panels
@@ -310,7 +311,9 @@ def _order_of(g: nx.DiGraph, n: Hashable) -> float:
 def depth_options(g: nx.DiGraph) -> list[tuple[int | None, int]]:
     """(depth, node count) for every depth that rolls something up, then (None, all nodes)."""
     out: list[tuple[int | None, int]] = []
-    for depth in range(1, max_depth(g)):
+    # (each depth costs a pass over every name's parts: names of a thousand dotted parts,
+    # never a real model's, took 14 s over all depths)
+    for depth in range(1, min(max_depth(g), DEPTH_MAX + 1)):
         n = len(set(group_map(g, depth).values()))
         if n < g.number_of_nodes() and (not out or n != out[-1][1]):
             out.append((depth, n))

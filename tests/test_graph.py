@@ -13,6 +13,7 @@ import pytest
 from gradviz import schema, store
 from gradviz.graph import (
     ABSENT,
+    DEPTH_MAX,
     GROUP,
     NONFINITE,
     OK,
@@ -339,6 +340,11 @@ def test_auto_depth_and_options(make_file, big_file: Path) -> None:
     for i in range(ROLLUP_ABOVE + 5):  # names without dots: nothing to roll up
         flat.add_node(str(i), kind="layer")
     assert auto_depth(flat) is None
+    deep = nx.DiGraph()  # names of up to 1,200 dotted parts: only the depths --depth offers
+    for i in range(1200):
+        deep.add_node("." * i + "x", kind="layer")
+    options = depth_options(deep)
+    assert max(d for d, _ in options if d is not None) <= DEPTH_MAX == 64
 
 
 def test_rollup_keeps_odd_names_apart(tmp_path: Path) -> None:
