@@ -235,7 +235,8 @@ def validate(doc: Any) -> int:
             raise _fail(f"{where}: duplicate node id {nid!r}; node ids must be unique")
         ids.add(nid)
         if version == 0 and "gradient_norm" not in node:
-            raise _fail(f'{where} ({nid}): no "gradient_norm"')
+            raise _fail(f'{where} ({nid}): no "gradient_norm" (a number, or null when the '
+                        f'layer had none); is this a gradviz training_output.json?')
         for key in NODE_SERIES:
             if key in node:
                 _norm(node[key], f"{where} ({nid}).{key}")
@@ -263,7 +264,8 @@ def validate(doc: Any) -> int:
                 raise _fail(f"{where}: {end} {name!r} is not a node id; every edge must join "
                             "two listed nodes")
         if version == 0 and "gradient_norm" not in edge:
-            raise _fail(f'{where} ({src} -> {dst}): no "gradient_norm"')
+            raise _fail(f'{where} ({src} -> {dst}): no "gradient_norm" (a number, or null '
+                        f'when no gradient flowed); is this a gradviz training_output.json?')
         _norm(edge.get("gradient_norm"), f"{where} ({src} -> {dst}).gradient_norm")
         if version >= 1:
             eid = _str(edge.get("id"), f"{where}.id")

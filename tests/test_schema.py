@@ -103,6 +103,7 @@ def test_large_integers_read_as_orjson_reads_them(tmp_path) -> None:
     (b"{not json", "not valid JSON"),
     (b"[]", "expected an object"),
     (b'{"edges": []}', 'no "nodes"'),
+    (b'{"nodes": [{"id": "a"}], "edges": []}', 'no "gradient_norm" .a number, or null'),
     (b'{"format": "gradviz", "version": 99, "nodes": []}', "newer than this gradviz"),
     (b'{"nodes": [{"id": "a", "gradient_norm": -1}], "edges": []}', "cannot be negative"),
     (b'{"nodes": [{"id": "a", "gradient_norm": 1}], '
