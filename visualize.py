@@ -139,6 +139,8 @@ def report(path: Path) -> int:
     from gradviz.graph import clean_findings
 
     run = store.load(path)
+    if (why := store.no_layers(run)) is not None:
+        raise GradvizError(why)
     # a file's own findings are data from anywhere: reduced to known fields, as the page does
     own = clean_findings(run.findings, {n["id"] for n in run.nodes}) if run.findings else []
     findings = own or diagnose(run)

@@ -715,6 +715,16 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
         raise FileFormatError(f"cannot read {path}: {e.strerror}") from e
 
 
+def no_layers(run: Run) -> str | None:
+    """Why a run has nothing to show (with the fix), or None: a file with no layer at all
+    would read as "healthy" and draw an empty page."""
+    if run.nodes:
+        return None
+    where = run.path or "the file"
+    return (f"{where} records no layers; record a run with python extract.py or "
+            f"gradviz.record(model, path) around a model with parameters")
+
+
 def load(path: str | os.PathLike[str] = "training_output.json") -> Run:
     """Read a training_output.json written by gradviz (or in the original minimal format)."""
     p = Path(path)

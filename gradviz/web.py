@@ -448,6 +448,8 @@ def export_html(
     """
     p = Path(path)
     run, sig = read_run(p)
+    if (why := store.no_layers(run)) is not None:  # (the server waits for layers instead)
+        raise FileFormatError(why)
     snap = snapshot(run, sig, 0, threshold=check_threshold(threshold), source=p.name,
                     depth=parse_depth(depth))
     view = snap.view(snap.default)

@@ -182,6 +182,11 @@ def test_flags_that_cannot_go_together_are_refused(residual_file: Path, tmp_path
     assert_one_line_error(run("--input", residual_file, "--export", page, "--open"),
                           "--open opens the page this command serves")
     assert not page.exists()
+    empty = tmp_path / "empty.json"  # (it read "healthy", and exported an empty page)
+    empty.write_bytes(b'{"nodes": [], "edges": []}')
+    for flags in (["--report"], ["--export", page]):
+        assert_one_line_error(run("--input", empty, *flags), "records no layers")
+    assert not page.exists()
     for flag in ("--input", "--export"):  # (Path("") is ".": "is a directory" named nothing)
         assert_one_line_error(run(flag, ""), f"argument {flag}: expected a file path, got ''")
 
