@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+import operator
 import os
 import platform
 import sys
@@ -341,6 +342,103 @@ def _grad_fns(args: Any, kwargs: Any) -> list[Any]:
     return [t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None]
 
 
+# -- record()'s arguments, checked when it is called ------------------------------------
+# (a bad one otherwise failed far away: every periodic write, the first step, or the end)
+
+
+def _whole(v: Any) -> int | None:
+    """v as an int if it is a whole number (numpy's too), not a bool; else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _json_value(v: Any, where: str) -> Any:
+    """A metadata value as the file (JSON) holds it: numpy scalars and one-value tensors as
+    numbers, paths as text; anything JSON has no form for is refused, naming its key."""
+    if isinstance(v, np.generic) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+        return _json_value(v.item(), where)  # (numpy's float64 is a float orjson refuses)
+    if v is None or isinstance(v, (str, bool)):
+        return v
+    if isinstance(v, float):
+        return float(v)
+    if isinstance(v, int):
+        if not -(2**63) <= v < 2**64:
+            raise RecordingError(f"{where} is an integer beyond 64 bits, which the file "
+                                 f"cannot hold; pass it as a float or a string")
+        return int(v)
+    if isinstance(v, os.PathLike):
+        return str(v)
+    if isinstance(v, Mapping):
+        out = {}
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise RecordingError(f"{where} has the key {k!r}; the file (JSON) takes only "
+                                     f"text keys")
+            out[k] = _json_value(x, f"{where}[{k!r}]")
+        return out
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    raise RecordingError(f"{where} is a {type(v).__name__}, which the file (JSON) cannot "
+                         f"hold; pass numbers, text, lists or dicts")
+
+
+def _lr(opt: Any) -> float | None:
+    """The optimizer's first learning rate, as a number (a tensor's too), or None."""
+    groups = getattr(opt, "param_groups", None) if opt is not None else None
+    lr = groups[0].get("lr") if groups and isinstance(groups[0], Mapping) else None
+    try:
+        return None if lr is None or isinstance(lr, bool) else float(lr)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _checked(path: Any, every: Any, flush_seconds: Any, optimizer: Any, scaler: Any,
+             seed: Any, meta: Any, saturation_margin: Any, flags: Mapping[str, Any],
+             ) -> tuple[Path | None, int, int | None, dict[str, Any]]:
+    """record()'s arguments, each refused in one line naming it and what it takes; returns
+    (path, every, seed, meta) in the form the recorder keeps."""
+    if path is not None and (isinstance(path, bytes) or not isinstance(path, (str, os.PathLike))):
+        raise RecordingError(f"path must be a file path (a str or a pathlib.Path) or None, "
+                             f"got {type(path).__name__}")
+    n = _whole(every)
+    if n is None or n < 1:
+        raise RecordingError(f"every must be a whole number >= 1, got {every!r}")
+    if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, (int, float)) or not (
+            math.isfinite(flush_seconds) and flush_seconds >= 0):
+        raise RecordingError(f"flush_seconds must be a number of seconds >= 0, got "
+                             f"{flush_seconds!r}")
+    if optimizer is not None and not isinstance(getattr(optimizer, "param_groups", None), list):
+        raise RecordingError(f"optimizer must be a torch.optim.Optimizer (for the file's "
+                             f"metadata) or None, got {type(optimizer).__name__}")
+    if scaler is not None and not callable(getattr(scaler, "is_enabled", None)):
+        raise RecordingError(f"scaler must be a torch.amp.GradScaler or None, got "
+                             f"{type(scaler).__name__}")
+    if seed is not None and _whole(seed) is None:
+        raise RecordingError(f"seed must be a whole number or None, got {seed!r}")
+    if isinstance(saturation_margin, bool) or not isinstance(
+            saturation_margin, (int, float)) or not 0 <= saturation_margin < 0.5:
+        raise RecordingError(f"saturation_margin must be a number from 0 to below 0.5 (the "
+                             f"distance from a bound that counts as saturated), got "
+                             f"{saturation_margin!r}")
+    for name, v in flags.items():
+        if v is not None and not isinstance(v, bool):
+            raise RecordingError(f"{name} must be True, False or None, got {v!r}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise RecordingError(f"meta must be a dict of names to values, got "
+                             f"{type(meta).__name__}")
+    return (None if path is None else Path(path).expanduser(), n,
+            None if seed is None else _whole(seed), _json_value(dict(meta or {}), "meta"))
+
+
+# The files open recorders write (resolved paths): one recorder a file in a process.
+_WRITING: set[Path] = set()
+_WRITING_LOCK = threading.Lock()
+
+
 class Recorder:
     """Records one model's gradient flow; use it through :func:`record`."""
 
@@ -377,10 +475,11 @@ class Recorder:
             )
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module  # record the model inside; its names carry no "module."
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise RecordingError(f"every must be a whole number >= 1, got {every!r}")
+        path, every, seed, meta = _checked(
+            path, every, flush_seconds, optimizer, scaler, seed, meta, saturation_margin,
+            {"native": native, "distributed": distributed})
         self.model = model
-        self.path = Path(path) if path is not None else None
+        self.path = path
         self.every = every
         self.all_modules = all_modules
         self.activation_stats = activation_stats
@@ -473,6 +572,8 @@ class Recorder:
         self._nat_hooks: list[tuple[nn.Module, Any]] = []  # forward statistics (native)
         self._nat_regs: list[_Reg] = []  # the native mode's forward hooks, once registered
         self._quiet = False  # between recorded steps with every > 1, all cleared (see step)
+        self._writing: Path | None = None  # this recorder's path in _WRITING while open
+        self._watch: list[Any] = []  # the global hooks that see the model change (start)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -516,7 +617,7 @@ class Recorder:
             "param_count": sum(p.numel() for p in unique),
             "trainable_param_count": sum(p.numel() for p in unique if p.requires_grad),
             "optimizer": type(opt).__name__ if opt is not None else None,
-            "lr": float(opt.param_groups[0]["lr"]) if opt is not None else None,
+            "lr": _lr(opt),
             "seed": seed,
             "every": self.every,
             "all_modules": self.all_modules,
@@ -541,13 +642,30 @@ class Recorder:
         """Attach the hooks (and move an older file at path aside, saying so)."""
         if self._open:
             raise RecordingError("this recorder is already attached; use one `with` block")
+        try:
+            return self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self) -> Recorder:
         if self.path is not None and self._rank == 0:
             why = store.unwritable(self.path)
             if why is not None:
                 raise RecordingError(why)
+            # (two recorders on one path: each write replaced the other's file, and the
+            # older file's backup, made when each started, found nothing yet)
+            key = self.path.resolve()
+            with _WRITING_LOCK:
+                if key in _WRITING:
+                    raise RecordingError(f"{self.path} is being recorded to by another "
+                                         f"gradviz.record block; give each one its own path")
+                _WRITING.add(key)
+            self._writing = key
             moved = store.backup_existing(self.path)
             if moved is not None:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
+        self._watch_model()
         node_modules = {id(m) for m in self._nodes.values()}
         self._hooks = []
         layers: list[tuple[nn.Module, str]] = []
@@ -1097,6 +1215,8 @@ class Recorder:
             # (until the next recorded step nothing can arrive: step() only counts)
             self._quiet = not self._handles
             return
+        if loss is not None and not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            loss = self._loss_or_none(loss)
         try:
             if native_now:
                 self._record_native(nat, step, loss, unseen)
@@ -1119,6 +1239,24 @@ class Recorder:
             # take() closed this step's passes and nothing is hooked: until the next
             # recorded step nothing can arrive, so the next step() need not clear up.
             self._quiet = True
+
+    def _loss_or_none(self, loss: Any) -> Any:
+        """A loss that is not a one-value tensor: a number as it is, anything else None,
+        with a warning (it stopped the recording: every step's row ends with the loss)."""
+        if isinstance(loss, torch.Tensor):
+            what = f"a tensor of shape {list(loss.shape)}"
+        else:
+            try:
+                if not isinstance(loss, (str, bytes)):
+                    float(loss)
+                    return loss
+            except (TypeError, ValueError):
+                pass
+            what = f"a {type(loss).__name__}"
+        self._warn_once("loss", f"rec.step(loss): the loss must be one number (a one-value "
+                                f"tensor or a float), got {what}; steps are recorded without "
+                                f"it (pass loss.mean(), or loss.item())")
+        return None
 
     def _native_next(self, native_now: bool, step: int) -> bool:
         """Whether the next steps run native, from how this one went (and reset its notes)."""
@@ -1349,7 +1487,8 @@ class Recorder:
                 "no-calls",
                 "gradviz saw gradients but no layer calls this step, so it records "
                 "parameter norms only: was the model compiled (torch.compile) before "
-                "gradviz.record attached, or called outside the recorded module?",
+                "gradviz.record attached, called outside the recorded module, or was "
+                "rec.step() called twice for one backward?",
             )
         self._calls_seen = 0
 
@@ -1539,23 +1678,64 @@ class Recorder:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _fail(self, e: BaseException) -> None:
-        """Stop recording, keep training: gradviz must never break the user's loop."""
+    def _fail(self, e: BaseException | str) -> None:
+        """Stop recording, keep training: gradviz must never break the user's loop.
+        (e: an internal error, or why recording cannot go on, as a sentence.)"""
         if not self._failed:
             self._failed = True
             if self._nat is not None:  # (its root hook: nothing more from here on)
                 self._nat.off = True
+            why = (e if isinstance(e, str)
+                   else f"after an internal error ({type(e).__name__}: {e})")
             warnings.warn(
-                f"gradviz stopped recording after an internal error ({type(e).__name__}: {e}); "
-                "training goes on and the steps recorded so far are kept",
+                f"gradviz stopped recording {why}; training goes on and the steps recorded so "
+                "far are kept",
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _watch_model(self) -> None:
+        """While the block is open, a layer or parameter set on the model (fc2 replaced, a
+        layer added) stops the recording with a warning: the nodes and their parameters are
+        fixed when it starts, and a replaced layer's old gradients were recorded on as its."""
+        # (by id, with a weak reference: a module that left the model and died may leave
+        # its id to a new one, made anywhere, whose own parameters would then look ours)
+        names = {id(m): (n, weakref.ref(m)) for n, m in self.model.named_modules()}
+
+        def changed(module: nn.Module, name: str, value: Any) -> None:
+            where, ref = names.get(id(module), (None, None))
+            if ref is None or ref() is not module or not self._open or self._failed:
+                return None
+            what = f"{where}.{name}" if where else name
+            self._fail(f"at step {self.step_count}: the model changed ({what} was set "
+                       f"anew), and its layers are fixed when the record block starts; start "
+                       f"a new gradviz.record block after changing the model")
+            return None
+
+        module_hooks = nn.modules.module
+        self._watch = [module_hooks.register_module_module_registration_hook(changed),
+                       module_hooks.register_module_parameter_registration_hook(changed)]
 
     # -- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
         """Remove every hook gradviz added and write the file one last time."""
+        try:
+            self._close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Give up the path and stop watching the model (what start took)."""
+        for h in self._watch:
+            h.remove()
+        self._watch = []
+        if self._writing is not None:
+            with _WRITING_LOCK:
+                _WRITING.discard(self._writing)
+            self._writing = None
+
+    def _close(self) -> None:
         if not self._open:
             return
         self._detach()

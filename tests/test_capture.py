@@ -12,6 +12,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1097,3 +1098,121 @@ def test_a_float64_model_is_recorded() -> None:
     assert not rec._failed
     run = rec.to_run()
     assert all(n["gradient_norm"] is not None for n in run.nodes if n["kind"] == "layer")
+
+
+# -- record()'s arguments and misuse, found by a probe of the API -------------------------
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("options, words", [
+    # (each failed far from here: every write, the first step, or the block's end)
+    ({"flush_seconds": "2"}, "flush_seconds must be a number of seconds >= 0"),
+    ({"flush_seconds": math.nan}, "flush_seconds must be"),
+    ({"optimizer": [1]}, "optimizer must be a torch.optim.Optimizer"),
+    ({"scaler": object()}, "scaler must be a torch.amp.GradScaler"),
+    ({"meta": "abc"}, "meta must be a dict"),
+    ({"meta": {"s": {1, 2}}}, "meta['s'] is a set, which the file (JSON) cannot hold"),
+    ({"meta": {"t": torch.ones(3)}}, "meta['t'] is a Tensor"),
+    ({"meta": {"d": {1: 2}}}, "meta['d'] has the key 1"),
+    ({"meta": {"big": 2**70}}, "meta['big'] is an integer beyond 64 bits"),
+    ({"path": b"x.json"}, "path must be a file path"),
+    ({"path": 123}, "path must be a file path"),
+    ({"seed": "x"}, "seed must be a whole number"),
+    ({"native": "yes"}, "native must be True, False or None"),
+    ({"distributed": "no"}, "distributed must be True, False or None"),
+    ({"saturation_margin": "x"}, "saturation_margin must be a number"),
+    ({"every": 0}, "every must be a whole number >= 1"),
+])
+def test_bad_record_arguments_are_one_line_when_called(options: dict[str, Any],
+                                                       words: str) -> None:
+    with pytest.raises(RecordingError) as info:
+        gradviz.record(_Two(), **{"path": None, **options})
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_numpy_and_tensor_arguments_are_taken_as_numbers(tmp_path) -> None:
+    """numpy scalars, one-value tensors and paths in meta (orjson could write none of them:
+    every write failed, the block's end raised and no file was left), numpy whole numbers
+    as every and seed, and ~ in the path."""
+    import numpy as np
+
+    model, path = _Two(), tmp_path / "run.json"
+    meta = {"lr": np.float32(0.5), "n": np.int64(3), "t": torch.tensor(2.0),
+            "where": tmp_path, "nested": {"k": [np.float64(1.5), (1, 2)]}}
+    with gradviz.record(model, path, every=np.int64(2), seed=np.int64(5), meta=meta,
+                        flush_seconds=0) as rec:
+        for _ in range(4):
+            model.zero_grad()
+            model(torch.ones(3, 4)).sum().backward()
+            rec.step()
+    run = gradviz.load(path)
+    assert run.steps == [0, 2] and run.meta["every"] == 2 and run.meta["seed"] == 5
+    assert run.meta["lr"] == 0.5 and run.meta["n"] == 3 and run.meta["t"] == 2.0
+    assert run.meta["where"] == str(tmp_path) and run.meta["nested"] == {"k": [1.5, [1, 2]]}
+    assert str(gradviz.record(model, "~/run.json").path).startswith(str(Path.home()))
+
+
+def test_two_recorders_on_one_path_are_refused(tmp_path) -> None:
+    """Each one's writes replaced the other's file: one of the two runs was lost."""
+    path = tmp_path / "run.json"
+    with gradviz.record(_Two(), path):
+        with pytest.raises(RecordingError, match="is being recorded to by another"):
+            gradviz.record(_Two(), tmp_path / "." / "run.json").start()
+    with gradviz.record(_Two(), path):  # (closed: the path is free again)
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.1.json", "run.json"]
+
+
+def test_a_layer_set_anew_during_recording_stops_it_with_a_warning() -> None:
+    """fc2 replaced at step 3: the old layer's last gradients were recorded on as fc2's, and
+    a layer added was never seen. The recording stops there, training goes on."""
+    torch.manual_seed(0)
+    model = _Two()
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with gradviz.record(model, None) as rec:
+            for i in range(6):
+                if i == 3:
+                    model.fc2 = nn.Linear(8, 2)
+                model.zero_grad()
+                model(x).pow(2).mean().backward()
+                rec.step()
+        model.fc3 = nn.Linear(2, 2)  # (after the block: nothing watches the model)
+    run = rec.to_run()
+    assert run.steps == [0, 1, 2]
+    said = [str(w.message) for w in said]
+    assert len(said) == 1 and "at step 3: the model changed (fc2 was set anew)" in said[0]
+    with gradviz.record(model, None) as again:  # (a new block records the new layers)
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        again.step()
+    want = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten()
+                                                     for p in model.fc2.parameters()])))
+    assert rel_close(again.to_run().node_history("fc2")[0], want)
+
+
+def test_a_loss_that_is_not_one_number_is_left_out_with_a_warning() -> None:
+    """A loss of two values stopped the whole recording (its row ends with the loss)."""
+    model = _Two()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with gradviz.record(model, None) as rec:
+            for loss_of in (lambda v: torch.stack([v, v]), lambda v: "x", lambda v: v):
+                model.zero_grad()
+                loss = model(torch.ones(3, 4)).pow(2).mean()
+                loss.backward()
+                rec.step(loss_of(loss))
+    run = rec.to_run()
+    assert run.steps == [0, 1, 2] and all(v is not None for v in run.node_history("fc1"))
+    assert run.loss[:2] == [None, None] and run.loss[2] is not None
+    said = [str(w.message) for w in said]
+    assert len(said) == 1 and "got a tensor of shape [2]" in said[0]
