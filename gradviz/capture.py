@@ -1329,6 +1329,8 @@ class Recorder:
                 rows, at = self._next_row(lay, _CPU)
                 nat.put(rows.buf, at)
                 rows.nat_key = key
+                if not lay.has_params:  # (a layout of its own: the usual step never comes here)
+                    self._no_grads(step)
             if unseen:  # no pass armed, none missed: no layer call (an armed pass counts)
                 self._check_calls(rows.layout.has_params)  # type: ignore[union-attr]
             self._calls_seen = self._passes = 0
@@ -1490,7 +1492,18 @@ class Recorder:
                 "gradviz.record attached, called outside the recorded module, or was "
                 "rec.step() called twice for one backward?",
             )
+        elif not had_grads:
+            self._no_grads(self.step_count - 1)
         self._calls_seen = 0
+
+    def _no_grads(self, step: int) -> None:
+        """A recorded step without any parameter gradient, though some parameter takes one:
+        rec.step() came before backward (every norm of the step is absent)."""
+        if "no-grads" not in self._warned and any(p.requires_grad for p in self._unique):
+            self._warn_once("no-grads", f"gradviz found no parameter gradient at rec.step() "
+                                        f"(step {step}), so the step's norms are absent: call "
+                                        f"rec.step(loss) after loss.backward() and before "
+                                        f"optimizer.step()")
 
     def _record_one(self, step: int, loss: torch.Tensor | float | None) -> None:
         """One process, no loss scaling: the common case, kept lean.

@@ -1216,3 +1216,31 @@ def test_a_loss_that_is_not_one_number_is_left_out_with_a_warning() -> None:
     assert run.loss[:2] == [None, None] and run.loss[2] is not None
     said = [str(w.message) for w in said]
     assert len(said) == 1 and "got a tensor of shape [2]" in said[0]
+
+
+@pytest.mark.parametrize("native", [False, None])
+def test_rec_step_before_backward_is_said_once(native: bool | None) -> None:
+    """Every norm of such a step is absent; it was recorded so without a word."""
+    model = _Two()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with gradviz.record(model, None, native=native) as rec:
+            for i in range(5):
+                model.zero_grad(set_to_none=True)
+                loss = model(torch.ones(3, 4)).pow(2).mean()
+                if i < 3:  # (right, then the wrong order)
+                    loss.backward()
+                    rec.step(loss)
+                else:
+                    rec.step(loss)
+                    loss.backward()
+    run = rec.to_run()
+    assert run.node_history("fc1")[2] is not None and run.node_history("fc1")[3] is None
+    said = [str(w.message) for w in said if "no parameter gradient" in str(w.message)]
+    assert len(said) == 1 and "(step 3)" in said[0] and "after loss.backward()" in said[0]
+    frozen = _Two().requires_grad_(False)  # (nothing takes a gradient: nothing to say)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradviz.record(frozen, None) as rec:
+            frozen(torch.ones(3, 4))
+            rec.step()
