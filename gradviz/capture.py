@@ -366,7 +366,7 @@ def _json_value(v: Any, where: str) -> Any:
     if isinstance(v, float):
         return float(v)
     if isinstance(v, int):
-        if not -(2**63) <= v < 2**64:
+        if not store.int_fits(v):
             raise RecordingError(f"{where} is an integer beyond 64 bits, which the file "
                                  f"cannot hold; pass it as a float or a string")
         return int(v)
@@ -417,7 +417,8 @@ def _checked(path: Any, every: Any, flush_seconds: Any, optimizer: Any, scaler: 
     if scaler is not None and not callable(getattr(scaler, "is_enabled", None)):
         raise RecordingError(f"scaler must be a torch.amp.GradScaler or None, got "
                              f"{type(scaler).__name__}")
-    if seed is not None and _whole(seed) is None:
+    whole_seed = None if seed is None else _whole(seed)
+    if seed is not None and whole_seed is None:
         raise RecordingError(f"seed must be a whole number or None, got {seed!r}")
     if isinstance(saturation_margin, bool) or not isinstance(
             saturation_margin, (int, float)) or not 0 <= saturation_margin < 0.5:
@@ -430,8 +431,8 @@ def _checked(path: Any, every: Any, flush_seconds: Any, optimizer: Any, scaler: 
     if meta is not None and not isinstance(meta, Mapping):
         raise RecordingError(f"meta must be a dict of names to values, got "
                              f"{type(meta).__name__}")
-    return (None if path is None else Path(path).expanduser(), n,
-            None if seed is None else _whole(seed), _json_value(dict(meta or {}), "meta"))
+    return (None if path is None else Path(path).expanduser(), n, whole_seed,
+            _json_value(dict(meta or {}), "meta"))
 
 
 # The files open recorders write (resolved paths): one recorder a file in a process.

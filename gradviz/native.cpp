@@ -1124,7 +1124,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            },
            "the root's forward hook, given capture's _grad_outputs, its compiled-autograd "
            "config read, and its globals")
-      .def("notes", &Recorder::notes)
       .def("compiled_autograd_on", &Recorder::compiled_autograd_on,
            "as capture._compiled_autograd_on (after root_hook)")
       .def_readwrite("off", &Recorder::off)
@@ -1132,7 +1131,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("arm", &Recorder::arm)
       .def("take", &Recorder::take)
       .def("put", &Recorder::put)
-      .def("take_into", &Recorder::take_into)
       .def("layout", &Recorder::layout)
       .def("forget_layouts", &Recorder::forget_layouts)
       .def("add_layer", &Recorder::add_layer)

@@ -644,6 +644,11 @@ def _decode_series(text: Any, n: int, where: str) -> np.ndarray:
     return a
 
 
+def int_fits(value: int) -> bool:
+    """Whether orjson reads and writes this integer as one (64 bits, signed or not)."""
+    return -(2**63) <= value < 2**64
+
+
 class _OutOfRange(ValueError):
     """An integer in a file too large for any float."""
 
@@ -652,7 +657,7 @@ def _int_as_orjson(text: str) -> int | float:
     """An integer as orjson reads one (Python's parser, the fallback, takes any size: a
     float of it would overflow far from here): beyond 64 bits a float, beyond that refused."""
     value = int(text)
-    if -(2**63) <= value < 2**64:
+    if int_fits(value):
         return value
     as_float = float(text)
     if math.isinf(as_float):

@@ -37,7 +37,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import render, store
 from .errors import FileFormatError, GradvizError
-from .graph import auto_depth, build_graph, depth_options, max_depth, rollup
+from .graph import DEPTH_MAX, auto_depth, build_graph, depth_options, max_depth, rollup
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -97,9 +97,9 @@ def parse_depth(value: Any) -> int | None | str:
     if value in ("full", 0, "0"):
         return None
     text = str(value)
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 64:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= DEPTH_MAX:
         raise GradvizError(
-            f"depth must be auto, full or a whole number from 1 to 64, got {value!r}; "
+            f"depth must be auto, full or a whole number from 1 to {DEPTH_MAX}, got {value!r}; "
             "it is how many parts of a layer's name (blocks.3.attn.qkv has 4) are kept"
         )
     return int(text)
