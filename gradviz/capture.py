@@ -510,7 +510,8 @@ class Recorder:
         # the thread in step()'s periodic flush: its drains take only rows already arrived
         self._ready_only: int | None = None
         self._recording.history.before_read = _drain_of(self)
-        self.step_count = 0  # rec.step() calls so far
+        # rec.step() calls so far, and the quiet steps still to come (see step_count)
+        self._count = 0
         self._writer = (store.Writer(self.path, flush_seconds)
                         if self.path and self._rank == 0 else None)
         self._handles: list[Any] = []
@@ -572,7 +573,9 @@ class Recorder:
         self._nat_layouts: dict[int, _Layout] = {}
         self._nat_hooks: list[tuple[nn.Module, Any]] = []  # forward statistics (native)
         self._nat_regs: list[_Reg] = []  # the native mode's forward hooks, once registered
-        self._quiet = False  # between recorded steps with every > 1, all cleared (see step)
+        # Between recorded steps with every > 1, all cleared: how many rec.step() calls are
+        # left that only count (see step); _count counts them already.
+        self._quiet_left = 0
         self._writing: Path | None = None  # this recorder's path in _WRITING while open
         self._watch: list[Any] = []  # the global hooks that see the model change (start)
 
@@ -679,7 +682,7 @@ class Recorder:
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))
                 glue.append(module)
-        self._open, self._quiet = True, False
+        self._open, self._quiet_left = True, 0
         self._nat = self._native_recorder()
         self._nat_hook = None if self._nat is None else self._nat.root_hook(
             _grad_outputs, _dynamo_config_compiled_autograd, globals())
@@ -1165,20 +1168,22 @@ class Recorder:
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """Record this step: call after ``loss.backward()`` and before ``optimizer.step()``."""
+        # Between recorded steps (every > 1) no hook is attached: only count down. (Two
+        # attribute reads fewer than counting up: this runs cold, after the backward, on
+        # 9 steps of 10; a closed block has none left.)
+        left = self._quiet_left
+        if left:
+            self._quiet_left = left = left - 1
+            if not left and not self._failed:  # the next step is recorded
+                self._attach()
+            return
         if not self._open:
             raise RecordingError(
                 "rec.step() was called outside the `with gradviz.record(...)` block; "
                 "call it inside, once per optimizer step"
             )
-        if self._quiet:  # between recorded steps (every > 1), no hook attached: no work
-            self.step_count += 1
-            if self.step_count % self.every == 0:  # the next step is recorded
-                self._quiet = False
-                if not self._failed:
-                    self._attach()
-            return
-        step = self.step_count
-        self.step_count += 1
+        step = self._count
+        self._count += 1
         native_now, nat = self._native_on, self._nat
         if not native_now:  # (a native step has only the root's hook: these stay empty)
             # a forward without a root call leaves these (_made_by is keyed by ids of
@@ -1201,7 +1206,7 @@ class Recorder:
             if self._native_on != native_now:
                 self._detach()  # (the other mode's hooks go on below)
         # Hooks only around the steps that are recorded (with every=N, 1 in N).
-        if self.step_count % self.every == 0:
+        if self._count % self.every == 0:
             self._attach()
         else:
             self._detach()
@@ -1214,7 +1219,8 @@ class Recorder:
             self._local.clear()
             self._passes = self._batch = 0
             # (until the next recorded step nothing can arrive: step() only counts)
-            self._quiet = not self._handles
+            if not self._handles:
+                self._go_quiet()
             return
         if loss is not None and not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
             loss = self._loss_or_none(loss)
@@ -1236,10 +1242,21 @@ class Recorder:
                 self._writer.flush(self.recording)
             finally:
                 self._ready_only = None
-        if native_now and self.step_count % self.every and not self._handles:
+        if native_now and not self._handles:
             # take() closed this step's passes and nothing is hooked: until the next
             # recorded step nothing can arrive, so the next step() need not clear up.
-            self._quiet = True
+            self._go_quiet()
+
+    def _go_quiet(self) -> None:
+        """The steps up to the next recorded one only count: _count counts them now."""
+        left = -self._count % self.every
+        self._count += left
+        self._quiet_left = left
+
+    @property
+    def step_count(self) -> int:
+        """How many times rec.step() was called in this block."""
+        return self._count - self._quiet_left
 
     def _loss_or_none(self, loss: Any) -> Any:
         """A loss that is not a one-value tensor: a number as it is, anything else None,
@@ -1753,7 +1770,8 @@ class Recorder:
         if not self._open:
             return
         self._detach()
-        self._open = self._quiet = False
+        self._count, self._quiet_left = self.step_count, 0
+        self._open = False
         self._calls, self._glue, self._eager, self._in_root = [], {}, set(), False
         self._pending.clear()
         self._close_parts(emit=False)

@@ -1097,6 +1097,28 @@ def test_an_eval_pass_then_a_layer_outside_the_model_keeps_its_statistics() -> N
     assert_same_stats(a, b, norms=False)
 
 
+@pytest.mark.parametrize("native_", [False, True])
+def test_a_block_closed_between_recorded_steps_counts_right_and_refuses_more(
+        native_: bool) -> None:
+    """Closed while quiet steps count down (every=10, after 13 steps): step_count says 13,
+    rec.step() then raises as outside any block, and the recorded steps are 0 and 10."""
+    torch.manual_seed(0)
+    model = demos.DEMOS["mlp"].build()
+    x, y = data("mlp", 16)
+    with gradviz.record(model, None, native=native_, every=10) as rec:
+        for i in range(13):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            rec.step()
+            assert rec.step_count == i + 1
+        assert rec._quiet_left == 7 if native_ else rec._quiet_left in (0, 7)
+    assert rec.step_count == 13 and rec._quiet_left == 0
+    assert rec.recording.history.steps == [0, 10]
+    with pytest.raises(gradviz.RecordingError, match="outside the"):
+        rec.step()
+    assert not model._forward_hooks  # (a quiet step after the block attaches nothing)
+
+
 def test_every_fourth_step_matches_python_and_hooks_only_those() -> None:
     """every=4 with statistics: between recorded steps step() only counts (no hook is
     attached, nothing can arrive; after a native step, from the next one on: its take()
@@ -1104,7 +1126,8 @@ def test_every_fourth_step_matches_python_and_hooks_only_those() -> None:
     def hooked_only_when_recorded(i: int, model: nn.Module, rec: gradviz.Recorder) -> None:
         assert bool(model._forward_hooks) == (i % 4 == 0), i  # (the root's: in both modes)
         after_native = i % 4 == 1 and rec._nat is not None and rec._nat.armed > 0
-        assert rec._quiet == (i % 4 in (2, 3) or after_native), i
+        assert (rec._quiet_left > 0) == (i % 4 in (2, 3) or after_native), i
+        assert rec.step_count == i  # (exact while quiet steps count down)
 
     def run(native_: bool) -> gradviz.Recorder:
         return train("saturating", native_, steps=13, before=hooked_only_when_recorded,
