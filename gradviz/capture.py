@@ -34,6 +34,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from time import monotonic as _monotonic
 from typing import Any
 
 import numpy as np
@@ -204,7 +205,7 @@ class _Rows:
     when the history is read), so the device's queue is not emptied at every step.
     """
 
-    __slots__ = ("buf", "device", "events", "layout", "nat_key", "next", "steps")
+    __slots__ = ("buf", "device", "draining", "events", "layout", "nat_key", "next", "steps")
 
     def __init__(self, layout: _Layout, device: torch.device) -> None:
         self.layout = layout
@@ -226,6 +227,9 @@ class _Rows:
         # most ROWS_AT_ONCE steps waiting are in different rows.
         self.steps: list[tuple[int, int, float | None]] = []
         self.next = 0
+        # ROWS_AT_ONCE while a drain reads rows (its steps already taken off): a native step
+        # writes its row without the lock only while steps + draining leave a row free.
+        self.draining = 0
         # Native steps: this layout's key in Recorder._nat_layouts (None: unknown to the
         # native recorder now, whose numbers start afresh with each C++ recorder)
         self.nat_key: int | None = None
@@ -1205,11 +1209,16 @@ class Recorder:
             self._native_on = self._native_next(native_now, step)
             if self._native_on != native_now:
                 self._detach()  # (the other mode's hooks go on below)
-        # Hooks only around the steps that are recorded (with every=N, 1 in N).
+        # Hooks only around the steps that are recorded (with every=N, 1 in N). (Inline, not
+        # _attach() and _detach(): a call costs ~1-2 us here, cold after the backward.)
+        handles = self._handles
         if self._count % self.every == 0:
-            self._attach()
-        else:
-            self._detach()
+            if not handles:
+                self._attach()
+        elif handles:
+            for h in handles:
+                h.remove()
+            handles.clear()
         if step % self.every:
             if nat is not None:
                 nat.take(False, None)
@@ -1233,13 +1242,14 @@ class Recorder:
         except Exception as e:
             self._fail(e)
             return
-        if self._writer is not None and self._writer.due():
+        writer = self._writer
+        if writer is not None and _monotonic() >= writer.due_at:
             # The periodic file takes the rows already on the host and leaves this step's
             # (its copy may still be queued behind the backward) for the next: waiting for
             # it here would stall the device's queue. The last write, at close, has all.
             self._ready_only = threading.get_ident()
             try:
-                self._writer.flush(self.recording)
+                writer.flush(self.recording)
             finally:
                 self._ready_only = None
         if native_now and not self._handles:
@@ -1321,15 +1331,26 @@ class Recorder:
         # (raises the first error its hooks met in backward); a loss tensor ends the row
         tensor = isinstance(loss, torch.Tensor)
         loss_value = None if loss is None or tensor else float(loss)  # type: ignore[arg-type]
+        # The usual step: the layout of the rows buffered last, with room for one more:
+        # take() writes the row there itself (the layout's number, want, says it fits).
+        # Without _rows_lock: acquiring it costs ~4 us here, cold after the backward. Steps
+        # come from one thread; a drain from another (a History read) takes the waiting
+        # steps off first, with draining set before, and reads only their rows. So a row
+        # taken while steps + draining (read in that order) leave one free is no waiting
+        # step's, and a step appended after the drain took the list waits for the next.
+        rows, want, at = self._rows, -1, 0
+        if rows is not None and rows.nat_key is not None and (
+                len(rows.steps) + rows.draining < ROWS_AT_ONCE):
+            want = ~rows.nat_key if loss_value is not None else rows.nat_key
+            at = rows.next % ROWS_AT_ONCE
+        lid = self._nat_hook.take_into(loss if tensor else None,
+                                       rows.buf if want >= 0 else None, at, want)  # type: ignore[union-attr]
+        if lid == want and not unseen:
+            self._calls_seen = self._passes = 0
+            rows.next += 1  # type: ignore[union-attr]
+            rows.steps.append((step, at, loss_value))  # type: ignore[union-attr]
+            return
         with self._rows_lock:
-            # The usual step: the layout of the rows buffered last, with room for one more:
-            # take() writes the row there itself (the layout's number, want, says it fits).
-            rows, want, at = self._rows, -1, 0
-            if rows is not None and rows.nat_key is not None and len(rows.steps) < ROWS_AT_ONCE:
-                want = ~rows.nat_key if loss_value is not None else rows.nat_key
-                at = rows.next % ROWS_AT_ONCE
-            lid = self._nat_hook.take_into(loss if tensor else None,
-                                rows.buf if want >= 0 else None, at, want)  # type: ignore[union-attr]
             if lid != want:  # (want < 0: none, or a number given as the loss's)
                 key: int | None = ~lid if loss_value is not None else lid
                 lay = self._nat_layouts.get(key)  # type: ignore[arg-type]
@@ -1618,6 +1639,7 @@ class Recorder:
     def _drain_locked(self, rows: _Rows) -> None:
         # Taken off the buffer first: a read coming back in here from the same thread (a
         # signal handler saving the file mid-drain) finds nothing left to add twice.
+        rows.draining = ROWS_AT_ONCE  # (before the steps go: see _record_native)
         waiting, rows.steps = rows.steps, []
         rest: list[tuple[int, int, float | None]] = []
         try:
@@ -1651,6 +1673,7 @@ class Recorder:
         finally:
             if rest:  # back in front, after those taken have gone in: order is kept
                 rows.steps[:0] = rest
+            rows.draining = 0
 
     def _layout(self, present: tuple[int, ...], pending: tuple[int, ...],
                 stats: tuple[tuple[int, ...], ...], loss_kind: int) -> _Layout:

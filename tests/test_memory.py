@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
-import time
 import tracemalloc
 import warnings
 import weakref
@@ -223,17 +222,29 @@ def test_writing_the_file_holds_no_copy_of_the_history(tmp_path) -> None:
     assert peak < 0.5 * own, f"writing took {peak / own:.2f}x the history on top"
 
 
-def test_the_writer_waits_longer_after_a_slow_write(tmp_path) -> None:
+def test_the_writer_waits_longer_after_a_slow_write(tmp_path, monkeypatch) -> None:
     """Writing stays at most a tenth of wall time: after a write that took 1 s, the next is
-    due 10 s later, not at the usual interval."""
+    due 10 s after it began, not at the usual interval (on a clock the test moves: each
+    write takes what the test says)."""
+    clock, cost = [100.0], [0.01]
+
+    def write(path: Path, rec: store.Recording) -> None:
+        clock[0] += cost[0]
+
+    monkeypatch.setattr(store.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(store, "write", write)
     w = store.Writer(tmp_path / "t.json", every_seconds=2.0)
     assert w.due()  # never written
-    now = time.monotonic()
-    w._last_flush, w._last_cost = now - 3.0, 0.01  # a quick write: the usual 2 s
-    assert w.due()
-    w._last_flush, w._last_cost = now - 8.0, 1.0  # (due at 4x the last write: not now)
+    w.flush(store.Recording(), wait=True)  # a quick write: the usual 2 s
+    clock[0] = 101.9
     assert not w.due()
-    w._last_flush = now - 10.5
+    clock[0] = 102.0
+    assert w.due() and w.due_at == 102.0
+    cost[0] = 1.0
+    w.flush(store.Recording(), wait=True)  # began at 102, took 1 s: due at 112
+    clock[0] = 111.9
+    assert not w.due()
+    clock[0] = 112.0
     assert w.due()
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -1095,6 +1096,62 @@ def test_an_eval_pass_then_a_layer_outside_the_model_keeps_its_statistics() -> N
     assert not np.isnan(b[("node", "fc1", "saturated_frac")][3])
     # (norms differ at step 3: the native recorder does not see the call outside the model)
     assert_same_stats(a, b, norms=False)
+
+
+def test_a_step_while_another_thread_drains_a_full_buffer_leaves_its_rows_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A native step writes its row without the lock. A History read from another thread
+    that is draining all 64 waiting rows (held here in the middle, the steps taken off)
+    while a step comes: every value recorded is still the same as without the read."""
+    steps = capture.ROWS_AT_ONCE + 8
+    torch.manual_seed(0)
+    x, y = data("mlp", 16)
+    start = demos.DEMOS["mlp"].build().state_dict()
+    inside, go = threading.Event(), threading.Event()
+    wait = capture._Rows.wait
+
+    def held(self: Any, at: list[int]) -> None:  # (the reader's drain, mid-way)
+        inside.set()
+        assert go.wait(10)
+        wait(self, at)
+
+    def run(drain_at: int | None) -> gradviz.Recorder:
+        model = demos.DEMOS["mlp"].build()
+        model.load_state_dict(start)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def one_step(i: int) -> None:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x * (1 + i / 10)), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+
+        with gradviz.record(model, None, native=True) as rec:
+            for i in range(steps):
+                if i != drain_at:
+                    one_step(i)
+                    continue
+                assert len(rec._rows.steps) == capture.ROWS_AT_ONCE  # (every row waiting)
+                monkeypatch.setattr(capture._Rows, "wait", held)
+                reader = threading.Thread(target=lambda: rec.recording.history.steps)
+                reader.start()
+                assert inside.wait(10)  # the reader has taken the 64 steps off
+                stepper = threading.Thread(target=one_step, args=(i,))
+                stepper.start()
+                stepper.join(0.3)  # (its row must not land in a waiting step's)
+                go.set()
+                reader.join(10)
+                stepper.join(10)
+                monkeypatch.setattr(capture._Rows, "wait", wait)
+        assert rec._nat.armed == steps - 1 and not rec._failed
+        return rec
+
+    alone = table(run(None))
+    read = table(run(capture.ROWS_AT_ONCE))  # (steps 0-63 wait: step 0's row is Python's)
+    assert read.keys() == alone.keys()
+    for key in alone:
+        np.testing.assert_array_equal(read[key], alone[key], err_msg=str(key))
 
 
 @pytest.mark.parametrize("native_", [False, True])
