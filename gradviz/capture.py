@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import math
 import operator
 import os
@@ -312,17 +313,12 @@ class _Reg:
     place (last), as a fresh registration.
     """
 
-    __slots__ = ("hooks", "id", "hook")
+    __slots__ = ("attach", "remove")
 
     def __init__(self, handle: Any, hooks: dict[int, Any]) -> None:
-        self.hooks, self.id = hooks, handle.id
-        self.hook = hooks[handle.id]
-
-    def attach(self) -> None:
-        self.hooks[self.id] = self.hook
-
-    def remove(self) -> None:
-        self.hooks.pop(self.id, None)
+        # (bound C calls, not methods: no Python frame in rec.step(), cold after backward)
+        self.attach = functools.partial(hooks.__setitem__, handle.id, hooks[handle.id])
+        self.remove = functools.partial(hooks.pop, handle.id, None)
 
 
 def _grad_outputs(output: Any) -> list[torch.Tensor]:
@@ -1231,8 +1227,9 @@ class Recorder:
             if not self._handles:
                 self._go_quiet()
             return
-        if loss is not None and not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-            loss = self._loss_or_none(loss)
+        if not native_now and loss is not None and not (
+                isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            loss = self._loss_or_none(loss)  # (native: in _record_native, cheaper)
         try:
             if native_now:
                 self._record_native(nat, step, loss, unseen)
@@ -1255,7 +1252,10 @@ class Recorder:
         if native_now and not self._handles:
             # take() closed this step's passes and nothing is hooked: until the next
             # recorded step nothing can arrive, so the next step() need not clear up.
-            self._go_quiet()
+            # (_go_quiet() inline: a call costs ~1.5 us here)
+            left = -self._count % self.every
+            self._count += left
+            self._quiet_left = left
 
     def _go_quiet(self) -> None:
         """The steps up to the next recorded one only count: _count counts them now."""
@@ -1330,6 +1330,8 @@ class Recorder:
         the order they arrived) goes into the row buffer as _record_one's vector would."""
         # (raises the first error its hooks met in backward); a loss tensor ends the row
         tensor = isinstance(loss, torch.Tensor)
+        if loss is not None and not tensor:
+            loss = self._loss_or_none(loss)  # (a number as it is)
         loss_value = None if loss is None or tensor else float(loss)  # type: ignore[arg-type]
         # The usual step: the layout of the rows buffered last, with room for one more:
         # take() writes the row there itself (the layout's number, want, says it fits).
@@ -1343,8 +1345,12 @@ class Recorder:
                 len(rows.steps) + rows.draining < ROWS_AT_ONCE):
             want = ~rows.nat_key if loss_value is not None else rows.nat_key
             at = rows.next % ROWS_AT_ONCE
-        lid = self._nat_hook.take_into(loss if tensor else None,
-                                       rows.buf if want >= 0 else None, at, want)  # type: ignore[union-attr]
+        try:
+            lid = self._nat_hook.take_into(loss if tensor else None,
+                                           rows.buf if want >= 0 else None, at, want)  # type: ignore[union-attr]
+        except ValueError:  # a loss tensor of several values, refused before anything is taken
+            loss, tensor, want = self._loss_or_none(loss), False, -1
+            lid = self._nat_hook.take_into(None, None, 0, -1)
         if lid == want and not unseen:
             self._calls_seen = self._passes = 0
             rows.next += 1  # type: ignore[union-attr]

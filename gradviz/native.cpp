@@ -962,8 +962,12 @@ struct Recorder {
 
   // take(true, loss), and when the step's layout is number want (that of the caller's
   // buffer, with room: the usual step) its row into row at of buf, as put(): one call.
+  // A loss tensor of several values is refused first, with ValueError, before anything is
+  // taken: rec.step() then takes the step without it (one check less in Python, cold).
   int64_t take_into(const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& buf,
                     int64_t at, int64_t want) {
+    TORCH_CHECK_VALUE(!loss.has_value() || !loss->defined() || loss->numel() == 1,
+                      "a loss of ", loss.has_value() ? loss->numel() : 0, " values, not one");
     const int64_t lid = take(true, loss);
     if (lid == want && buf.has_value()) put(*buf, at);
     return lid;

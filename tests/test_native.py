@@ -1154,6 +1154,32 @@ def test_a_step_while_another_thread_drains_a_full_buffer_leaves_its_rows_alone(
         np.testing.assert_array_equal(read[key], alone[key], err_msg=str(key))
 
 
+def test_a_native_step_with_a_loss_of_several_values_is_kept_without_it() -> None:
+    """rec.step(loss) with a loss of two values, a string, then one value again, on native
+    steps: each step is kept with its norms, the odd losses left out with one warning."""
+    torch.manual_seed(0)
+    model = demos.DEMOS["mlp"].build()
+    x, y = data("mlp", 16)
+    losses: list[Any] = [None, None, "stack", "x", None, 2.5, None]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with gradviz.record(model, None, native=True) as rec:
+            for how in losses:
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                rec.step(torch.stack([loss, loss]) if how == "stack" else
+                         loss if how is None else how)
+    assert rec._nat.armed == len(losses) - 1 and not rec._failed
+    run = rec.to_run()
+    assert run.steps == list(range(len(losses)))
+    assert all(v is not None for v in run.node_history("fc1"))
+    assert [v is None for v in run.loss] == [False, False, True, True, False, False, False]
+    assert run.loss[5] == 2.5
+    said = [str(w.message) for w in said if "loss must be one number" in str(w.message)]
+    assert len(said) == 1 and "got a tensor of shape [2]" in said[0], said
+
+
 @pytest.mark.parametrize("native_", [False, True])
 def test_a_block_closed_between_recorded_steps_counts_right_and_refuses_more(
         native_: bool) -> None:
