@@ -317,7 +317,7 @@ class _Reg:
 
     def __init__(self, handle: Any, hooks: dict[int, Any]) -> None:
         # (bound C calls, not methods: no Python frame in rec.step(), cold after backward)
-        self.attach = functools.partial(hooks.__setitem__, handle.id, hooks[handle.id])
+        self.attach = functools.partial(operator.setitem, hooks, handle.id, hooks[handle.id])
         self.remove = functools.partial(hooks.pop, handle.id, None)
 
 
