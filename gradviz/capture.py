@@ -1205,16 +1205,14 @@ class Recorder:
             self._native_on = self._native_next(native_now, step)
             if self._native_on != native_now:
                 self._detach()  # (the other mode's hooks go on below)
-        # Hooks only around the steps that are recorded (with every=N, 1 in N). (Inline, not
-        # _attach() and _detach(): a call costs ~1-2 us here, cold after the backward.)
+        # Hooks only around the steps that are recorded (with every=N, 1 in N). (Called only
+        # when there is something to do: a call costs ~1-2 us here, cold after the backward.)
         handles = self._handles
         if self._count % self.every == 0:
             if not handles:
                 self._attach()
         elif handles:
-            for h in handles:
-                h.remove()
-            handles.clear()
+            self._detach()
         if step % self.every:
             if nat is not None:
                 nat.take(False, None)
@@ -1252,10 +1250,7 @@ class Recorder:
         if native_now and not self._handles:
             # take() closed this step's passes and nothing is hooked: until the next
             # recorded step nothing can arrive, so the next step() need not clear up.
-            # (_go_quiet() inline: a call costs ~1.5 us here)
-            left = -self._count % self.every
-            self._count += left
-            self._quiet_left = left
+            self._go_quiet()
 
     def _go_quiet(self) -> None:
         """The steps up to the next recorded one only count: _count counts them now."""
@@ -1351,36 +1346,33 @@ class Recorder:
         except ValueError:  # a loss tensor of several values, refused before anything is taken
             loss, tensor, want = self._loss_or_none(loss), False, -1
             lid = self._nat_hook.take_into(None, None, 0, -1)
-        if lid == want and not unseen:
-            self._calls_seen = self._passes = 0
-            rows.next += 1  # type: ignore[union-attr]
-            rows.steps.append((step, at, loss_value))  # type: ignore[union-attr]
-            return
-        with self._rows_lock:
-            if lid != want:  # (want < 0: none, or a number given as the loss's)
-                key: int | None = ~lid if loss_value is not None else lid
-                lay = self._nat_layouts.get(key)  # type: ignore[arg-type]
-                if lay is None:
-                    present, cols, stats = nat.layout(lid)
-                    lay = self._layout_for((tuple(present), tuple(cols),
-                                            tuple(map(tuple, stats)),
-                                            1 if tensor else 0 if loss is None else 2))
-                    if len(self._nat_layouts) >= NATIVE_LAYOUTS:  # (numbered afresh next)
-                        nat.forget_layouts()
-                        self._nat_layouts.clear()
-                        key = None
-                    else:
-                        self._nat_layouts[key] = lay  # type: ignore[index]
-                rows, at = self._next_row(lay, _CPU)
-                nat.put(rows.buf, at)
-                rows.nat_key = key
-                if not lay.has_params:  # (a layout of its own: the usual step never comes here)
-                    self._no_grads(step)
-            if unseen:  # no pass armed, none missed: no layer call (an armed pass counts)
-                self._check_calls(rows.layout.has_params)  # type: ignore[union-attr]
-            self._calls_seen = self._passes = 0
-            rows.next += 1  # type: ignore[union-attr]
-            rows.steps.append((step, at, loss_value))  # type: ignore[union-attr]
+        if lid != want or unseen:  # (a new layout, a full buffer, a drain going on...)
+            with self._rows_lock:
+                if lid != want:  # (want < 0: none, or a number given as the loss's)
+                    key: int | None = ~lid if loss_value is not None else lid
+                    lay = self._nat_layouts.get(key)  # type: ignore[arg-type]
+                    if lay is None:
+                        present, cols, stats = nat.layout(lid)
+                        lay = self._layout_for((tuple(present), tuple(cols),
+                                                tuple(map(tuple, stats)),
+                                                1 if tensor else 0 if loss is None else 2))
+                        if len(self._nat_layouts) >= NATIVE_LAYOUTS:  # (numbered afresh)
+                            nat.forget_layouts()
+                            self._nat_layouts.clear()
+                            key = None
+                        else:
+                            self._nat_layouts[key] = lay  # type: ignore[index]
+                    rows, at = self._next_row(lay, _CPU)
+                    nat.put(rows.buf, at)
+                    rows.nat_key = key
+                    if not lay.has_params:  # (a layout of its own: never the usual step)
+                        self._no_grads(step)
+                if unseen:  # no pass armed, none missed: no layer call (an armed pass counts)
+                    self._check_calls(rows.layout.has_params)  # type: ignore[union-attr]
+        # (outside the lock, as the usual step: the row is written, in a row no drain reads)
+        self._calls_seen = self._passes = 0
+        rows.next += 1  # type: ignore[union-attr]
+        rows.steps.append((step, at, loss_value))  # type: ignore[union-attr]
 
     def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
         self._close_parts(emit=True)

@@ -904,8 +904,12 @@ struct Recorder {
 
   // End the step (record=false: drop it); the number of its layout, -1 when not recorded.
   // A hook's error (none should happen) is raised here, once: the recorder then stops.
-  // loss: the step's loss as a tensor (its value ends the row), or None.
+  // loss: the step's loss as a tensor (its value ends the row), or None; one of several
+  // values is refused first, with ValueError, before anything is taken: rec.step() then
+  // takes the step without it (one check less in Python, cold).
   int64_t take(bool record, const c10::optional<at::Tensor>& loss) {
+    TORCH_CHECK_VALUE(!loss.has_value() || !loss->defined() || loss->numel() == 1,
+                      "a loss of ", loss.has_value() ? loss->numel() : 0, " values, not one");
     calls = 0;
     pass_missed = false;
     for (auto& pass : st->passes) pass->close(*st, record && st->error.empty());
@@ -943,7 +947,6 @@ struct Recorder {
     }
     stats.clear();
     if (loss.has_value() && loss->defined()) {
-      TORCH_CHECK(loss->numel() == 1, "a loss of ", loss->numel(), " values, not one");
       const at::Tensor& l = *loss;
       row.push_back(l.is_cpu() && l.scalar_type() == at::kFloat && !l.is_neg()
                         ? *l.const_data_ptr<float>()  // (item() dispatches: a microsecond)
@@ -962,12 +965,8 @@ struct Recorder {
 
   // take(true, loss), and when the step's layout is number want (that of the caller's
   // buffer, with room: the usual step) its row into row at of buf, as put(): one call.
-  // A loss tensor of several values is refused first, with ValueError, before anything is
-  // taken: rec.step() then takes the step without it (one check less in Python, cold).
   int64_t take_into(const c10::optional<at::Tensor>& loss, const c10::optional<at::Tensor>& buf,
                     int64_t at, int64_t want) {
-    TORCH_CHECK_VALUE(!loss.has_value() || !loss->defined() || loss->numel() == 1,
-                      "a loss of ", loss.has_value() ? loss->numel() : 0, " values, not one");
     const int64_t lid = take(true, loss);
     if (lid == want && buf.has_value()) put(*buf, at);
     return lid;

@@ -516,15 +516,11 @@ class Writer:
         self._last_flush = -float("inf")
         self._last_cost = 0.0
         # time.monotonic() from which the next flush is due: one attribute for rec.step() to
-        # compare, which runs cold after each recorded step's backward (due() was ~5 us more)
+        # compare, which runs cold after each recorded step's backward (a method was ~5 us)
         self.due_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.error: BaseException | None = None
-
-    def due(self) -> bool:
-        """Whether enough time has passed since the last flush."""
-        return time.monotonic() >= self.due_at
 
     def _set_due(self) -> None:
         interval = max(self.every_seconds, self._last_cost / self.WRITE_COST_SHARE)
