@@ -372,16 +372,38 @@ def test_no_gradient_outlives_its_step() -> None:
 
 
 def sizes() -> list[int]:
-    return [1, 15, 16, 17, 1023, 1024, 1025, 4096 + 7, 200_000, (1 << 18) + 1]
+    """Around its blocks (1024 values), its 4 streams (4 blocks) and its chunks (1 << 18)."""
+    return [1, 15, 16, 17, 1023, 1024, 1025, 4096 - 1, 4096 + 7, 5 * 1024 + 3, 200_000,
+            (1 << 18) + 1, (1 << 20) + 4096 + 5]
 
 
 @pytest.mark.parametrize("n", sizes())
 def test_native_norm_is_exact(n: int) -> None:
-    """Within 1e-6 of float64 on sizes around its blocks (and above its loop's limit)."""
+    """Within 1e-6 of float64, a value in each part counted once (the parts as they would
+    fall are scaled apart: a value missed or read twice moves the norm by far more)."""
     module = native.load()
     t = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    t[: n // 2] *= 1.5
+    t[-7:] *= 3.0
     exact = float(t.double().norm())
-    assert module.norm(t) == pytest.approx(exact, rel=1e-6 if n <= 1 << 18 else 1e-4)
+    assert module.norm(t) == pytest.approx(exact, rel=1e-6)
+    assert module.norm(t.double()) == pytest.approx(exact, rel=1e-7)  # (a float32 number)
+
+
+def test_native_norm_of_a_large_gradient_is_the_same_on_any_number_of_threads() -> None:
+    """A large gradient is read in parallel chunks: the same number on 1, 2 or 3 threads."""
+    module = native.load()
+    t = torch.randn((1 << 20) + 12_345, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            got.append(module.norm(t))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == got[2]
+    assert got[0] == pytest.approx(float(t.double().norm()), rel=1e-6)
 
 
 def test_native_norm_on_every_kind_of_gradient() -> None:
