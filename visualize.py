@@ -141,6 +141,11 @@ def report(path: Path) -> int:
     run = store.load(path)
     if (why := store.no_layers(run)) is not None:
         raise GradvizError(why)
+    if run.version and not run.steps and not run.findings:
+        # (its layers are listed when recording starts: a run that failed before its first
+        # rec.step() leaves such a file, and "healthy" or "no gradient" would both be wrong)
+        raise GradvizError(f"{path} has no recorded steps: the run stopped before its first "
+                           f"rec.step(), or has not reached it yet; report once it has")
     # a file's own findings are data from anywhere: reduced to known fields, as the page does
     own = clean_findings(run.findings, {n["id"] for n in run.nodes}) if run.findings else []
     findings = own or diagnose(run)

@@ -47,6 +47,8 @@ class Thresholds:
 def diagnose(run: Run, thresholds: Thresholds | None = None) -> list[dict[str, Any]]:
     """All findings for a run, most severe first."""
     t = thresholds or Thresholds()
+    if run.version and not run.steps:
+        return []  # a recording that stopped before its first step: nothing was measured
     ctx = _Context(run)
     findings: list[dict[str, Any]] = []
     for check in (_non_finite, _exploding, _vanishing, _dead_relu, _saturation, _no_gradient,
@@ -422,7 +424,7 @@ def _saturation(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     if not sat:
         return []
     layers = sorted(sat, key=lambda nid: -sat[nid])
-    acts = sorted({n.get("activation", "sigmoid/tanh") for n in ctx.layers if n["id"] in sat})
+    acts = sorted({n.get("activation") or "sigmoid/tanh" for n in ctx.layers if n["id"] in sat})
     return [_finding(
         "saturation", "warning", layers,
         ctx.span(layers[0], "saturated_frac", lambda x: x > t.saturated),

@@ -163,7 +163,7 @@ def _list(v: Any) -> list[Any]:
 
 
 def _text(v: Any) -> str:
-    s = v if isinstance(v, str) else str(v)
+    s = v if isinstance(v, str) else schema.safe_repr(v, str)
     return s if len(s) <= _MAX_TEXT else s[: _MAX_TEXT - 1] + "…"
 
 
@@ -216,7 +216,7 @@ def clean_meta(meta: Any) -> dict[str, str | int | float | bool | None]:
         elif isinstance(v, str):
             out[_text(k)] = _text(v)
         else:
-            out[_text(k)] = _text(repr(v))
+            out[_text(k)] = _text(schema.safe_repr(v))
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -58,12 +59,27 @@ def encode_value(x: float | None) -> float | str | None:
     return float(x)
 
 
+def safe_repr(v: Any, how: Callable[[Any], str] = repr) -> str:
+    """repr (or str) of a value read from a file, which may be nested deeper than repr goes
+    (orjson reads 1,024 levels)."""
+    try:
+        return how(v)
+    except RecursionError:
+        return f"({type(v).__name__} nested too deep to show)"
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """A value for an error message: cut short (a file's values can be huge)."""
+    text = safe_repr(v)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def decode_value(v: Any, where: str = "value") -> Value:
     """Inverse of :func:`encode_value`; raises FileFormatError for anything else."""
     if v is None:
         return None
     if isinstance(v, bool):
-        raise FileFormatError(f"{where}: expected a number, got {v!r}")
+        raise FileFormatError(f"{where}: expected a number, got {_short(v)}")
     if isinstance(v, (int, float)):
         return float(v)
     if v == "NaN":
@@ -73,7 +89,7 @@ def decode_value(v: Any, where: str = "value") -> Value:
     if v == "-Infinity":
         return -math.inf
     raise FileFormatError(
-        f'{where}: expected a number, null, "NaN", "Infinity" or "-Infinity", got {v!r}'
+        f'{where}: expected a number, null, "NaN", "Infinity" or "-Infinity", got {_short(v)}'
     )
 
 
@@ -199,7 +215,7 @@ def _list(v: Any, where: str) -> list[Any]:
 
 def _str(v: Any, where: str) -> str:
     if not isinstance(v, str) or not v:
-        raise _fail(f"{where}: expected a non-empty string, got {v!r}")
+        raise _fail(f"{where}: expected a non-empty string, got {_short(v)}")
     return v
 
 
@@ -216,10 +232,10 @@ def validate(doc: Any) -> int:
     version = 0
     if "format" in doc or "version" in doc:
         if doc.get("format") != FORMAT_NAME:
-            raise _fail(f'"format": expected "{FORMAT_NAME}", got {doc.get("format")!r}')
+            raise _fail(f'"format": expected "{FORMAT_NAME}", got {_short(doc.get("format"))}')
         version = doc.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise _fail(f'"version": expected a positive integer, got {version!r}')
+            raise _fail(f'"version": expected a positive integer, got {_short(version)}')
         if version > FORMAT_VERSION:
             raise UnknownVersionError(
                 f"format version {version} is newer than this gradviz reads "
@@ -244,10 +260,15 @@ def validate(doc: Any) -> int:
             if key not in STAT_SERIES:
                 raise _fail(f"{where} ({nid}).stats: unknown statistic {key!r}")
             decode_value(v, f"{where} ({nid}).stats.{key}")
+        for key in STAT_SERIES:  # (a minimal file may give a statistic beside the norm)
+            if key in node:
+                decode_value(node[key], f"{where} ({nid}).{key}")
+        if node.get("activation") is not None:
+            _str(node["activation"], f"{where} ({nid}).activation")
         if version >= 1:
             if node.get("kind") not in NODE_KINDS:
                 raise _fail(f"{where} ({nid}).kind: expected one of {NODE_KINDS}, "
-                            f"got {node.get('kind')!r}")
+                            f"got {_short(node.get('kind'))}")
             _str(node.get("type"), f"{where} ({nid}).type")
             for pname, p in _obj(node.get("params", {}), f"{where} ({nid}).params").items():
                 _norm(_obj(p, f"{where} ({nid}).params.{pname}").get("gradient_norm"),
@@ -274,16 +295,25 @@ def validate(doc: Any) -> int:
             edge_ids.add(eid)
 
     if version >= 1:
-        _obj(doc.get("meta"), '"meta"')
+        meta = _obj(doc.get("meta"), '"meta"')
+        skipped = meta.get("skipped_steps", [])
+        if not (isinstance(skipped, list) and all(_step_number(s) for s in skipped)):
+            raise _fail(f"meta.skipped_steps: expected a list of step numbers (integers >= 0), "
+                        f"got {_short(skipped)}")
         _validate_history(_obj(doc.get("history"), '"history"'), ids, edge_ids)
     return version
 
 
+def _step_number(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _validate_history(h: dict[str, Any], ids: set[str], edge_ids: set[str]) -> None:
     if h.get("encoding") != SERIES_ENCODING:
-        raise _fail(f'history.encoding: expected "{SERIES_ENCODING}", got {h.get("encoding")!r}')
+        raise _fail(f'history.encoding: expected "{SERIES_ENCODING}", '
+                    f'got {_short(h.get("encoding"))}')
     steps = _list(h.get("steps"), "history.steps")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+    if not all(_step_number(s) for s in steps):
         raise _fail("history.steps: expected a list of step numbers (integers >= 0)")
     if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         raise _fail("history.steps: step numbers must increase")

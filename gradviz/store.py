@@ -12,6 +12,7 @@ import json
 import math
 import operator
 import os
+import re
 import secrets
 import stat
 import sys
@@ -586,6 +587,9 @@ class Run:
                 for p, info in node["params"].items()
             }
             node["stats"] = {k: dv(v) for k, v in node.get("stats", {}).items()}
+            for key in schema.STAT_SERIES:  # (beside the norm, in a minimal file)
+                if key in node:
+                    node[key] = dv(node[key])
             self.nodes.append(node)
         self.edges: list[dict[str, Any]] = []
         for i, edge in enumerate(doc.get("edges", [])):
@@ -670,6 +674,26 @@ def _int_as_orjson(text: str) -> int | float:
     return as_float
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(doc: Any) -> str | None:
+    """The first string (key or value) in a parsed document holding a lone surrogate."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                return v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append(k)
+                stack.append(x)
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
 def parse(data: bytes, path: Path | None = None) -> Run:
     """Parse and check a file's bytes; raise FileFormatError with the reason."""
     name = str(path) if path else "input"
@@ -687,6 +711,12 @@ def parse(data: bytes, path: Path | None = None) -> Run:
             raise FileFormatError(f"{name}: {big}; is it a gradviz file?") from big
         except (ValueError, RecursionError):
             raise FileFormatError(f"{name} is not valid JSON ({e})") from e
+        # orjson refuses an unpaired surrogate escape such as "\ud800" (not Unicode); Python
+        # takes it, and the text then fails wherever it is written out (the page, the report)
+        if (bad := _lone_surrogate(doc)) is not None:
+            raise FileFormatError(
+                f"{name}: the text {ascii(bad)[:60]} holds an unpaired surrogate escape "
+                f"(\\ud800-\\udfff), which is not Unicode; is it a gradviz file?") from e
     try:
         version = schema.validate(doc)
         return Run(doc, version, path)

@@ -208,6 +208,12 @@ def snapshot(
     return snap
 
 
+def shown_name(path: Path) -> str:
+    """A file's name for the page: a name that is not UTF-8 (bytes the system kept as
+    surrogates) gets U+FFFD for each bad byte, which JSON and HTML can carry."""
+    return os.fsencode(path.name).decode("utf-8", "replace")
+
+
 class RunSource:
     """The file being viewed: re-read on change, last good version kept on failure."""
 
@@ -224,7 +230,7 @@ class RunSource:
         self._snap = self._build(*read_run(self.path), revision=1)
 
     def _build(self, run: store.Run, sig: tuple[int, int, int], revision: int) -> Snapshot:
-        return snapshot(run, sig, revision, threshold=self.threshold, source=self.path.name,
+        return snapshot(run, sig, revision, threshold=self.threshold, source=shown_name(self.path),
                         depth=self.depth)
 
     def current(self) -> Snapshot:
@@ -251,13 +257,18 @@ class RunSource:
         except (GradvizError, OSError) as e:
             self.error = str(e)
             self._failed = (sig, time.monotonic() + RETRY_SECONDS)
+        except Exception as e:  # a version that reads but does not build: keep the last one
+            self.error = (f"{self.path}: this version cannot be shown ({type(e).__name__}: "
+                          f"{e}); showing the last one that could")
+            self._failed = (sig, time.monotonic() + RETRY_SECONDS)
         finally:
             self._lock.release()
 
     def html(self, snap: Snapshot) -> str:
         """The page for a snapshot, rendered once."""
         if snap.html is None:
-            snap.html = render.render_page(snap.payload, title=self.path.name, live=self.live)
+            snap.html = render.render_page(snap.payload, title=shown_name(self.path),
+                                           live=self.live)
         return snap.html
 
 
@@ -450,9 +461,8 @@ def export_html(
     run, sig = read_run(p)
     if (why := store.no_layers(run)) is not None:  # (the server waits for layers instead)
         raise FileFormatError(why)
-    snap = snapshot(run, sig, 0, threshold=check_threshold(threshold), source=p.name,
+    snap = snapshot(run, sig, 0, threshold=check_threshold(threshold), source=shown_name(p),
                     depth=parse_depth(depth))
     view = snap.view(snap.default)
-    return render.render_page(
-        view.payload, title=p.name, history=render.history_payload(run, view.graph, view.frames)
-    )
+    history = render.history_payload(run, view.graph, view.frames)
+    return render.render_page(view.payload, title=shown_name(p), history=history)

@@ -89,3 +89,63 @@ def test_odd_layer_orders_are_diagnosed(files, tmp_path) -> None:
     out = report(path)
     assert out.stderr == "" and out.returncode == 1
     assert out.stdout.startswith("CRITICAL vanishing")
+
+
+def test_report_on_values_the_diagnosis_reads(files, tmp_path) -> None:
+    # each of these was a traceback (exit 1, read as "critical" in CI) from inside diagnose
+    import orjson
+
+    doc = orjson.loads(files["mlp"].read_bytes())
+    path = tmp_path / "edited.json"
+    doc["meta"]["skipped_steps"] = 5
+    path.write_bytes(orjson.dumps(doc))
+    out = report(path)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"visualize.py: {path}: meta.skipped_steps: expected a list of step numbers "
+        "(integers >= 0), got 5"]
+    # metadata nested deeper than repr goes (orjson reads 1,024 levels): shown, not a crash
+    doc["meta"]["skipped_steps"] = []
+    deep = b"[" * 1000 + b"]" * 1000
+    path.write_bytes(orjson.dumps(doc).replace(b'"meta":{', b'"meta":{"deep":' + deep + b",", 1))
+    out = report(path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.strip() == "gradient flow looks healthy: no findings"
+
+
+def test_report_names_the_activations_of_saturated_layers(tmp_path) -> None:
+    from gradviz import store
+
+    nodes = {nid: {"kind": "layer", "type": "Linear", "order": i, "params": {},
+                   "activation": act} for i, (nid, act) in enumerate(
+                       [("a", "Sigmoid"), ("b", None), ("c", "Tanh")])}
+    rec = store.Recording(nodes=nodes)
+    cols = [rec.history.column(("node", nid, key)) for nid in nodes
+            for key in ("gradient_norm", "saturated_frac")]
+    for step in range(4):
+        rec.history.append(step, cols, [0.5, 0.9] * 3)
+    path = tmp_path / "saturated.json"
+    path.write_bytes(store.dumps(rec.to_document()))
+    out = report(path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith("WARNING  saturation  a, b, c (steps 0-3): 90% of the "
+                                 "Sigmoid/Tanh/sigmoid/tanh outputs after a"), out.stdout
+
+
+def test_report_before_the_first_step_says_so(tmp_path) -> None:
+    # a run that failed before its first rec.step() leaves its layers and no step: that is
+    # neither "healthy" nor "no gradient reached these layers" (which it said, at step 0)
+    import torch
+
+    path = tmp_path / "early.json"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with gradviz.record(torch.nn.Sequential(torch.nn.Linear(2, 2)), path):
+            raise RuntimeError("out of memory")
+    run = gradviz.load(path)
+    assert run.steps == [] and [n["id"] for n in run.nodes] == ["0"]
+    assert gradviz.diagnose(run) == []
+    out = report(path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"visualize.py: {path} has no recorded steps: the run stopped before its first "
+        "rec.step(), or has not reached it yet; report once it has"]

@@ -64,6 +64,15 @@ NODE = {"id": "a", "gradient_norm": 0.5}
         ({"nodes": [NODE, NODE]}, ["duplicate node id 'a'"]),
         ({"nodes": [{"id": "a", "gradient_norm": "lots"}]}, ["expected a number"]),
         ({"nodes": [{"id": "a", "gradient_norm": 1, "params": 5}]}, ["unexpected content"]),
+        # fields the diagnosis reads: checked when the file is read, not a traceback later
+        ({"nodes": [{"id": "a", "gradient_norm": 1e-9, "activation": ["Sigmoid"]}]},
+         ["(a).activation", "expected a non-empty string"]),
+        ({"nodes": [{"id": "a", "gradient_norm": 1, "dead_frac": "high"}]},
+         ["(a).dead_frac", "expected a number", "'high'"]),
+        # an unpaired surrogate: Python's parser takes it, orjson (the page) cannot write it
+        (b'{"nodes": [{"id": "a\\ud800", "gradient_norm": 1}]}', ["unpaired surrogate"]),
+        (b'{"nodes": [{"id": "a", "gradient_norm": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",
+         ["(a).gradient_norm", "nested too deep"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, content: object, words: list[str]) -> None:

@@ -243,6 +243,50 @@ def test_broken_rewrite_keeps_last_good(
     assert p == {"revision": 2, "steps": 31, "last_step": 300, "error": None}
 
 
+def test_a_version_that_does_not_build_keeps_last_good(
+    client: FlaskClient, residual_file: Path, make_file: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an error other than a file's (a bug in building the view) was a 500 on every request,
+    # retried on each one: the last good version is kept and the error shown, as for a file's
+    import gradviz.web
+
+    def broken(run: store.Run) -> None:
+        raise TypeError("no good")
+
+    monkeypatch.setattr(gradviz.web, "build_graph", broken)
+    rewrite(make_file, residual_file, n_steps=35)
+    p = client.get("/api/poll").get_json()
+    assert p["revision"] == 1 and p["steps"] == 30
+    assert "cannot be shown (TypeError: no good)" in p["error"]
+    assert client.get("/").status_code == 200
+    assert len(client.get("/api/graph").get_json()["run"]["steps"]) == 30
+    monkeypatch.undo()
+    rewrite(make_file, residual_file, n_steps=36)
+    assert client.get("/api/poll").get_json() == {
+        "revision": 2, "steps": 36, "last_step": 350, "error": None}
+
+
+def test_a_file_name_that_is_not_utf8(residual_file: Path) -> None:
+    # the name reached the page's JSON as a lone surrogate, which orjson cannot write: 500
+    odd = residual_file.with_name(os.fsdecode(b"run-\xff.json"))
+    os.replace(residual_file, odd)
+    c = client_for(odd)
+    page = c.get("/")
+    assert page.status_code == 200 and "run-\ufffd.json" in page.get_data(as_text=True)
+    assert c.get("/api/graph").get_json()["run"]["source"] == "run-\ufffd.json"
+    assert "<title>gradviz · run-\ufffd.json</title>" in export_html(odd)
+
+
+def test_metadata_nested_too_deep_for_repr(residual_file: Path) -> None:
+    data = orjson.dumps(orjson.loads(residual_file.read_bytes()))  # (compact: "meta":{)
+    deep = b"[" * 1000 + b"]" * 1000
+    residual_file.write_bytes(data.replace(b'"meta":{', b'"meta":{"deep":' + deep + b",", 1))
+    meta = dict(client_for(residual_file).get("/api/graph").get_json()["run"]["meta"])
+    assert meta["deep"] == "(list nested too deep to show)"
+    assert "(list nested too deep to show)" in export_html(residual_file)
+
+
 def test_not_live_never_rereads(residual_file: Path, make_file: Callable[..., Path]) -> None:
     c = client_for(residual_file, LIVE=False)
     rewrite(make_file, residual_file, n_steps=35)
