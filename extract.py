@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
@@ -205,6 +206,23 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _rescue(path: Path, recording: store.Recording, error: OSError) -> int:
+    """The file could not be written after training: write the run to the temporary
+    folder instead (it lives only in this process's memory), and say where; exit code 1."""
+    why = error.strerror or str(error)
+    rescue = Path(tempfile.gettempdir()) / f"{path.stem}.rescued-{os.getpid()}{path.suffix}"
+    try:
+        store.save(rescue, recording)
+    except OSError as again:
+        print(f"extract.py: could not write {path} ({why}) nor {rescue} "
+              f"({again.strerror or again}); the run is lost: free some disk space and run "
+              f"again", file=sys.stderr)
+        return 1
+    print(f"extract.py: could not write {path} ({why}); the run was written to {rescue} "
+          f"instead", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the process exit code."""
     args = parse_args(argv)
@@ -258,7 +276,10 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
     findings = diagnose(run, thresholds)
     result.recording.findings = findings
     if result.path is not None:
-        store.save(result.path, result.recording)  # the file keeps the findings too
+        try:
+            store.save(result.path, result.recording)  # the file keeps the findings too
+        except OSError as e:  # (a full disk, the folder removed during training)
+            return _rescue(result.path, result.recording, e)
     print("\n".join(summary(run)))
     layers = sum(1 for n in run.nodes if n.get("kind") != "junction")
     print(f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} over {result.steps} steps")

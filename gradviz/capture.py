@@ -514,6 +514,8 @@ class Recorder:
         self._count = 0
         self._writer = (store.Writer(self.path, flush_seconds)
                         if self.path and self._rank == 0 else None)
+        # why the last write, at the block's end, failed (warned, not raised): None if not
+        self.write_error: BaseException | None = None
         self._handles: list[Any] = []
         self._hooks: list[tuple[nn.Module, Any]] = []  # (module, forward hook) to attach
         self._open = False
@@ -1806,7 +1808,18 @@ class Recorder:
         self._ready_only = None
         self._drain()  # (without a file too: a History kept from rec.recording has it all)
         if self._writer is not None:
-            self._writer.flush(self._recording, wait=True)
+            try:
+                self._writer.flush(self._recording, wait=True)
+            except Exception as e:  # (a full disk, a folder removed meanwhile)
+                # Raising here, after the last step, would stop the user's code after the
+                # block (saving the model) for the sake of a file: say so instead, and keep
+                # the recording, which lives on in memory.
+                self.write_error = e
+                warnings.warn(
+                    f"gradviz could not write {self.path} at the end of the block "
+                    f"({type(e).__name__}: {e}); every recorded step is still in memory: "
+                    "gradviz.store.save(path, rec.recording) writes it elsewhere",
+                    RuntimeWarning, stacklevel=4)
 
     def to_run(self) -> store.Run:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""

@@ -218,8 +218,11 @@ def train(
                 interrupted = True
             else:
                 rec.recording.meta = {**rec.recording.meta, "analyses": results}
-                if rec.path is not None:
-                    store.save(rec.path, rec.recording)
+                if rec.path is not None and rec.write_error is None:
+                    try:
+                        store.save(rec.path, rec.recording)
+                    except OSError as e:  # (the run is in the Result: its caller may save it)
+                        rec.write_error = e
         return Result(rec.to_run(), rec.recording, rec.path, first, last, done, interrupted)
     finally:
         if distributed:

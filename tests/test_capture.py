@@ -1244,3 +1244,25 @@ def test_rec_step_before_backward_is_said_once(native: bool | None) -> None:
         with gradviz.record(frozen, None) as rec:
             frozen(torch.ones(3, 4))
             rec.step()
+
+
+def test_a_last_write_that_fails_warns_and_keeps_the_recording(tmp_path) -> None:
+    """The folder removed during training: the block's end raised FileNotFoundError, so the
+    user's code after it (saving the model) never ran."""
+    import shutil
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    model = _Two()
+    with pytest.warns(RuntimeWarning, match=r"could not write .*run.json at the end of the "
+                      r"block \(FileNotFoundError: .*gradviz.store.save\(path, rec.recording\)"):
+        with gradviz.record(model, folder / "run.json", flush_seconds=0) as rec:
+            for _ in range(3):
+                model.zero_grad()
+                model(torch.ones(3, 4)).sum().backward()
+                rec.step()
+            shutil.rmtree(folder)
+    assert isinstance(rec.write_error, FileNotFoundError)
+    assert rec.to_run().steps == [0, 1, 2]
+    gradviz.store.save(tmp_path / "elsewhere.json", rec.recording)
+    assert gradviz.load(tmp_path / "elsewhere.json").steps == [0, 1, 2]

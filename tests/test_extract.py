@@ -15,7 +15,7 @@ import pytest
 from test_schema import validate_against_schema
 
 import gradviz
-from gradviz import demos, train
+from gradviz import demos, store, train
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRACT = str(ROOT / "extract.py")
@@ -270,3 +270,34 @@ def test_a_long_output_name_that_fits_is_written(tmp_path) -> None:
     assert "could not write" not in out.stderr
     assert len(gradviz.load(tmp_path / name).steps) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # (no temporary file left)
+
+
+def test_a_disk_that_fails_at_the_end_keeps_the_run(tmp_path, monkeypatch, capsys) -> None:
+    """The final write failing (a full disk) raised out of the recorder's with block, a
+    traceback after the whole training: the run is written to the temporary folder instead,
+    and extract.py says where (exit code 1)."""
+    import errno
+    import tempfile
+
+    import extract
+
+    target, rescued = tmp_path / "run.json", tmp_path / "tmp"
+    rescued.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescued))
+    real_write = store.write
+
+    def full_disk(path: Path, rec: store.Recording) -> None:
+        if Path(path) == target:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, rec)
+
+    monkeypatch.setattr(store, "write", full_disk)
+    with pytest.warns(RuntimeWarning, match="could not write .*run.json at the end of the "
+                      "block .*every recorded step is still in memory"):
+        code = extract.main(["--steps", "4", "--output", str(target), "--no-progress"])
+    assert code == 1 and not target.exists()
+    kept = rescued / f"run.rescued-{os.getpid()}.json"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"extract.py: could not write {target} (No space left on device); "
+                       f"the run was written to {kept} instead")
+    assert gradviz.load(kept).steps == [0, 1, 2, 3]
