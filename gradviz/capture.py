@@ -587,6 +587,12 @@ class Recorder:
         """Static facts: which modules are nodes, their parameters, and run metadata."""
         owner: dict[int, str] = {}  # id(param) -> "module.param" that first owns it
         unique_at: dict[int, int] = {}  # id(param) -> its place in self._unique
+        lazy = next((n for n, p in self.model.named_parameters()
+                     if nn.parameter.is_lazy(p)), None)
+        if lazy is not None:  # (its shape is unknown: torch's error, far from the cause)
+            raise RecordingError(
+                f"{lazy} is not initialised yet (a lazy module such as nn.LazyLinear); run "
+                f"one forward pass, model(example_batch), before gradviz.record(model, ...)")
         for name, module in self.model.named_modules():
             own = list(module.named_parameters(recurse=False))
             is_leaf = next(iter(module.children()), None) is None

@@ -1266,3 +1266,21 @@ def test_a_last_write_that_fails_warns_and_keeps_the_recording(tmp_path) -> None
     assert rec.to_run().steps == [0, 1, 2]
     gradviz.store.save(tmp_path / "elsewhere.json", rec.recording)
     assert gradviz.load(tmp_path / "elsewhere.json").steps == [0, 1, 2]
+
+
+def test_a_lazy_module_is_one_line_until_its_first_forward() -> None:
+    """Its parameters have no shape before the first forward: torch's own RuntimeError
+    came out of record() ("Can't access the shape of an uninitialized parameter")."""
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(RecordingError) as info:
+        gradviz.record(model, None)
+    assert str(info.value) == (
+        "0.weight is not initialised yet (a lazy module such as nn.LazyLinear); run one "
+        "forward pass, model(example_batch), before gradviz.record(model, ...)")
+    model(torch.ones(3, 4))
+    with gradviz.record(model, None) as rec:
+        model(torch.ones(3, 4)).sum().backward()
+        rec.step()
+    assert rec.to_run().node_history("0") == [pytest.approx(
+        float(torch.linalg.vector_norm(torch.cat([p.grad.flatten()
+                                                  for p in model[0].parameters()]))))]
