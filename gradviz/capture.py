@@ -691,6 +691,9 @@ class Recorder:
                 self._hooks.append((module, self._glue_hook(name)))
                 glue.append(module)
         self._open, self._quiet_left = True, 0
+        # Which backward the gradient hooks count: see _loss_backward
+        self._accs = [] if self._sharded else _accumulators(self._unique)
+        self._task_seen, self._task_ok = -2, True
         self._nat = self._native_recorder()
         self._nat_hook = None if self._nat is None else self._nat.root_hook(
             _grad_outputs, _dynamo_config_compiled_autograd, globals())
@@ -894,6 +897,10 @@ class Recorder:
         grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
 
         def on_grad(g: torch.Tensor) -> None:
+            if task() != self._task_seen:
+                self._loss_backward()
+            if not self._task_ok:
+                return
             try:
                 self._emit(col, g)
             except Exception as e:  # never break the user's backward
@@ -1120,11 +1127,27 @@ class Recorder:
         if self._probe is not None:
             self._probe(col, g)
 
+    def _loss_backward(self) -> bool:
+        """Whether the backward running now fills parameters' .grad (loss.backward()), and
+        so counts. torch.autograd.grad inside a step (a gradient penalty, a PINN's du/dx,
+        an adversarial example's input gradient) runs the same hooks on the same outputs:
+        its gradients are of something else, and summed in they were 200x off. Decided once
+        per backward (graph task)."""
+        self._task_seen = torch._C._current_graph_task_id()
+        self._task_ok = _accumulates(self._accs)
+        return self._task_ok
+
     def _node_hook(self, outs: tuple[tuple[int, int, int], ...],
                    ins: tuple[tuple[int, int, int], ...], parts: _Parts) -> Any:
+        task = torch._C._current_graph_task_id
+
         def hook(grad_inputs: tuple[torch.Tensor | None, ...],
                  grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
             if not parts.open:  # the step was already recorded: this pass came too late
+                return
+            if task() != self._task_seen:
+                self._loss_backward()
+            if not self._task_ok:
                 return
             try:
                 for nr, col, _ in outs:
@@ -1831,6 +1854,30 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+def _accumulators(params: list[nn.Parameter]) -> list[Any]:
+    """Each trainable parameter's AccumulateGrad node, held (so every graph uses this one):
+    a backward that will run one fills .grad. [] (count every backward) if torch cannot say."""
+    try:
+        edge = torch.autograd.graph.get_gradient_edge
+        return [edge(p).node for p in params if p.requires_grad]
+    except Exception:
+        return []
+
+
+def _accumulates(accs: list[Any]) -> bool:
+    """Whether the backward running now will accumulate into any of these nodes' .grad."""
+    if not accs:
+        return True
+    will = torch._C._will_engine_execute_node
+    for node in accs:
+        try:
+            if will(node):
+                return True
+        except RuntimeError:  # (torch.autograd.grad taking this parameter's gradient)
+            continue
+    return False
 
 
 def _compiled_autograd_on() -> bool:

@@ -366,6 +366,39 @@ struct State {
   std::vector<std::shared_ptr<Pass>> passes;  // this step's armed passes
   bool miss_reached = false;  // a pass not armed (a shape not learnt) got a gradient
   std::string error;          // the first error in a hook: the Python side stops recording
+  // Trainable parameters' AccumulateGrad nodes (held: every graph uses these), and whether
+  // the backward (graph task) seen last fills .grad: see loss_backward.
+  std::vector<c10::intrusive_ptr<Node>> accs;
+  int64_t task_seen = -2;
+  bool task_ok = true;
+
+  // Whether the gradients arriving now count (capture._loss_backward): decided once a task.
+  bool counts() {
+    int64_t task = torch::autograd::get_current_graph_task_id();
+    if (task != task_seen) {
+      task_seen = task;
+      task_ok = loss_backward();
+    }
+    return task_ok;
+  }
+
+  // As capture._accumulates: the running backward will accumulate into one of the nodes
+  // (torch._C._will_engine_execute_node, where a gradient torch.autograd.grad captures
+  // is not one). torch.autograd.grad inside a step runs the same hooks on other gradients.
+  bool loss_backward() const {
+    if (accs.empty()) return true;
+    const auto* info = torch::autograd::get_current_graph_task_exec_info();
+    const auto* nodes = torch::autograd::get_current_graph_task_nodes_in_graph();
+    if (info == nullptr || nodes == nullptr) return true;
+    for (const auto& acc : accs) {
+      Node* node = acc.get();
+      if (nodes->find(node) == nodes->end()) continue;
+      if (info->empty()) return true;  // backward() without inputs=: runs every node
+      auto it = info->find(node);
+      if (it != info->end() && it->second.needed_) return true;
+    }
+    return false;
+  }
 
   void emit(int64_t col, const at::Tensor& g) {
     // Autograd often hands the same tensor to several hooks in a row (see capture._emit).
@@ -428,7 +461,7 @@ struct Hook : FunctionPostHook {
 
   variable_list operator()(const variable_list& grad_inputs,
                            const variable_list& grad_outputs) override {
-    if (!pass->open || !st->error.empty()) return grad_inputs;
+    if (!pass->open || !st->error.empty() || !st->counts()) return grad_inputs;
     try {
       at::NoGradGuard no_grad;  // (create_graph=True: no gradient sum joins the graph)
       for (const auto& [nr, col] : spec->outs) {
@@ -460,7 +493,7 @@ struct MissHook : FunctionPostHook {
   std::shared_ptr<State> st;
   explicit MissHook(std::shared_ptr<State> s) : st(std::move(s)) {}
   variable_list operator()(const variable_list& grad_inputs, const variable_list&) override {
-    st->miss_reached = true;
+    if (st->counts()) st->miss_reached = true;
     return grad_inputs;
   }
 };
@@ -648,7 +681,10 @@ struct Recorder {
   } names;
 
   explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {
-    for (const auto& p : params) param_set.insert(p.unsafeGetTensorImpl());
+    for (const auto& p : params) {
+      param_set.insert(p.unsafeGetTensorImpl());
+      if (p.requires_grad()) st->accs.push_back(torch::autograd::impl::grad_accumulator(p));
+    }
   }
 
   // hooks: (sequence number of the node, outs, ins), as capture._Plan.hooks; False if a

@@ -7,6 +7,7 @@ recorded natively (armed passes), so none passes by falling back to Python.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -1242,3 +1243,57 @@ def test_every_fourth_step_matches_python_and_hooks_only_those() -> None:
     assert (fast._nat.armed, fast._nat.missed) == (3, 0)
     assert fast.recording.history.steps == python.recording.history.steps == [0, 4, 8, 12]
     assert_same_stats(table(python), table(fast))
+
+
+def _other_gradient_in_the_step(kind: str, model: nn.Module, x: torch.Tensor,
+                                y: torch.Tensor) -> torch.Tensor:
+    """A step's loss that runs torch.autograd.grad (or a backward limited by inputs=) too."""
+    mse = nn.functional.mse_loss
+    if kind == "gradient penalty":  # (a PINN's du/dx, WGAN-GP, R1: create_graph=True)
+        x = x.detach().requires_grad_()
+        u = model(x)
+        du, = torch.autograd.grad(u.sum(), x, create_graph=True)
+        return (du.pow(2).sum(1) - 1).pow(2).mean() + mse(u, y)
+    if kind == "adversarial":  # (FGSM: the input's gradient, then the loss on a new input)
+        x = x.detach().requires_grad_()
+        g, = torch.autograd.grad(mse(model(x), y), x)
+        return mse(model((x + 0.1 * g.sign()).detach()), y)
+    return mse(model(x), y)  # ("inputs=": backward(inputs=parameters))
+
+
+@pytest.mark.parametrize("native_", [False, True])
+@pytest.mark.parametrize("kind", ["gradient penalty", "adversarial", "inputs="])
+def test_torch_autograd_grad_inside_a_step_is_not_counted(kind: str, native_: bool) -> None:
+    """Only the backward that fills .grad counts: the hooks on a layer's output fired for
+    torch.autograd.grad too, and its gradient (of du/dx, or of another loss) was summed in,
+    about 200x the true dL/d(output) with a gradient penalty."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 1))
+    x, y = torch.randn(32, 2), torch.randn(32, 1)
+    twin = copy.deepcopy(model)  # plain autograd: the last forward's outputs, dL/d of each
+    outs: dict[str, torch.Tensor] = {}
+    for name in ("0", "2", "4"):
+        twin.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: outs.__setitem__(name, out))
+    loss = _other_gradient_in_the_step(kind, twin, x, y)
+    want = dict(zip(outs, (float(g.norm()) for g in torch.autograd.grad(loss, list(
+        outs.values()))), strict=True))
+    with gradviz.record(model, None, native=native_) as rec:
+        for _ in range(3):  # (no update: every step the same; step 0 learns the graph)
+            model.zero_grad()
+            loss = _other_gradient_in_the_step(kind, model, x, y)
+            if kind == "inputs=":
+                loss.backward(inputs=list(model.parameters()))
+            else:
+                loss.backward()
+            rec.step(loss)
+    if native_:
+        assert rec._nat.armed == (4 if kind == "adversarial" else 2)
+    run = rec.to_run()
+    for name, norm in want.items():
+        got = run.node_history(name, "activation_grad_norm")
+        assert got == [pytest.approx(norm, rel=1e-5)] * 3, (name, got, norm)
+    for edge in run.edges:
+        got = run.edge_history(edge["id"])
+        assert got == [pytest.approx(want[edge["source"]], rel=1e-5)] * 3, edge["id"]
