@@ -488,6 +488,10 @@ class Recorder:
         self.early_param_norms = early_param_norms
         self.optimizer = optimizer
         self.scaler = scaler
+        # What scaler.unscale_(optimizer) was called for (see _watch_unscale): (id of the
+        # optimizer, the scaler's state for it then, id() of its parameters)
+        self._unscaled: list[tuple[int, Any, set[int]]] = []
+        self._unscale_hook: Any = None
         # Loss-scaled gradients can be so large that their float32 norm overflows while every
         # element is finite; in float64 no float32 tensor's norm can, so inf means inf.
         self._dtype = torch.float64 if scaler is not None and scaler.is_enabled() else (
@@ -678,6 +682,7 @@ class Recorder:
             if moved is not None:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
         self._watch_model()
+        self._watch_unscale()
         node_modules = {id(m) for m in self._nodes.values()}
         self._hooks = []
         layers: list[tuple[nn.Module, str]] = []
@@ -1519,9 +1524,16 @@ class Recorder:
         is_param[pcols] = True
         sq = np.where(is_param, sq / (1 if self._sharded else n), sq / (n * n))
         if scale_t is not None:
-            # Already unscaled parameter gradients (the user called scaler.unscale_) stay.
-            states = getattr(self.scaler, "_per_optimizer_states", {}).values()
-            unscaled = any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states)
+            # Already unscaled parameter gradients (the user called scaler.unscale_) stay:
+            # with several optimizers, only those of the optimizers it was called for.
+            unscaled = np.zeros(width, dtype=bool)
+            if self._unscale_hook is not None:
+                ids = self._unscaled_now()
+                unscaled[[c for _, c, pid in self._param_ids() if pid in ids]] = True
+            else:  # (unscale_ wrapped by the user: by the optimizers' stages, all or none)
+                states = getattr(self.scaler, "_per_optimizer_states", {}).values()
+                unscaled[:] = any(getattr(s.get("stage"), "name", "") == "UNSCALED"
+                                  for s in states)
             sq = np.where(is_param & unscaled, sq, sq / (scale * scale))
         self._check_calls(bool(param_cols))
         row_cols = [int(c) for c in np.flatnonzero(count > 0)]
@@ -1813,10 +1825,45 @@ class Recorder:
         for h in self._watch:
             h.remove()
         self._watch = []
+        if self._unscale_hook is not None and self.scaler is not None:
+            if self.scaler.__dict__.get("unscale_") is self._unscale_hook:
+                del self.scaler.unscale_  # (the class's method shows through again)
+            self._unscale_hook = None
         if self._writing is not None:
             with _WRITING_LOCK:
                 _WRITING.discard(self._writing)
             self._writing = None
+
+    def _watch_unscale(self) -> None:
+        """Note which optimizers' gradients scaler.unscale_ divides: with two optimizers and
+        one unscaled (for its clipping), the other's were recorded as unscaled, 1/scale
+        of their true size. A wrapper on this scaler object, removed when the block ends."""
+        scaler = self.scaler
+        if scaler is None or "unscale_" in scaler.__dict__:  # (the user's own wrapper: keep)
+            return
+        original, unscaled = scaler.unscale_, self._unscaled
+
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:
+            original(optimizer)
+            # (scaler.step unscales the others after rec.step(): noted with the scaler's
+            # state for the optimizer, which scaler.update() replaces, so not counted then)
+            state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+            unscaled[:] = [u for u in unscaled if u[0] != id(optimizer) and _current(scaler, u)]
+            unscaled.append((id(optimizer), state, {
+                id(p) for group in getattr(optimizer, "param_groups", ())
+                for p in group.get("params", ())}))
+
+        scaler.unscale_ = unscale_  # type: ignore[method-assign]
+        self._unscale_hook = unscale_
+
+    def _unscaled_now(self) -> set[int]:
+        """id() of the parameters whose gradients scaler.unscale_ divided this step."""
+        return {pid for u in self._unscaled if _current(self.scaler, u) for pid in u[2]}
+
+    def _param_ids(self) -> list[tuple[str, int, int]]:
+        """(layer, column, id of the parameter) for every recorded parameter."""
+        col = self._recording.history.column
+        return [(node, col(("param", node, pname)), id(p)) for node, pname, p in self._params]
 
     def _close(self) -> None:
         if not self._open:
@@ -1854,6 +1901,13 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+def _current(scaler: Any, noted: tuple[int, Any, set[int]]) -> bool:
+    """Whether an unscale_ noted by Recorder._watch_unscale is of this iteration (the
+    scaler's state for that optimizer, which scaler.update() replaces, is the same)."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(noted[0])
+    return state is not None and state is noted[1]
 
 
 def _accumulators(params: list[nn.Parameter]) -> list[Any]:

@@ -290,6 +290,41 @@ def test_mixed_precision_with_grad_scaler_records_unscaled_norms() -> None:
     assert "skipped_steps" not in run.meta
 
 
+def test_grad_scaler_with_two_optimizers_one_unscaled_for_clipping() -> None:
+    """The AMP recipe's "multiple optimizers": unscale_ (to clip) only the body's. The
+    head's gradients were taken as unscaled too, and recorded 1024x their size; and the
+    head's unscale_ inside scaler.step, after rec.step(), must not count for the next step."""
+    torch.manual_seed(0)
+    model = demos.MLP()
+    body = [*model.fc1.parameters(), *model.fc2.parameters()]
+    head = list(model.fc3.parameters())
+    ob, oh = torch.optim.SGD(body, lr=0.01), torch.optim.SGD(head, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    want: dict[str, list[float]] = {}
+    with gradviz.record(model, path=None, scaler=scaler) as rec:
+        for step in range(3):
+            x, y = demos.DEMOS["mlp"].data(16, torch.Generator().manual_seed(step))
+            ob.zero_grad()
+            oh.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(ob)
+            torch.nn.utils.clip_grad_norm_(body, 1.0)
+            for name, p in model.named_parameters():  # the body's unscaled, the head's not
+                scale = 1.0 if any(p is q for q in body) else scaler.get_scale()
+                want.setdefault(name, []).append(float(p.grad.double().norm()) / scale)
+            rec.step(loss)
+            scaler.step(ob)
+            scaler.step(oh)
+            scaler.update()
+    assert scaler.unscale_.__func__ is torch.amp.GradScaler.unscale_  # (put back)
+    run = rec.to_run()
+    for name, norms in want.items():
+        layer, pname = name.rsplit(".", 1)
+        assert run.param_history(layer, pname) == pytest.approx(norms, rel=1e-5), name
+
+
 def test_steps_the_scaler_skips_are_marked_and_keep_their_values() -> None:
     torch.manual_seed(0)
     model = demos.MLP()
