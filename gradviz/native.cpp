@@ -825,6 +825,12 @@ struct Recorder {
         end();
         stop = "compiled autograd is on";
         got = 0;
+      } else if (recording_forward() && frozen()) {
+        // (every parameter was trainable when it started: a layer without a trainable
+        // parameter has no leaf in the walk, and two such layers of one type look alike)
+        end();
+        stop = "a parameter was frozen (requires_grad=False) during the run";
+        got = 0;
       } else {
         got = arm(outs);  // (2: a pass under no_grad or re-run in backward: it has ended)
       }
@@ -839,6 +845,12 @@ struct Recorder {
     } catch (const std::exception& e) {
       if (st->error.empty()) st->error = std::string("in forward: ") + e.what();
     }
+  }
+
+  bool frozen() const {
+    for (const auto& p : params)
+      if (!p.requires_grad()) return true;
+    return false;
   }
 
   // What the root's hook saw this step, before take(): None when every pass was armed

@@ -1297,3 +1297,56 @@ def test_torch_autograd_grad_inside_a_step_is_not_counted(kind: str, native_: bo
     for edge in run.edges:
         got = run.edge_history(edge["id"])
         assert got == [pytest.approx(want[edge["source"]], rel=1e-5)] * 3, edge["id"]
+
+
+class _TwoPaths(nn.Module):
+    """stem -> mid_a or mid_b (chosen per batch) -> head: two graphs of one shape once the
+    mid layers are frozen (no parameter leaf tells them apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.mid_a, self.mid_b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.mid_a(h) if task == "a" else self.mid_b(h)))
+
+
+def test_layers_frozen_during_the_run_leave_native() -> None:
+    """Frozen mid-run, mid_b's gradient was recorded natively as mid_a's (the same graph
+    shape): a parameter frozen during the run sends the recorder to Python for good."""
+    torch.manual_seed(0)
+    model = _TwoPaths()
+    tasks = ["a"] * 4 + ["a", "b", "a", "b", "b", "a"]
+    want: list[tuple[float | None, float | None]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradviz.record(model, None, native=True) as rec:
+            for i, task in enumerate(tasks):
+                if i == 4:
+                    model.mid_a.requires_grad_(False)
+                    model.mid_b.requires_grad_(False)
+                outs: dict[str, torch.Tensor] = {}
+                hooks = [model.get_submodule(n).register_forward_hook(
+                    lambda m, a, out, n=n: outs.__setitem__(n, out)) for n in ("mid_a", "mid_b")]
+                model.zero_grad()
+                loss = model(torch.randn(16, 4), task).pow(2).mean()
+                for h in hooks:
+                    h.remove()
+                g, = torch.autograd.grad(loss, outs[f"mid_{task}"], retain_graph=True)
+                want.append((float(g.norm()), None) if task == "a" else (None, float(g.norm())))
+                loss.backward()
+                rec.step(loss)
+                if i == 3:
+                    assert rec._nat.armed == 3  # (steps 1-3 native)
+    assert any("records in Python from now on: a parameter was frozen" in str(w.message)
+               for w in caught)
+    run = rec.to_run()
+    got = list(zip(run.node_history("mid_a", "activation_grad_norm"),
+                   run.node_history("mid_b", "activation_grad_norm"), strict=True))
+    # step 4 (the first frozen one): parameter norms only; then Python, every value right
+    assert got[4] == (None, None)
+    for step in [*range(4), *range(5, len(tasks))]:
+        assert got[step] == tuple(None if v is None else pytest.approx(v, rel=1e-5)
+                                  for v in want[step]), step
