@@ -140,6 +140,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 _CPU = torch.device("cpu")
 HOT_NUMEL = 1 << 15  # parameters this large get their norm in backward (see _hot_hook)
 MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
+MAX_PASSES = 1024  # forward passes gathered for one step (micro-batches): past it, no rec.step()
 NATIVE_MISSES = 4  # native steps with a pass of a new shape before a recorder stays in Python
 NATIVE_LAYOUTS = 4 * MAX_PLANS  # layouts the native recorder numbers before it starts afresh
 
@@ -1008,6 +1009,16 @@ class Recorder:
         self._in_root = False
         self._made_by.clear()
         armed = self._armed()
+        if armed and self._passes >= MAX_PASSES:
+            # rec.step() forgotten: every pass's hooks and norms were kept for the step
+            # that never came (memory without end). Keep what is there, take no more.
+            armed = False
+            del self._stats[self._stats_from:]
+            self._warn_once(
+                "no-step",
+                f"gradviz saw {MAX_PASSES} forward passes without a rec.step(): call "
+                "rec.step() once per optimizer step, after backward; until it is called, "
+                "gradviz records nothing more")
         if armed:
             self._passes += 1
             first = (args[0] if args and isinstance(args[0], torch.Tensor)

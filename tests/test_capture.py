@@ -1284,3 +1284,36 @@ def test_a_lazy_module_is_one_line_until_its_first_forward() -> None:
     assert rec.to_run().node_history("0") == [pytest.approx(
         float(torch.linalg.vector_norm(torch.cat([p.grad.flatten()
                                                   for p in model[0].parameters()]))))]
+
+
+def test_a_forgotten_rec_step_does_not_gather_memory_without_end() -> None:
+    """Without rec.step(), every pass's hooks and norms were kept for the step that never
+    came: 241 MB over 20,000 steps of a small model. Past MAX_PASSES passes gradviz warns
+    once and takes no more; the next rec.step() records again."""
+    from gradviz import capture
+
+    model = _Two()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradviz.record(model, None, activation_stats=True) as rec:
+            per_pass = 0
+            for i in range(capture.MAX_PASSES + 50):
+                model.zero_grad()
+                model(torch.ones(3, 4)).sum().backward()
+                if i == 0:
+                    per_pass, stats = len(rec._pending), len(rec._stats)
+            assert per_pass > 0 and rec._passes == capture.MAX_PASSES
+            assert len(rec._pending) == per_pass * capture.MAX_PASSES  # none past the limit
+            assert len(rec._stats) == stats * capture.MAX_PASSES
+            rec.step()
+            model.zero_grad()
+            model(torch.ones(3, 4)).sum().backward()
+            rec.step()
+    said = [str(w.message) for w in caught if "without a rec.step()" in str(w.message)]
+    assert said == [f"gradviz saw {capture.MAX_PASSES} forward passes without a rec.step(): "
+                    "call rec.step() once per optimizer step, after backward; until it is "
+                    "called, gradviz records nothing more"]
+    run = rec.to_run()
+    assert run.steps == [0, 1]
+    fc1 = float(model.fc1.weight.grad.norm())  # step 1: one pass, as usual
+    assert run.param_history("fc1", "weight")[1] == pytest.approx(fc1, rel=1e-6)
