@@ -895,12 +895,16 @@ class Recorder:
             # Not while backward runs: activation checkpointing re-runs forwards there,
             # and recording them again would count those layers twice.
             and torch._C._current_graph_task_id() == -1
+            # Nor inside a torch.func transform (per-sample gradients: vmap(grad(f))): its
+            # tensors are batched, and a hook on them broke the recording.
+            and _functorch_level() is None
         )
 
     def _call_hook(self, name: str) -> Any:
         col = self._recording.history.column(("node", name, "activation_grad_norm"))
         stat_cols = tuple(self._recording.history.column(("node", name, k)) for k in LAYER_STATS)
         grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
+        level = _functorch_level
 
         def on_grad(g: torch.Tensor) -> None:
             if task() != self._task_seen:
@@ -915,7 +919,7 @@ class Recorder:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             # (_armed, inlined: hooks are attached only on recorded steps, and this runs for
             # every layer of every recorded forward)
-            if self._failed or not grad_enabled() or task() != -1:
+            if self._failed or not grad_enabled() or task() != -1 or level() is not None:
                 return
             try:
                 outs: list[tuple[Any, int]]
@@ -959,9 +963,10 @@ class Recorder:
     def _glue_hook(self, name: str) -> Any:
         kind = _activation_kind(self.model.get_submodule(name))
         grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
+        level = _functorch_level
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if self._failed or not grad_enabled() or task() != -1:
+            if self._failed or not grad_enabled() or task() != -1 or level() is not None:
                 return
             if isinstance(output, torch.Tensor):
                 if output.grad_fn is not None:
@@ -1912,6 +1917,9 @@ class Recorder:
         """What has been recorded so far, as a Run (the same object gradviz.load returns)."""
         doc = self.recording.to_document()
         return store.Run(doc, doc["version"], self.path)
+
+
+_functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func
 
 
 def _current(scaler: Any, noted: tuple[int, Any, set[int]]) -> bool:

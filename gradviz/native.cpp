@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/Exceptions.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <array>
@@ -324,9 +325,14 @@ struct Stats {
 };
 
 // Whether a forward hook should take statistics now: as capture's hooks, only with grad
-// enabled and not in backward (activation checkpointing re-runs forwards there).
+// enabled, not in backward (activation checkpointing re-runs forwards there) and not
+// inside a torch.func transform (vmap, grad: its tensors are batched or wrapped).
 bool recording_forward() {
-  return at::GradMode::is_enabled() && torch::autograd::get_current_graph_task_id() == -1;
+  // (functorch includes this key while its stack of transforms is not empty; its header,
+  // with maybeCurrentDynamicLayer, needs headers that torch does not ship)
+  return at::GradMode::is_enabled() && torch::autograd::get_current_graph_task_id() == -1 &&
+         !c10::impl::tls_is_dispatch_key_included(
+             c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
 struct Spec {  // one hooked node: what it measures

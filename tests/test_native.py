@@ -1350,3 +1350,41 @@ def test_layers_frozen_during_the_run_leave_native() -> None:
     for step in [*range(4), *range(5, len(tasks))]:
         assert got[step] == tuple(None if v is None else pytest.approx(v, rel=1e-5)
                                   for v in want[step]), step
+
+
+@pytest.mark.parametrize("native_", [False, True])
+def test_per_sample_gradients_with_torch_func_inside_a_step_change_nothing(
+        native_: bool) -> None:
+    """vmap(grad(f)) over the model (DP-SGD's per-sample gradients) ran gradviz's forward
+    hooks on batched tensors: the recording stopped at the first step (with forward
+    statistics). Every series equals that of the same run without it."""
+    from torch.func import functional_call, grad, vmap
+
+    def run(per_sample: bool) -> dict[tuple[str, ...], list[float | None]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def f(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (functional_call(model, p, (x.unsqueeze(0),)) - y).pow(2).mean()
+
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (gradviz stopping says so in a warning)
+            with gradviz.record(model, None, native=native_, activation_stats=True) as rec:
+                for _ in range(4):
+                    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+                    if per_sample:
+                        vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+                    model.zero_grad()
+                    loss = (model(x) - y).pow(2).mean()
+                    loss.backward()
+                    rec.step(loss)
+        if native_:
+            assert rec._nat.armed == 3
+        out = rec.to_run()
+        return {k: gradviz.schema.series_to_list(out.array(k)) for k in out.keys()}
+
+    plain, with_vmap = run(False), run(True)
+    assert ("node", "0", "act_mean") in plain and ("node", "0", "dead_frac") in plain
+    assert with_vmap == plain
