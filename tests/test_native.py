@@ -1329,7 +1329,8 @@ def test_layers_frozen_during_the_run_leave_native() -> None:
                     model.mid_b.requires_grad_(False)
                 outs: dict[str, torch.Tensor] = {}
                 hooks = [model.get_submodule(n).register_forward_hook(
-                    lambda m, a, out, n=n: outs.__setitem__(n, out)) for n in ("mid_a", "mid_b")]
+                    lambda m, a, out, n=n, outs=outs: outs.__setitem__(n, out))
+                    for n in ("mid_a", "mid_b")]
                 model.zero_grad()
                 loss = model(torch.randn(16, 4), task).pow(2).mean()
                 for h in hooks:
