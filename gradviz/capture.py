@@ -829,7 +829,8 @@ class Recorder:
         for module, hook in self._hooks:
             self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
-        self._handles.append(self.model.register_forward_hook(_Hook(self._on_pass_end)))
+        self._handles.append(self.model.register_forward_hook(_Hook(self._on_pass_end),
+                                                              with_kwargs=True))
         self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_pass_start)))
         if self.early_param_norms and self._world == 1 and not self._sharded and (
                 self.scaler is None or not self.scaler.is_enabled()):
@@ -1007,7 +1008,7 @@ class Recorder:
         self._in_root = True
         self._root_from, self._stats_from = len(self._calls), len(self._stats)
 
-    def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_pass_end(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """The root's forward returned: find this pass's edges and hook their gradients."""
         calls, glue, eager = self._calls, self._glue, self._eager
         self._calls, self._glue, self._eager = [], {}, set()
@@ -1026,8 +1027,9 @@ class Recorder:
                 "gradviz records nothing more")
         if armed:
             self._passes += 1
+            # (the batch: the first tensor argument; model(input_ids=x) has only keywords)
             first = (args[0] if args and isinstance(args[0], torch.Tensor)
-                     else next(_tensors(args), None))
+                     else next(_tensors((args, kwargs)), None))
             self._batch += int(first.shape[0]) if first is not None and first.dim() else 0
         if not calls or not armed:
             return

@@ -214,3 +214,61 @@ def test_a_rank_that_dies_leaves_the_last_flushed_file_valid(tmp_path) -> None:
     assert proc.returncode != 0
     validate_against_schema(out_path)
     assert len(gradviz.load(out_path).steps) >= 2
+
+
+_KWARGS_RANKS = '''
+import os, sys, torch, torch.nn as nn, torch.distributed as dist, torch.multiprocessing as mp
+import gradviz
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, input_ids=None, x=None):
+        return self.fc(input_ids if input_ids is not None else x)
+
+def worker(rank, keywords, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = M()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with gradviz.record(ddp, out) as rec:
+        for i in range(4):
+            opt.zero_grad()
+            torch.manual_seed(rank * 100 + i)
+            x = torch.randn(8, 4)
+            loss = (ddp(input_ids=x) if keywords else ddp(x)).pow(2).mean()
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    keywords, port, out = sys.argv[1] == "1", sys.argv[2], sys.argv[3]
+    mp.spawn(worker, args=(keywords, port, out), nprocs=2)
+'''
+
+
+def test_ddp_noise_scale_with_a_keywords_only_forward(tmp_path) -> None:
+    """ddp(input_ids=x), as Hugging Face models are called: the batch size was read from
+    positional arguments only, stayed 0, and no noise scale was recorded at all."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_KWARGS_RANKS)
+    got = {}
+    for keywords in (0, 1):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        out = tmp_path / f"run{keywords}.json"
+        r = subprocess.run([sys.executable, str(script), str(keywords), port, str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[keywords] = gradviz.load(out).node_history("fc", "noise_scale")
+    assert len(got[0]) == 4 and all(v is not None for v in got[0])
+    assert got[1] == got[0]
