@@ -576,6 +576,7 @@ class Recorder:
         self._nat_eager = False  # Python steps: a layer called outside the root's forward
         self._nat_stop: str | None = None  # why this recorder must leave native for good
         self._nat_misses = 0
+        self._py_left = 0  # recorded steps still to run in Python after a miss (_native_next)
         # by the C++ layout's number (~number: with a loss given as a number, not a tensor)
         self._nat_layouts: dict[int, _Layout] = {}
         self._nat_hooks: list[tuple[nn.Module, Any]] = []  # forward statistics (native)
@@ -708,6 +709,7 @@ class Recorder:
         self._nat_regs = []
         # (a recorder started again: its new C++ half numbers its layouts afresh)
         self._native_on, self._nat_misses, self._nat_layouts = False, 0, {}
+        self._py_left = 0
         if self._rows is not None:  # (rows buffered before: no number of this C++ half)
             self._rows.nat_key = None
         self._nat_learnt, self._nat_learnt_n, self._nat_missed = True, 0, False
@@ -1358,17 +1360,23 @@ class Recorder:
                 return False
             # A pass of a shape not learnt: it was recorded with parameter norms (and forward
             # statistics) only.
-            # Python records the next step in full and learns its shape; a model whose
-            # graph keeps changing stays in Python.
+            # Python records the next steps in full and learns their shapes: 2 after the
+            # first miss, then 3, then 5 (a model that alternates between graphs, one task
+            # per batch, missed the other shape on every native step); a model whose graph
+            # keeps changing stays in Python.
             self._warn_once(
                 "native-miss",
                 f"gradviz recorded step {step} with {only} only: its autograd "
-                "graph had a shape the native recorder had not seen; the next step is "
+                "graph had a shape the native recorder had not seen; the next steps are "
                 "recorded in Python, which learns it (record(..., native=False) records "
                 "every step in Python)")
             self._nat_misses += 1
+            self._py_left = 2 ** (self._nat_misses - 1)
             if self._nat_misses >= NATIVE_MISSES:
                 self._nat = None
+            return False
+        if self._py_left and step % self.every == 0:  # (a Python step after a miss)
+            self._py_left -= 1
             return False
         return (step % self.every == 0 and learnt and self._probe is None
                 and not self._generic and not self._failed)

@@ -232,10 +232,11 @@ def branchy_run(depth: Callable[[int], int], steps: int) -> tuple[gradviz.Record
 
 
 def test_a_new_graph_shape_is_recorded_with_parameter_norms_then_learnt() -> None:
-    # steps 0-2 one layer (0 learns), 3-5 two (3: a miss, 4 learns), 6-9 one again (native)
+    # steps 0-2 one layer (0 learns), 3-5 two (3: a miss, 4 and 5 in Python, which learns
+    # it), 6-9 one again (native)
     rec, said = branchy_run(lambda i: 2 if i in (3, 4, 5) else 1, 10)
     assert rec._nat.missed == 1 and rec._nat.plans == 2
-    assert rec._nat.armed == 7  # every step but 0 (learnt), 3 (missed) and 4 (learnt)
+    assert rec._nat.armed == 6  # every step but 0 (learnt), 3 (missed), 4 and 5 (Python)
     s = table(rec)
     act = s[("node", "fc.0", "activation_grad_norm")]
     assert np.isnan(act[3])
@@ -245,18 +246,30 @@ def test_a_new_graph_shape_is_recorded_with_parameter_norms_then_learnt() -> Non
     assert not np.isnan(s[("loss",)][3])
     assert [m for m in said if "graph" in m] == [
         "gradviz recorded step 3 with parameter norms only: its autograd graph had a shape "
-        "the native recorder had not seen; the next step is recorded in Python, which "
+        "the native recorder had not seen; the next steps are recorded in Python, which "
         "learns it (record(..., native=False) records every step in Python)"]
 
 
 def test_a_graph_that_keeps_changing_goes_back_to_python() -> None:
-    # a new depth every other step: every other step misses (2, 4, 6, 8), then Python
-    rec, _ = branchy_run(lambda i: i // 2 % 6 + 1, 14)
+    # a new depth every step, six in turn: misses at 1 (then 2 steps in Python), 4 (then
+    # 3), 10 (then 5) and 16, where depth 5 has always come on a native step: Python
+    rec, _ = branchy_run(lambda i: i % 6 + 1, 20)
     assert capture.NATIVE_MISSES == 4
     assert rec._nat is None and not rec._native_on
-    assert rec.recording.history.steps == list(range(14))
+    assert rec.recording.history.steps == list(range(20))
     act = table(rec)[("node", "fc.0", "activation_grad_norm")]
-    assert [i for i in range(14) if np.isnan(act[i])] == [2, 4, 6, 8]
+    assert [i for i in range(20) if np.isnan(act[i])] == [1, 4, 10, 16]
+
+
+def test_a_model_that_alternates_between_two_graphs_stays_native() -> None:
+    """One task per batch (two heads, two graphs): after the first miss Python recorded one
+    step, of the shape already learnt, and every native step missed the other one, until
+    gradviz gave native up. Two steps in Python learn both."""
+    rec, _ = branchy_run(lambda i: 1 + i % 2, 14)
+    assert rec._nat.missed == 1 and rec._nat.plans == 2
+    assert rec._nat.armed == 10 and rec._native_on  # all but 0 (learns), 1, 2 and 3
+    act = table(rec)[("node", "fc.0", "activation_grad_norm")]
+    assert [i for i in range(14) if np.isnan(act[i])] == [1]
 
 
 def test_one_shape_with_two_plans_is_never_armed() -> None:
