@@ -398,17 +398,39 @@ def test_forward_without_grad_registers_nothing() -> None:
         assert rec._calls == [] and rec._calls_seen == 0
 
 
-def test_torch_compile_records_correctly_when_attached_first() -> None:
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile_stays_whole_and_gets_parameter_norms(fullgraph: bool) -> None:
+    """gradviz's layer hooks read each output's autograd node, which dynamo cannot trace:
+    every hooked layer was a graph break (a compiled step slower than eager), and with
+    fullgraph=True the user's forward raised. Under compile they do nothing: no break,
+    and the step gets its parameter norms and loss (activations and edges absent)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     model = demos.DEMOS["residual"].build()
     x, y = demos.DEMOS["residual"].data(8, torch.Generator().manual_seed(1))
     ref = Reference(model, x, y)
-    with gradviz.record(model, path=None) as rec:
-        compiled = torch.compile(model, backend="aot_eager")
-        loss = nn.functional.cross_entropy(compiled(x), y)
-        loss.backward()
-        rec.step(loss)
-    assert check_against(rec.to_run(), ref, 1e-4) == 102
+    with pytest.warns(RuntimeWarning, match="does the model run under torch.compile"):
+        with gradviz.record(model, path=None) as rec:
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+            for _ in range(2):
+                model.zero_grad()
+                loss = nn.functional.cross_entropy(compiled(x), y)
+                loss.backward()
+                rec.step(loss)
+    assert sum(counters["graph_break"].values()) == 0
+    run = rec.to_run()
+    checked = 0
+    for node in run.nodes:
+        assert node["activation_grad_norm"] is None  # absent, never wrong
+        for pname, info in node["params"].items():
+            want = float(ref.model.get_submodule(node["id"]).get_parameter(pname).grad.norm())
+            assert rel_close(info["gradient_norm"], want, 1e-4), (node["id"], pname)
+            checked += 1
+    assert checked > 10 and all(e["gradient_norm"] is None for e in run.edges)
+    assert run.loss == [pytest.approx(float(loss))] * 2
 
 
 def test_torch_compile_before_attaching_is_refused_or_flagged() -> None:
