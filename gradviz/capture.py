@@ -130,7 +130,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """
     if t.requires_grad:
         t = t.detach()
-    if t.is_sparse:  # (checked here first: _norm runs in backward, for every gradient)
+    if t.is_sparse or t.is_complex():  # (checked first: _norm runs in backward, for each)
         t = _plain(t)
     if t.dtype == torch.float64 and dtype != torch.float64:
         return torch.linalg.vector_norm(t).to(dtype)
@@ -2046,18 +2046,23 @@ def _local(g: torch.Tensor) -> torch.Tensor:
 
 def _plain(g: torch.Tensor) -> torch.Tensor:
     """g, or a sparse gradient's values (nn.Embedding(sparse=True)): the same norm, once
-    coalesced (repeated indices summed); torch's norm kernels take no sparse tensors."""
-    return g.coalesce().values() if g.is_sparse else g
+    coalesced (repeated indices summed); torch's norm kernels take no sparse tensors. A
+    complex gradient (spectral layers: FNO) as real and imaginary parts, whose norm is its
+    norm (sqrt of the sum of |z|^2): a norm with dtype=float32 refuses complex tensors."""
+    if g.is_sparse:
+        g = g.coalesce().values()
+    return torch.view_as_real(g.resolve_conj()) if g.is_complex() else g
 
 
 def _fused_norms(grads: dict[int, torch.Tensor], dtype: torch.dtype) -> dict[int, torch.Tensor]:
     """One torch._foreach_norm per device over the gradients: id(param) -> 0-d norm."""
+    plain = {key: _plain(g) for key, g in grads.items()}
     by_dev: dict[tuple[torch.device, bool], list[int]] = {}
-    for key, g in grads.items():
+    for key, g in plain.items():
         by_dev.setdefault((g.device, g.dtype == torch.float64), []).append(key)
     out: dict[int, torch.Tensor] = {}
     for (_, wide), keys in by_dev.items():
-        tensors = [_plain(grads[k]) for k in keys]
+        tensors = [plain[k] for k in keys]
         if wide and dtype != torch.float64:  # torch will not narrow float64 in the reduction
             norms = [n.to(dtype) for n in torch._foreach_norm(tensors, 2)]
         else:
@@ -2083,7 +2088,8 @@ def _norms(grads: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
         return []
     dev = grads[0].device
     if dtype == torch.float64 or any(
-            g.device != dev or g.dtype == torch.float64 or g.is_sparse for g in grads):
+            g.device != dev or g.dtype == torch.float64 or g.is_sparse or g.is_complex()
+            for g in grads):
         done = _fused_norms(dict(enumerate(grads)), dtype)
         return [done[i] for i in range(len(grads))]
     return list(torch._foreach_norm(grads, 2, dtype=dtype))  # type: ignore[call-arg]

@@ -132,6 +132,7 @@ double chunked(const T* p, int64_t n, Sum sum) {
 float l2(const at::Tensor& g) {
   at::Tensor t = g;
   if (t.is_sparse()) t = t.coalesce().values();
+  if (t.is_complex()) t = at::view_as_real(t.resolve_conj());  // (capture._plain)
   const int64_t n = t.numel();
   if (t.is_cpu() && t.is_contiguous()) {
     if (t.scalar_type() == at::kFloat) {

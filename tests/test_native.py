@@ -1402,3 +1402,57 @@ def test_per_sample_gradients_with_torch_func_inside_a_step_change_nothing(
     plain, with_vmap = run(False), run(True)
     assert ("node", "0", "act_mean") in plain and ("node", "0", "dead_frac") in plain
     assert with_vmap == plain
+
+
+class _SpectralIn(nn.Module):
+    """FNO-style: the input's first Fourier modes mixed by complex weights (complex out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8, 5, dtype=torch.cfloat) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bix,iox->box", torch.fft.rfft(x)[..., :5], self.w)
+
+
+class _SpectralOut(_SpectralIn):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft(torch.einsum("bix,iox->box", z, self.w), n=16)
+
+
+@pytest.mark.parametrize("native_", [False, True])
+def test_complex_parameters_and_activations(native_: bool) -> None:
+    """A norm with dtype=float32 refuses complex tensors: the first step with a complex
+    parameter stopped the recording. A complex gradient's norm is sqrt(sum |z|^2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 1), _SpectralIn(), _SpectralOut(), nn.ReLU(),
+                          nn.Conv1d(8, 1, 1))
+    x = torch.randn(4, 1, 16)
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: outs.__setitem__(n, out)) for n in ("0", "1", "2", "4")]
+    loss = model(x).pow(2).mean()
+    for h in hooks:
+        h.remove()
+    assert outs["1"].is_complex()
+    acts = {n: float(g.norm()) for n, g in zip(outs, torch.autograd.grad(loss, list(
+        outs.values()), retain_graph=True), strict=True)}
+    loss.backward()
+    params = {name: float(p.grad.norm()) for name, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (gradviz stopping says so in a warning)
+        with gradviz.record(model, None, native=native_) as rec:
+            for _ in range(3):  # (no update: every step the same; step 0 learns the graph)
+                model.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                rec.step(loss)
+    if native_:
+        assert rec._nat.armed == 2
+    run = rec.to_run()
+    for name, norm in params.items():
+        layer, pname = name.rsplit(".", 1)
+        assert run.param_history(layer, pname) == [pytest.approx(norm, rel=1e-5)] * 3, name
+    for name, norm in acts.items():
+        got = run.node_history(name, "activation_grad_norm")
+        assert got == [pytest.approx(norm, rel=1e-5)] * 3, name
