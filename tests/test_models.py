@@ -430,7 +430,7 @@ def test_torch_compile_stays_whole_and_gets_parameter_norms(fullgraph: bool) -> 
             assert rel_close(info["gradient_norm"], want, 1e-4), (node["id"], pname)
             checked += 1
     assert checked > 10 and all(e["gradient_norm"] is None for e in run.edges)
-    assert run.loss == [pytest.approx(float(loss))] * 2
+    assert run.loss == [pytest.approx(float(loss.detach()))] * 2
 
 
 def test_torch_compile_before_attaching_is_refused_or_flagged() -> None:
