@@ -503,6 +503,15 @@ class Recorder:
         self._world, self._rank = 1, 0
         if distributed is not False and dist.is_available() and dist.is_initialized():
             self._world, self._rank = dist.get_world_size(), dist.get_rank()
+        elif (path is not None and dist.is_available() and dist.is_initialized()
+              and dist.get_rank() > 0):
+            # distributed=False: each rank records on its own. All writing one path, only
+            # the last rank's run was kept; rank 0 keeps the path, the others say theirs.
+            rank, own = dist.get_rank(), path.with_name(
+                f"{path.stem}.rank{dist.get_rank()}{path.suffix}")
+            print(f"gradviz: rank {rank} records on its own (distributed=False), to {own} "
+                  f"(rank 0 writes {path})", file=sys.stderr)
+            self.path = path = own
         self._sharded = any(hasattr(p, "to_local") for p in model.parameters())  # FSDP2
         self._local: list[tuple[int, torch.Tensor]] = []  # DDP: each rank's own param grads
         self._passes = 0  # forwards of the root module this step, and their batch sizes

@@ -272,3 +272,49 @@ def test_ddp_noise_scale_with_a_keywords_only_forward(tmp_path) -> None:
         got[keywords] = gradviz.load(out).node_history("fc", "noise_scale")
     assert len(got[0]) == 4 and all(v is not None for v in got[0])
     assert got[1] == got[0]
+
+
+_OWN_RANKS = '''
+import os, sys, torch, torch.nn as nn, torch.distributed as dist, torch.multiprocessing as mp
+import gradviz
+
+def worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    with gradviz.record(model, out, distributed=False, meta={"rank": rank}) as rec:
+        for i in range(3 + rank):  # (rank 1 takes one step more: the files differ)
+            model.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            rec.step(loss)
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+'''
+
+
+def test_ranks_recording_on_their_own_do_not_overwrite_each_other(tmp_path) -> None:
+    """distributed=False on every rank with one path: each rank wrote it, and only the last
+    one's run was left, without a word. Rank 0 keeps the path; the others add .rankN."""
+    import socket
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_OWN_RANKS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run.json"
+    r = subprocess.run([sys.executable, str(script), port, str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = (f"gradviz: rank 1 records on its own (distributed=False), to "
+            f"{tmp_path / 'run.rank1.json'} (rank 0 writes {out})")
+    assert said in r.stderr
+    assert sorted(p.name for p in tmp_path.glob("run*.json")) == ["run.json", "run.rank1.json"]
+    zero, one = gradviz.load(out), gradviz.load(tmp_path / "run.rank1.json")
+    assert (zero.meta["rank"], zero.steps) == (0, [0, 1, 2])
+    assert (one.meta["rank"], one.steps) == (1, [0, 1, 2, 3])
