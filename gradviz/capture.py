@@ -879,8 +879,13 @@ class Recorder:
         return hook
 
     def _local_hook(self, col: int) -> Any:
+        task = torch._C._current_graph_task_id
+
         def hook(g: torch.Tensor) -> None:
-            self._local.append((col, _norm(g, self._dtype)))
+            if task() != self._task_seen:
+                self._loss_backward()
+            if self._task_ok:
+                self._local.append((col, _norm(g, self._dtype)))
 
         return hook
 
@@ -1168,13 +1173,17 @@ class Recorder:
             self._probe(col, g)
 
     def _loss_backward(self) -> bool:
-        """Whether the backward running now fills parameters' .grad (loss.backward()), and
-        so counts. torch.autograd.grad inside a step (a gradient penalty, a PINN's du/dx,
-        an adversarial example's input gradient) runs the same hooks on the same outputs:
-        its gradients are of something else, and summed in they were 200x off. Decided once
-        per backward (graph task)."""
+        """Whether the backward running now counts. torch.autograd.grad(..., create_graph=
+        True) inside a step (a gradient penalty as in WGAN-GP or R1, a PINN's du/dx) runs
+        the same hooks on the same outputs: its gradients are of something else, and
+        summed in they were 200x off. So a backward with create_graph (grad mode on in its
+        hooks) counts only if it will fill a parameter's .grad. One without counts always:
+        whether it fills .grad cannot be told from here when no trainable parameter is in
+        its graph (the outer backward of reentrant checkpointing around the only trainable
+        layers, as with LoRA), and the nodes held go stale when the model is converted
+        (.to(), .double()). Decided once per backward (graph task)."""
         self._task_seen = torch._C._current_graph_task_id()
-        self._task_ok = _accumulates(self._accs)
+        self._task_ok = not torch.is_grad_enabled() or _accumulates(self._accs)
         return self._task_ok
 
     def _node_hook(self, outs: tuple[tuple[int, int, int], ...],

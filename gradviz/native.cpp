@@ -389,11 +389,12 @@ struct State {
     return task_ok;
   }
 
-  // As capture._accumulates: the running backward will accumulate into one of the nodes
+  // As capture._loss_backward: a backward without create_graph (grad mode off in its
+  // hooks) counts; one with it only if it will accumulate into one of the nodes
   // (torch._C._will_engine_execute_node, where a gradient torch.autograd.grad captures
-  // is not one). torch.autograd.grad inside a step runs the same hooks on other gradients.
+  // is not one): a gradient penalty's torch.autograd.grad runs the same hooks.
   bool loss_backward() const {
-    if (accs.empty()) return true;
+    if (!at::GradMode::is_enabled() || accs.empty()) return true;
     const auto* info = torch::autograd::get_current_graph_task_exec_info();
     const auto* nodes = torch::autograd::get_current_graph_task_nodes_in_graph();
     if (info == nullptr || nodes == nullptr) return true;
