@@ -84,7 +84,11 @@ def op_name(node: Node) -> str:
 
 
 def _is_leaf(node: Node) -> bool:
-    return type(node).__name__ == "AccumulateGrad" or not hasattr(node, "next_functions")
+    # (a torch.compile'd submodule's backward is one CompiledFunctionBackward node: gradviz
+    # keeps out of compiled code, so the layers inside are not seen, and walking through
+    # the node made up an edge from the layer before it to the layer after it)
+    return type(node).__name__ in ("AccumulateGrad", "CompiledFunctionBackward") or not hasattr(
+        node, "next_functions")
 
 
 def _seq(node: Node) -> int:

@@ -5,6 +5,7 @@ torch.compile)."""
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import math
 
@@ -444,3 +445,43 @@ def test_torch_compile_before_attaching_is_refused_or_flagged() -> None:
         run = record_step(model, lambda m: nn.functional.cross_entropy(compiled(x), y))
     assert all(n["activation_grad_norm"] is None for n in run.nodes)  # absent, not wrong
     assert all(n["gradient_norm"] > 0 for n in run.nodes)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_compiled_submodule_is_left_out_not_walked_through(native: bool) -> None:
+    """model.block compiled: its layers' hooks keep out of compiled code, and the walk went
+    on through its one CompiledFunctionBackward node, making up an edge stem -> head."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.head = nn.Linear(4, 8), nn.Linear(8, 1)
+            self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.block(torch.tanh(self.stem(x)))))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Net()
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    twin = copy.deepcopy(model)  # plain autograd, eager, the same weights (no update)
+    outs: dict[str, torch.Tensor] = {}
+    for n in ("stem", "head"):
+        twin.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: outs.__setitem__(n, out))
+    loss = nn.functional.mse_loss(twin(x), y)
+    want = [float(g.norm()) for g in torch.autograd.grad(loss, [outs["stem"], outs["head"]])]
+    with gradviz.record(model, None, native=native) as rec:
+        model.block.compile(backend="aot_eager")
+        for _ in range(2):
+            model.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            rec.step(loss)
+    run = rec.to_run()
+    assert run.edges == []  # (stem -> head was made up)
+    assert run.node_history("block.0", "activation_grad_norm") == [None, None]
+    assert run.node_history("stem", "activation_grad_norm")[-1] == pytest.approx(want[0],
+                                                                                  rel=1e-5)
+    assert run.node_history("head", "activation_grad_norm")[-1] == pytest.approx(want[1],
+                                                                                  rel=1e-5)
