@@ -1876,10 +1876,13 @@ class Recorder:
         for h in self._watch:
             h.remove()
         self._watch = []
-        if self._unscale_hook is not None and self.scaler is not None:
-            if self.scaler.__dict__.get("unscale_") is self._unscale_hook:
+        hook = self._unscale_hook
+        if hook is not None and self.scaler is not None:
+            hook.lists[:] = [u for u in hook.lists if u is not self._unscaled]
+            if not hook.lists and self.scaler.__dict__.get("unscale_") is hook:
                 del self.scaler.unscale_  # (the class's method shows through again)
             self._unscale_hook = None
+            self._unscaled.clear()
         if self._writing is not None:
             with _WRITING_LOCK:
                 _WRITING.discard(self._writing)
@@ -1890,22 +1893,16 @@ class Recorder:
         one unscaled (for its clipping), the other's were recorded as unscaled, 1/scale
         of their true size. A wrapper on this scaler object, removed when the block ends."""
         scaler = self.scaler
-        if scaler is None or "unscale_" in scaler.__dict__:  # (the user's own wrapper: keep)
+        if scaler is None:
             return
-        original, unscaled = scaler.unscale_, self._unscaled
-
-        def unscale_(optimizer: torch.optim.Optimizer) -> None:
-            original(optimizer)
-            # (scaler.step unscales the others after rec.step(): noted with the scaler's
-            # state for the optimizer, which scaler.update() replaces, so not counted then)
-            state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
-            unscaled[:] = [u for u in unscaled if u[0] != id(optimizer) and _current(scaler, u)]
-            unscaled.append((id(optimizer), state, {
-                id(p) for group in getattr(optimizer, "param_groups", ())
-                for p in group.get("params", ())}))
-
-        scaler.unscale_ = unscale_  # type: ignore[method-assign]
-        self._unscale_hook = unscale_
+        hook = scaler.__dict__.get("unscale_")
+        if hook is None:
+            hook = _Unscale(scaler, scaler.unscale_)
+            scaler.unscale_ = hook  # type: ignore[method-assign]
+        elif not isinstance(hook, _Unscale):
+            return  # (the user's own wrapper: kept, and unscaled by the optimizers' stages)
+        hook.lists.append(self._unscaled)  # (another recorder's too: one scaler, a GAN)
+        self._unscale_hook = hook
 
     def _unscaled_now(self) -> set[int]:
         """id() of the parameters whose gradients scaler.unscale_ divided this step."""
@@ -1961,6 +1958,40 @@ _functorch_level = torch._C._functorch.maybe_current_level  # None outside torch
 # -> 4.5 ms), and fullgraph=True raised in the user's forward. Compiled code stays whole;
 # gradviz records parameter norms and the loss there (the warning of _check_calls).
 _compiling = torch.compiler.is_compiling
+
+
+class _Unscale:
+    """A GradScaler's unscale_ while recorders watch it (Recorder._watch_unscale): notes
+    which optimizer's parameters it divided, in each watching recorder's list. A copy or a
+    pickle of the scaler (torch.save(scaler), copy.deepcopy) gets its own plain unscale_:
+    this one, a local function once, could not be pickled, and a copy's called the
+    original scaler's."""
+
+    __slots__ = ("scaler", "original", "lists")
+
+    def __init__(self, scaler: Any, original: Callable[[Any], None]) -> None:
+        self.scaler, self.original = scaler, original
+        self.lists: list[list[tuple[int, Any, set[int]]]] = []
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.original(optimizer)
+        # (scaler.step unscales the others after rec.step(): noted with the scaler's state
+        # for the optimizer, which scaler.update() replaces, so not counted then)
+        scaler = self.scaler
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+        params = {id(p) for group in getattr(optimizer, "param_groups", ())
+                  for p in group.get("params", ())}
+        for noted in self.lists:
+            noted[:] = [u for u in noted if u[0] != id(optimizer) and _current(scaler, u)]
+            noted.append((id(optimizer), state, params))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return (_plain_unscale, (self.scaler,))
+
+
+def _plain_unscale(scaler: Any) -> Any:
+    """What a copy of a watched scaler gets as its unscale_: its class's, bound to it."""
+    return type(scaler).unscale_.__get__(scaler)
 
 
 def _current(scaler: Any, noted: tuple[int, Any, set[int]]) -> bool:

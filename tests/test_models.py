@@ -485,3 +485,62 @@ def test_a_compiled_submodule_is_left_out_not_walked_through(native: bool) -> No
                                                                                   rel=1e-5)
     assert run.node_history("head", "activation_grad_norm")[-1] == pytest.approx(want[1],
                                                                                   rel=1e-5)
+
+
+def test_a_watched_grad_scaler_pickles_and_copies() -> None:
+    """gradviz wraps the scaler's unscale_ during the block (see the test above): the wrapper,
+    a local function, made torch.save(scaler) raise, and a deep copy's unscale_ worked on
+    the original scaler."""
+    import io
+    import pickle
+
+    model = demos.MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gradviz.record(model, path=None, scaler=scaler):
+        torch.save(scaler, io.BytesIO())
+        again = pickle.loads(pickle.dumps(scaler))
+        twin = copy.deepcopy(scaler)
+    assert "unscale_" not in scaler.__dict__  # (put back)
+    x, y = demos.DEMOS["mlp"].data(8, torch.Generator().manual_seed(0))
+    for copied in (again, twin):
+        model.zero_grad()
+        copied.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        copied.unscale_(opt)  # its own state, not the original scaler's
+        assert id(opt) in copied._per_optimizer_states
+        assert id(opt) not in scaler._per_optimizer_states
+        copied.step(opt)
+        copied.update()
+
+
+def test_two_recorders_on_one_grad_scaler() -> None:
+    """A GAN: D and G recorded apart, one scaler, D's gradients unscaled to clip them. The
+    second recorder took the first one's wrapper for the user's own and fell back to "any
+    optimizer unscaled", recording G's norms 1024x too large."""
+    torch.manual_seed(0)
+    d, g = demos.MLP(), demos.MLP()
+    od, og = torch.optim.SGD(d.parameters(), lr=0.01), torch.optim.SGD(g.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    want: dict[str, list[float]] = {"d": [], "g": []}
+    with gradviz.record(d, None, scaler=scaler) as rd, gradviz.record(g, None,
+                                                                      scaler=scaler) as rg:
+        for step in range(3):
+            x, y = demos.DEMOS["mlp"].data(16, torch.Generator().manual_seed(step))
+            od.zero_grad()
+            og.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ld = nn.functional.cross_entropy(d(x), y)
+                lg = nn.functional.cross_entropy(g(x), y)
+            scaler.scale(ld).backward()
+            scaler.unscale_(od)
+            scaler.scale(lg).backward()
+            want["d"].append(float(d.fc1.weight.grad.double().norm()))
+            want["g"].append(float(g.fc1.weight.grad.double().norm()) / scaler.get_scale())
+            rd.step(ld)
+            rg.step(lg)
+            scaler.step(od)
+            scaler.step(og)
+            scaler.update()
+    assert "unscale_" not in scaler.__dict__
+    assert rd.to_run().param_history("fc1", "weight") == pytest.approx(want["d"], rel=1e-5)
+    assert rg.to_run().param_history("fc1", "weight") == pytest.approx(want["g"], rel=1e-5)
