@@ -336,6 +336,13 @@ bool recording_forward() {
              c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
+// capture.MAX_PASSES, and its warning: forward passes armed for one step, past which
+// rec.step() was forgotten (every pass's values were kept for it, without end).
+constexpr int64_t kMaxPasses = 1024;
+constexpr const char* kMaxPassesWarning =
+    "gradviz saw 1024 forward passes without a rec.step(): call rec.step() once per "
+    "optimizer step, after backward; until it is called, gradviz records nothing more";
+
 struct Spec {  // one hooked node: what it measures
   std::vector<std::pair<int64_t, int64_t>> outs;           // (output index or -1, column)
   std::vector<std::tuple<int64_t, int64_t, int64_t>> ins;  // (input index, column, group)
@@ -676,6 +683,7 @@ struct Recorder {
   Stats stats;
   // The root's forward hook (RootHook): what it saw this step, read by notes().
   int64_t calls = 0;         // passes armed
+  bool capped_warned = false;  // kMaxPasses reached once (warned)
   bool pass_missed = false;  // a pass not armed
   std::string stop;          // why the recorder must leave native for good (kept)
   bool off = false;          // the Python recorder failed: the root hook does nothing
@@ -833,6 +841,14 @@ struct Recorder {
         end();
         stop = "compiled autograd is on";
         got = 0;
+      } else if (calls >= kMaxPasses) {  // (capture.MAX_PASSES: rec.step() forgotten)
+        end();
+        got = 2;
+        if (!capped_warned) {
+          capped_warned = true;
+          if (PyErr_WarnEx(PyExc_RuntimeWarning, kMaxPassesWarning, 1) < 0)
+            PyErr_Clear();  // (warnings as errors: the user's forward goes on regardless)
+        }
       } else if (recording_forward() && frozen()) {
         // (every parameter was trainable when it started: a layer without a trainable
         // parameter has no leaf in the walk, and two such layers of one type look alike)

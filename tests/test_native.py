@@ -1522,3 +1522,32 @@ def test_reentrant_checkpointing_around_the_only_trainable_layers() -> None:
         got = run.node_history(name, "activation_grad_norm")
         assert got == [pytest.approx(norm, rel=1e-5)] * 2, name
     assert run.edge_history("norm->head") == [pytest.approx(want["norm"], rel=1e-5)] * 2
+
+
+def test_a_forgotten_rec_step_is_capped_natively_as_in_python() -> None:
+    """capture.MAX_PASSES held in Python only: natively every pass was armed and kept for
+    the step that never came (all 30,000 summed into it, memory growing), without a word."""
+    said: dict[bool, list[str]] = {}
+    got: dict[bool, list[float | None]] = {}
+    for native_ in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with gradviz.record(model, None, native=native_) as rec:
+                for step in range(3):
+                    passes = capture.MAX_PASSES + 50 if step == 2 else 1
+                    for _ in range(passes):  # (step 2: rec.step() "forgotten" meanwhile)
+                        model.zero_grad()
+                        model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+                    rec.step()
+        if native_:
+            assert rec._nat.armed == 1 + capture.MAX_PASSES  # step 1, and step 2's first
+        said[native_] = [str(w.message) for w in caught if "rec.step()" in str(w.message)]
+        got[native_] = rec.to_run().node_history("2", "activation_grad_norm")
+    assert said[True] == said[False] == [
+        f"gradviz saw {capture.MAX_PASSES} forward passes without a rec.step(): call "
+        "rec.step() once per optimizer step, after backward; until it is called, gradviz "
+        "records nothing more"]
+    assert got[True] == pytest.approx(got[False], rel=1e-5)
