@@ -694,6 +694,7 @@ class Recorder:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
         self._watch_model()
         self._watch_unscale()
+        self.write_error = None  # (a recorder started again: its last block's is gone)
         node_modules = {id(m) for m in self._nodes.values()}
         self._hooks = []
         layers: list[tuple[nn.Module, str]] = []

@@ -214,6 +214,12 @@ def shown_name(path: Path) -> str:
     return os.fsencode(path.name).decode("utf-8", "replace")
 
 
+def shown_text(text: str) -> str:
+    """Text for the page (an error naming the file): lone surrogates, which orjson refuses,
+    become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 class RunSource:
     """The file being viewed: re-read on change, last good version kept on failure."""
 
@@ -255,11 +261,11 @@ class RunSource:
             self._snap = self._build(run, read_sig, self._snap.revision + 1)
             self.error, self._failed = None, None
         except (GradvizError, OSError) as e:
-            self.error = str(e)
+            self.error = shown_text(str(e))
             self._failed = (sig, time.monotonic() + RETRY_SECONDS)
         except Exception as e:  # a version that reads but does not build: keep the last one
-            self.error = (f"{self.path}: this version cannot be shown ({type(e).__name__}: "
-                          f"{e}); showing the last one that could")
+            self.error = shown_text(f"{self.path}: this version cannot be shown "
+                                    f"({type(e).__name__}: {e}); showing the last one that could")
             self._failed = (sig, time.monotonic() + RETRY_SECONDS)
         finally:
             self._lock.release()

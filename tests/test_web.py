@@ -276,6 +276,11 @@ def test_a_file_name_that_is_not_utf8(residual_file: Path) -> None:
     assert page.status_code == 200 and "run-\ufffd.json" in page.get_data(as_text=True)
     assert c.get("/api/graph").get_json()["run"]["source"] == "run-\ufffd.json"
     assert "<title>gradviz · run-\ufffd.json</title>" in export_html(odd)
+    odd.write_bytes(b"{broken")  # the error names the file: no 500 either
+    os.utime(odd, ns=(odd.stat().st_atime_ns, odd.stat().st_mtime_ns + 1_000_000))
+    poll = c.get("/api/poll")
+    assert poll.status_code == 200 and "not valid JSON" in poll.get_json()["error"]
+    assert "run-\ufffd" in poll.get_json()["error"]
 
 
 def test_metadata_nested_too_deep_for_repr(residual_file: Path) -> None:
