@@ -448,7 +448,8 @@ def test_torch_compile_before_attaching_is_refused_or_flagged() -> None:
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_a_compiled_submodule_is_left_out_not_walked_through(native: bool) -> None:
+def test_a_compiled_submodule_is_left_out_not_walked_through(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.block compiled: its layers' hooks keep out of compiled code, and the walk went
     on through its one CompiledFunctionBackward node, making up an edge stem -> head."""
     class Net(nn.Module):
@@ -460,6 +461,12 @@ def test_a_compiled_submodule_is_left_out_not_walked_through(native: bool) -> No
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(torch.tanh(self.block(torch.tanh(self.stem(x)))))
 
+    if native:
+        from gradviz import native as native_module
+
+        monkeypatch.delenv("GRADVIZ_NATIVE", raising=False)  # (conftest turns it off)
+        if native_module.load(build_if_missing=True) is None:
+            pytest.skip(f"no native recorder: {native_module.why_not()}")
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Net()
@@ -478,6 +485,8 @@ def test_a_compiled_submodule_is_left_out_not_walked_through(native: bool) -> No
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             rec.step(loss)
+    if native:
+        assert rec._nat.armed == 1  # (step 1)
     run = rec.to_run()
     assert run.edges == []  # (stem -> head was made up)
     assert run.node_history("block.0", "activation_grad_norm") == [None, None]
