@@ -507,8 +507,8 @@ class Recorder:
               and dist.get_rank() > 0):
             # distributed=False: each rank records on its own. All writing one path, only
             # the last rank's run was kept; rank 0 keeps the path, the others say theirs.
-            rank, own = dist.get_rank(), path.with_name(
-                f"{path.stem}.rank{dist.get_rank()}{path.suffix}")
+            rank = dist.get_rank()
+            own = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
             print(f"gradviz: rank {rank} records on its own (distributed=False), to {own} "
                   f"(rank 0 writes {path})", file=sys.stderr)
             self.path = path = own
@@ -1580,7 +1580,7 @@ class Recorder:
             unscaled = np.zeros(width, dtype=bool)
             if self._unscale_hook is not None:
                 ids = self._unscaled_now()
-                unscaled[[c for _, c, pid in self._param_ids() if pid in ids]] = True
+                unscaled[[c for c, pid in self._param_columns() if pid in ids]] = True
             else:  # (unscale_ wrapped by the user: by the optimizers' stages, all or none)
                 states = getattr(self.scaler, "_per_optimizer_states", {}).values()
                 unscaled[:] = any(getattr(s.get("stage"), "name", "") == "UNSCALED"
@@ -1909,10 +1909,10 @@ class Recorder:
         """id() of the parameters whose gradients scaler.unscale_ divided this step."""
         return {pid for u in self._unscaled if _current(self.scaler, u) for pid in u[2]}
 
-    def _param_ids(self) -> list[tuple[str, int, int]]:
-        """(layer, column, id of the parameter) for every recorded parameter."""
+    def _param_columns(self) -> list[tuple[int, int]]:
+        """(column, id of the parameter) for every recorded parameter."""
         col = self._recording.history.column
-        return [(node, col(("param", node, pname)), id(p)) for node, pname, p in self._params]
+        return [(col(("param", node, pname)), id(p)) for node, pname, p in self._params]
 
     def _close(self) -> None:
         if not self._open:
