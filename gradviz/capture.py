@@ -702,7 +702,7 @@ class Recorder:
         for name, module in self.model.named_modules():
             node_name = name or type(module).__name__
             if id(module) in node_modules and id(self._nodes.get(node_name)) == id(module):
-                self._hooks.append((module, self._call_hook(node_name)))
+                self._hooks.append((module, self._call_hook(node_name, "" if not name else None)))
                 layers.append((module, node_name))
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))
@@ -918,7 +918,7 @@ class Recorder:
             and _functorch_level() is None
         )
 
-    def _call_hook(self, name: str) -> Any:
+    def _call_hook(self, name: str, within: str | None) -> Any:
         col = self._recording.history.column(("node", name, "activation_grad_norm"))
         stat_cols = tuple(self._recording.history.column(("node", name, k)) for k in LAYER_STATS)
         grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
@@ -953,7 +953,7 @@ class Recorder:
                     if not tensors:
                         return
                     outs = [(t.grad_fn, t.output_nr) for t in tensors]
-                call = dataflow.Call(name, outs, _grad_fns(args, kwargs))
+                call = dataflow.Call(name, outs, _grad_fns(args, kwargs), within)
                 self._calls.append(call)
                 self._calls_seen += 1
                 if not self._in_root:  # no pass end will hook this call: hook it now

@@ -33,6 +33,8 @@ class Call:
     name: str
     outs: list[tuple[Node, int]]  # (grad_fn, output_nr) of each output tensor needing grad
     ins: list[Node]  # grad_fns of the input tensors (positional and keyword, nested too)
+    # names of the calls inside this one start with this ("" for the root: all of them)
+    within: str | None = None  # None: name + "."
 
 
 @dataclass
@@ -130,6 +132,11 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                 elif id(m) not in owner_call:
                     owner_call[id(m)] = ci
                     stack.append(m)
+    for ci, call in enumerate(calls):
+        if call.ins:
+            inner = _inner_calls(calls, ci)
+            if inner:
+                input_ports[ci] = _input_ports(call, ci, inner, producer, owner_call)
 
     # 2. Discover the glue between calls and who sits directly below each glue node.
     glue: dict[int, Node] = {}
@@ -305,6 +312,43 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
     for key, edge in edges.items():
         edge.via = list(dict.fromkeys(via.get(key, ())))
     return Flow(junctions, list(edges.values()), input_ports)
+
+
+def _inner_calls(calls: Sequence[Call], ci: int) -> set[int]:
+    """Indexes of the calls made inside calls[ci] (its submodules' calls)."""
+    call = calls[ci]
+    within = call.name + "." if call.within is None else call.within
+    return {cj for cj, c in enumerate(calls) if cj != ci and c.name.startswith(within)}
+
+
+def _input_ports(call: Call, ci: int, inner: set[int], producer: dict[int, int],
+                 owner_call: dict[int, int]) -> list[Port]:
+    """The input ports of a call that calls recorded submodules (a block with its own
+    layer-scale parameter, an encoder with a position embedding): its own region stops at
+    its children's outputs, but the gradient it passes to its inputs flows through them
+    too. So walk everything from its outputs back to its inputs, through its children and
+    the glue between them, and stop at any other call's nodes."""
+    ins = {id(n) for n in call.ins}
+    mine = inner | {ci}
+    ports: list[Port] = []
+    stack: list[Node] = []
+    seen: set[int] = set()
+    for n, _ in call.outs:
+        if id(n) not in seen and id(n) not in ins:
+            seen.add(id(n))
+            stack.append(n)
+    while stack:
+        n = stack.pop()
+        for i, (m, nr) in enumerate(n.next_functions):
+            if m is None or _is_leaf(m):
+                continue
+            if id(m) in ins:
+                ports.append(Port(n, i, (id(m), nr)))
+            elif id(m) not in seen and producer.get(id(m), ci) in mine and (
+                    owner_call.get(id(m), ci) in mine):
+                seen.add(id(m))
+                stack.append(m)
+    return ports
 
 
 def _source_label(

@@ -97,6 +97,71 @@ def test_same_numbers_as_full_backward_hooks(name: str) -> None:
     assert len(seen) == sum(n["kind"] == "layer" for n in run.nodes)
 
 
+class LayerScaleBlock(nn.Module):
+    """A ConvNeXt-style block: its own parameter (gamma), two child layers, a residual."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.b(nn.functional.gelu(self.a(x)))
+
+
+class Encoder(nn.Module):
+    """A ViT-style encoder: its own position embedding added before its child blocks."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(d) * 0.1)
+        self.blocks = nn.Sequential(LayerScaleBlock(d), LayerScaleBlock(d))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.blocks(x + self.pos))
+
+
+class Nested(nn.Module):
+    """Layers with their own parameters that call child layers, the root among them (its
+    own `scale`; its input comes out of an autograd graph, as embeddings made outside do)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.stem, self.enc, self.head = nn.Linear(4, d), Encoder(d), nn.Linear(d, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.stem(x * self.scale)))
+
+
+def test_input_gradient_of_a_layer_that_calls_child_layers() -> None:
+    """A layer with its own parameter that calls child layers passes its inputs the gradient
+    of all its paths, through the children too, as its full backward hook's grad_input says
+    (it was the residual's share alone, or nothing, when the walk stopped at the children)."""
+    torch.manual_seed(0)
+    model = Nested()
+    leaf = torch.randn(6, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    twin = copy.deepcopy(model)
+    seen: dict[str, tuple[float, float]] = {}
+    for mname, m in twin.named_modules():
+        if list(m.parameters(recurse=False)):
+            def hook(mod, gin, gout, mname=mname or "Nested"):
+                seen[mname] = (float(gout[0].norm()), float(gin[0].norm()))
+            m.register_full_backward_hook(hook)
+    nn.functional.cross_entropy(twin(leaf * 2), y).backward()
+    run = one_step(model, leaf * 2, y).to_run()
+    nodes = {n["id"]: n for n in run.nodes if n["kind"] == "layer"}
+    assert nodes.keys() == seen.keys()
+    for nid, (out_norm, in_norm) in seen.items():
+        assert rel_close(nodes[nid]["activation_grad_norm"], out_norm), nid
+        assert rel_close(nodes[nid]["input_grad_norm"], in_norm), nid
+    # (the parents' inputs reach them through their children: these were the broken ones)
+    for nid in ("Nested", "enc", "enc.blocks.0", "enc.blocks.1"):
+        assert nodes[nid]["input_grad_norm"] != nodes[nid]["activation_grad_norm"], nid
+
+
 def _edge_vectors(rec: gradviz.Recorder, model: nn.Module, x, y) -> tuple[dict, dict]:
     """Record one step, keeping every measured gradient vector by series key."""
     vecs: dict[tuple, list[torch.Tensor]] = defaultdict(list)

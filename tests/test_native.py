@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from autograd_reference import Reference, rel_close
+from test_capture import Nested
 from torch import nn
 
 import gradviz
@@ -98,6 +99,32 @@ def test_native_records_what_python_records(name: str) -> None:
     # float64 below instead
     if name != "plain":
         assert_same(table(python), table(fast), rel=5e-5)
+
+
+def test_layers_that_call_child_layers_record_natively_what_python_records() -> None:
+    """The input gradient of a layer that calls child layers is summed from ports in its
+    children's regions and its own: the native recorder hooks the same ports."""
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = Nested()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        with gradviz.record(model, None, native=native_) as rec:
+            for _ in range(5):
+                x = torch.randn(8, 4, generator=g, requires_grad=True)
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x * 2), torch.arange(8) % 3)
+                loss.backward()
+                rec.step(loss)
+                opt.step()
+        return rec
+
+    python, fast = run(False), run(True)
+    assert (fast._nat.armed, fast._nat.missed) == (4, 0)
+    assert fast.recording.edges == python.recording.edges
+    a, b = table(python), table(fast)
+    assert not np.isnan(a[("node", "enc", "input_grad_norm")]).any()
+    assert_same(a, b, rel=5e-5)
 
 
 class ManyOps(nn.Module):
