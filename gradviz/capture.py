@@ -140,7 +140,7 @@ def _norm(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 _CPU = torch.device("cpu")
 HOT_NUMEL = 1 << 15  # parameters this large get their norm in backward (see _hot_hook)
 MAX_PLANS = 32  # graph shapes (and value layouts) remembered; a model may have a few
-MAX_PASSES = 1024  # forward passes gathered for one step (micro-batches): past it, no rec.step()
+MAX_PASSES = 1024  # default max_passes: forward passes gathered for one step (micro-batches)
 NATIVE_MISSES = 4  # native steps with a pass of a new shape before a recorder stays in Python
 NATIVE_LAYOUTS = 4 * MAX_PLANS  # layouts the native recorder numbers before it starts afresh
 
@@ -397,6 +397,14 @@ def _lr(opt: Any) -> float | None:
         return None
 
 
+def _capped_warning(max_passes: int) -> str:
+    """What both recorders say once when a step reaches max_passes forward passes."""
+    return (f"gradviz saw {max_passes} forward passes without a rec.step(): call rec.step() "
+            f"once per optimizer step, after backward; until it is called, gradviz records "
+            f"nothing more (a step that really takes more passes, such as a long episode, "
+            f"needs record(..., max_passes=N))")
+
+
 def _checked(path: Any, every: Any, flush_seconds: Any, optimizer: Any, scaler: Any,
              seed: Any, meta: Any, saturation_margin: Any, flags: Mapping[str, Any],
              ) -> tuple[Path | None, int, int | None, dict[str, Any]]:
@@ -461,6 +469,7 @@ class Recorder:
         distributed: bool | None = None,
         early_param_norms: bool = False,
         native: bool | None = None,
+        max_passes: int = MAX_PASSES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise RecordingError(
@@ -480,6 +489,11 @@ class Recorder:
         path, every, seed, meta = _checked(
             path, every, flush_seconds, optimizer, scaler, seed, meta, saturation_margin,
             {"native": native, "distributed": distributed})
+        passes = _whole(max_passes)
+        if passes is None or passes < 1:
+            raise RecordingError(f"max_passes must be a whole number >= 1 (the forward "
+                                 f"passes one step may take), got {max_passes!r}")
+        self.max_passes = passes
         self.model = model
         self.path = path
         self.every = every
@@ -752,7 +766,8 @@ class Recorder:
             if self._native_asked:
                 self._warn_once("native", f"gradviz records in Python: no native recorder ({why})")
             return None
-        return module.Recorder(list(self._unique))
+        return module.Recorder(list(self._unique), self.max_passes,
+                               _capped_warning(self.max_passes))
 
     def _native_stat_hooks(self, layers: list[tuple[nn.Module, str]],
                            glue: list[nn.Module]) -> list[tuple[nn.Module, Any]]:
@@ -1038,16 +1053,12 @@ class Recorder:
         self._in_root = False
         self._made_by.clear()
         armed = self._armed()
-        if armed and self._passes >= MAX_PASSES:
+        if armed and self._passes >= self.max_passes:
             # rec.step() forgotten: every pass's hooks and norms were kept for the step
             # that never came (memory without end). Keep what is there, take no more.
             armed = False
             del self._stats[self._stats_from:]
-            self._warn_once(
-                "no-step",
-                f"gradviz saw {MAX_PASSES} forward passes without a rec.step(): call "
-                "rec.step() once per optimizer step, after backward; until it is called, "
-                "gradviz records nothing more")
+            self._warn_once("no-step", _capped_warning(self.max_passes))
         if armed:
             self._passes += 1
             # (the batch: the first tensor argument; model(input_ids=x) has only keywords)
@@ -2199,5 +2210,7 @@ def record(
     takes, from the second step on (the first teaches it the graph), at about a quarter of
     the cost; a step whose graph has a new shape gets parameter norms (and forward
     statistics) only, with a warning, and teaches it that shape (see gradviz/native.py).
+    ``max_passes`` (1024): forward passes one step may take; past it, rec.step() is taken
+    as forgotten (gradviz warns once and takes no more until it comes).
     """
     return Recorder(model, path, **options)

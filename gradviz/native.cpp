@@ -336,13 +336,6 @@ bool recording_forward() {
              c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
-// capture.MAX_PASSES, and its warning: forward passes armed for one step, past which
-// rec.step() was forgotten (every pass's values were kept for it, without end).
-constexpr int64_t kMaxPasses = 1024;
-constexpr const char* kMaxPassesWarning =
-    "gradviz saw 1024 forward passes without a rec.step(): call rec.step() once per "
-    "optimizer step, after backward; until it is called, gradviz records nothing more";
-
 struct Spec {  // one hooked node: what it measures
   std::vector<std::pair<int64_t, int64_t>> outs;           // (output index or -1, column)
   std::vector<std::tuple<int64_t, int64_t, int64_t>> ins;  // (input index, column, group)
@@ -683,7 +676,11 @@ struct Recorder {
   Stats stats;
   // The root's forward hook (RootHook): what it saw this step, read by notes().
   int64_t calls = 0;         // passes armed
-  bool capped_warned = false;  // kMaxPasses reached once (warned)
+  // record(max_passes=): forward passes armed for one step, past which rec.step() was
+  // forgotten (every pass's values were kept for it, without end); and capture's warning
+  int64_t max_passes;
+  std::string capped_warning;
+  bool capped_warned = false;  // max_passes reached once (warned)
   bool pass_missed = false;  // a pass not armed
   std::string stop;          // why the recorder must leave native for good (kept)
   bool off = false;          // the Python recorder failed: the root hook does nothing
@@ -696,7 +693,10 @@ struct Recorder {
         entry{"_CA_ENTRY"};
   } names;
 
-  explicit Recorder(std::vector<at::Tensor> ps) : params(std::move(ps)) {
+  Recorder(std::vector<at::Tensor> ps, int64_t max_passes_, std::string capped_warning_)
+      : params(std::move(ps)),
+        max_passes(max_passes_),
+        capped_warning(std::move(capped_warning_)) {
     for (const auto& p : params) {
       param_set.insert(p.unsafeGetTensorImpl());
       if (p.requires_grad()) st->accs.push_back(torch::autograd::impl::grad_accumulator(p));
@@ -841,12 +841,12 @@ struct Recorder {
         end();
         stop = "compiled autograd is on";
         got = 0;
-      } else if (calls >= kMaxPasses) {  // (capture.MAX_PASSES: rec.step() forgotten)
+      } else if (calls >= max_passes) {  // (rec.step() forgotten)
         end();
         got = 2;
-        if (!capped_warned) {
+        if (!capped_warned && !capped_warning.empty()) {
           capped_warned = true;
-          if (PyErr_WarnEx(PyExc_RuntimeWarning, kMaxPassesWarning, 1) < 0)
+          if (PyErr_WarnEx(PyExc_RuntimeWarning, capped_warning.c_str(), 1) < 0)
             PyErr_Clear();  // (warnings as errors: the user's forward goes on regardless)
         }
       } else if (recording_forward() && frozen()) {
@@ -1220,7 +1220,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   if (root_hook_type == nullptr) throw py::error_already_set();
   m.add_object("RootHook", py::handle(reinterpret_cast<PyObject*>(root_hook_type)));
   py::class_<Recorder, std::shared_ptr<Recorder>>(m, "Recorder")
-      .def(py::init<std::vector<at::Tensor>>())
+      .def(py::init<std::vector<at::Tensor>, int64_t, std::string>(), py::arg("params"),
+           py::arg("max_passes") = 1024, py::arg("capped_warning") = std::string())
       .def("root_hook",
            [](std::shared_ptr<Recorder> r, py::object outputs, py::object config,
               py::object globals) {

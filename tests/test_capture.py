@@ -1195,6 +1195,8 @@ class _Two(nn.Module):
     ({"distributed": "no"}, "distributed must be True, False or None"),
     ({"saturation_margin": "x"}, "saturation_margin must be a number"),
     ({"every": 0}, "every must be a whole number >= 1"),
+    ({"max_passes": 0}, "max_passes must be a whole number >= 1"),
+    ({"max_passes": 2.5}, "max_passes must be a whole number >= 1"),
 ])
 def test_bad_record_arguments_are_one_line_when_called(options: dict[str, Any],
                                                        words: str) -> None:
@@ -1377,7 +1379,8 @@ def test_a_forgotten_rec_step_does_not_gather_memory_without_end() -> None:
     said = [str(w.message) for w in caught if "without a rec.step()" in str(w.message)]
     assert said == [f"gradviz saw {capture.MAX_PASSES} forward passes without a rec.step(): "
                     "call rec.step() once per optimizer step, after backward; until it is "
-                    "called, gradviz records nothing more"]
+                    "called, gradviz records nothing more (a step that really takes more "
+                    "passes, such as a long episode, needs record(..., max_passes=N))"]
     run = rec.to_run()
     assert run.steps == [0, 1]
     fc1 = float(model.fc1.weight.grad.norm())  # step 1: one pass, as usual

@@ -1573,8 +1573,30 @@ def test_a_forgotten_rec_step_is_capped_natively_as_in_python() -> None:
             assert rec._nat.armed == 1 + capture.MAX_PASSES  # step 1, and step 2's first
         said[native_] = [str(w.message) for w in caught if "rec.step()" in str(w.message)]
         got[native_] = rec.to_run().node_history("2", "activation_grad_norm")
-    assert said[True] == said[False] == [
-        f"gradviz saw {capture.MAX_PASSES} forward passes without a rec.step(): call "
-        "rec.step() once per optimizer step, after backward; until it is called, gradviz "
-        "records nothing more"]
+    assert said[True] == said[False] == [capture._capped_warning(capture.MAX_PASSES)]
     assert got[True] == pytest.approx(got[False], rel=1e-5)
+
+
+def test_a_step_of_more_passes_than_the_default_cap_is_recorded_whole() -> None:
+    """REINFORCE over a long episode: one backward through 1,500 forward passes. With
+    max_passes above that, every pass counts, natively as in Python, and nothing warns."""
+    for native_ in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        g = torch.Generator().manual_seed(1)
+        want = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no warning of a forgotten step)
+            with gradviz.record(model, None, native=native_, max_passes=2000) as rec:
+                for _ in range(2):
+                    model.zero_grad()
+                    episode = torch.cat([model(torch.randn(1, 4, generator=g))
+                                         for _ in range(1500)])
+                    episode.pow(2).mean().backward()
+                    rec.step()
+                    # dL/d(output) of every pass, combined: the norm of 2 * o / 1500
+                    want.append(float((2 * episode.detach() / 1500).norm()))
+        if native_:
+            assert rec._nat.armed == 1500  # step 1's passes (step 0 taught the graph)
+        got = rec.to_run().node_history("2", "activation_grad_norm")
+        assert got == pytest.approx(want, rel=1e-5), native_
