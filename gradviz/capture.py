@@ -1189,13 +1189,20 @@ class Recorder:
         True) inside a step (a gradient penalty as in WGAN-GP or R1, a PINN's du/dx) runs
         the same hooks on the same outputs: its gradients are of something else, and
         summed in they were 200x off. So a backward with create_graph (grad mode on in its
-        hooks) counts only if it will fill a parameter's .grad. One without counts always:
-        whether it fills .grad cannot be told from here when no trainable parameter is in
-        its graph (the outer backward of reentrant checkpointing around the only trainable
-        layers, as with LoRA), and the nodes held go stale when the model is converted
-        (.to(), .double()). Decided once per backward (graph task)."""
+        hooks) counts only if it will fill a parameter's .grad.
+
+        One without create_graph counts unless it is limited to some inputs (it skips a
+        branch of the node running now) and takes no trainable parameter's gradient: an
+        adversarial example's torch.autograd.grad(loss, x) or loss.backward(inputs=[x]).
+        Whether it fills .grad cannot be asked of the parameters alone: none is in the
+        graph of the outer backward of reentrant checkpointing around the only trainable
+        layers (LoRA), which runs every node and counts; and the nodes held go stale when
+        the model is converted (.to(), .double()). Decided once per backward (graph task)."""
         self._task_seen = torch._C._current_graph_task_id()
-        self._task_ok = not torch.is_grad_enabled() or _accumulates(self._accs)
+        if torch.is_grad_enabled():
+            self._task_ok = _accumulates(self._accs)
+        else:
+            self._task_ok = not _limited() or _accumulates(self._accs, captured=True)
         return self._task_ok
 
     def _node_hook(self, outs: tuple[tuple[int, int, int], ...],
@@ -2023,8 +2030,9 @@ def _accumulators(params: list[nn.Parameter]) -> list[Any]:
         return []
 
 
-def _accumulates(accs: list[Any]) -> bool:
-    """Whether the backward running now will accumulate into any of these nodes' .grad."""
+def _accumulates(accs: list[Any], captured: bool = False) -> bool:
+    """Whether the backward running now will accumulate into any of these nodes' .grad
+    (captured: or hand any of them its gradient, as torch.autograd.grad(loss, params))."""
     if not accs:
         return True
     will = torch._C._will_engine_execute_node
@@ -2033,7 +2041,27 @@ def _accumulates(accs: list[Any]) -> bool:
             if will(node):
                 return True
         except RuntimeError:  # (torch.autograd.grad taking this parameter's gradient)
+            if captured:
+                return True
+    return False
+
+
+def _limited() -> bool:
+    """Whether the backward running now runs only the nodes on the way to some inputs (it
+    was given inputs=, or is torch.autograd.grad): a node the one running now leads to is
+    in its graph, so a backward that runs every node runs it."""
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return False
+    will = torch._C._will_engine_execute_node
+    for m, _ in node.next_functions:
+        if m is None:
             continue
+        try:
+            if not will(m):
+                return True
+        except RuntimeError:  # (a leaf whose gradient torch.autograd.grad takes)
+            return True
     return False
 
 

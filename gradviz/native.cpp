@@ -389,21 +389,28 @@ struct State {
     return task_ok;
   }
 
-  // As capture._loss_backward: a backward without create_graph (grad mode off in its
-  // hooks) counts; one with it only if it will accumulate into one of the nodes
-  // (torch._C._will_engine_execute_node, where a gradient torch.autograd.grad captures
-  // is not one): a gradient penalty's torch.autograd.grad runs the same hooks.
+  // As capture._loss_backward: a backward with create_graph (grad mode on in its hooks)
+  // counts only if it will accumulate into one of the nodes (torch._C.
+  // _will_engine_execute_node, where a gradient torch.autograd.grad captures is not one):
+  // a gradient penalty's torch.autograd.grad runs the same hooks. One without counts if it
+  // runs every node (backward() without inputs=: no exec_info) or takes a parameter's
+  // gradient (fills it, or captures it for torch.autograd.grad(loss, params)); not an
+  // adversarial example's torch.autograd.grad(loss, x). Python tells "runs every node"
+  // from the node running now (capture._limited); here exec_info says it.
   bool loss_backward() const {
-    if (!at::GradMode::is_enabled() || accs.empty()) return true;
+    if (accs.empty()) return true;
     const auto* info = torch::autograd::get_current_graph_task_exec_info();
     const auto* nodes = torch::autograd::get_current_graph_task_nodes_in_graph();
     if (info == nullptr || nodes == nullptr) return true;
+    const bool create_graph = at::GradMode::is_enabled();
+    if (!create_graph && info->empty()) return true;
     for (const auto& acc : accs) {
       Node* node = acc.get();
       if (nodes->find(node) == nodes->end()) continue;
       if (info->empty()) return true;  // backward() without inputs=: runs every node
       auto it = info->find(node);
-      if (it != info->end() && it->second.needed_) return true;
+      if (it == info->end()) continue;
+      if (it->second.needed_ || (!create_graph && it->second.captures_)) return true;
     }
     return false;
   }

@@ -1294,16 +1294,29 @@ def _other_gradient_in_the_step(kind: str, model: nn.Module, x: torch.Tensor,
         u = model(x)
         du, = torch.autograd.grad(u.sum(), x, create_graph=True)
         return (du.pow(2).sum(1) - 1).pow(2).mean() + mse(u, y)
-    return mse(model(x), y)  # ("inputs=", "create_graph": what backward is given)
+    if kind in ("adversarial example", "input gradient by backward"):  # (FGSM)
+        x = x.detach().requires_grad_()
+        attack = mse(model(x), y)
+        if kind == "adversarial example":
+            dx, = torch.autograd.grad(attack, x)
+        else:
+            attack.backward(inputs=[x])
+            dx = x.grad
+        return mse(model((x + 0.1 * dx.sign()).detach()), y)
+    return mse(model(x), y)  # ("inputs=", "create_graph", "torch.autograd.grad of params")
 
 
 @pytest.mark.parametrize("native_", [False, True])
-@pytest.mark.parametrize("kind", ["gradient penalty", "inputs=", "create_graph"])
+@pytest.mark.parametrize("kind", ["gradient penalty", "inputs=", "create_graph",
+                                  "adversarial example", "input gradient by backward",
+                                  "torch.autograd.grad of params"])
 def test_torch_autograd_grad_inside_a_step_is_not_counted(kind: str, native_: bool) -> None:
     """A backward with create_graph=True counts only if it fills .grad: the hooks on a
     layer's output fired for a gradient penalty's torch.autograd.grad too, and its gradient
-    (of du/dx) was summed in, about 200x the true dL/d(output). loss.backward(inputs=...)
-    and loss.backward(create_graph=True) count."""
+    (of du/dx) was summed in, about 200x the true dL/d(output). A backward without it
+    counts unless it takes only an input's gradient: an adversarial example's (FGSM) was
+    summed in. loss.backward(inputs=params), loss.backward(create_graph=True) and
+    torch.autograd.grad(loss, params) (gradients set by hand) count."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                           nn.Linear(16, 1))
@@ -1322,12 +1335,17 @@ def test_torch_autograd_grad_inside_a_step_is_not_counted(kind: str, native_: bo
             loss = _other_gradient_in_the_step(kind, model, x, y)
             if kind == "inputs=":
                 loss.backward(inputs=list(model.parameters()))
+            elif kind == "torch.autograd.grad of params":
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p.grad = g
             else:
                 loss.backward(create_graph=kind == "create_graph")
             rec.step(loss)
             model.zero_grad(set_to_none=True)  # (create_graph: .grad holds a graph)
-    if native_:
-        assert rec._nat.armed == 2
+    if native_:  # (steps 1 and 2; the attack's forward is a pass too)
+        assert rec._nat.armed == (4 if kind in ("adversarial example",
+                                                "input gradient by backward") else 2)
     run = rec.to_run()
     for name, norm in want.items():
         got = run.node_history(name, "activation_grad_norm")
