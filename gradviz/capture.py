@@ -154,9 +154,13 @@ class _Plan:
     """
 
     # (node, outs, ins); outs: (output index or -1 for all, column, call index or -1),
-    # ins: (input index, column, group or -1)
+    # ins: (input index, column, group): grad_inputs[index], or for index < 0
+    # grad_outputs[-1 - index]; measured alone (group -1), added to group g (g >= 0) or
+    # taken from group -2 - g (g <= -2)
     hooks: list[tuple[int, tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]]
     groups: list[tuple[int, int]]  # (column, parts) of series that arrive in several parts
+    # (call index, group) of outputs a call also reads: dL/d(output) less the inner part
+    inner: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 class _Parts:
@@ -1148,9 +1152,32 @@ class Recorder:
         for call, ports in zip(calls, flow.input_ports, strict=True):
             if ports:
                 add(hist.column(("node", call.name, "input_grad_norm")), ports)
+        # An output the call also reads (an LSTMCell's c, read by h = o * tanh(c)): what
+        # reaches its node is the gradient from outside plus the inner part, which a full
+        # backward hook does not see, and which was counted twice. Its gradient is a group:
+        # the node's grad_output, less the inner ports'.
+        inner: list[tuple[int, int]] = []
+        for ci, (call, ports) in enumerate(zip(calls, flow.inner_ports, strict=True)):
+            mine = {(id(node), nr) for node, nr in call.outs}
+            by_target: dict[Any, list[dataflow.Port]] = {}
+            for p in ports:
+                if p.target in mine:
+                    by_target.setdefault(p.target, []).append(p)
+            if not by_target:
+                continue
+            col = hist.column(("node", call.name, "activation_grad_norm"))
+            for (nid, nr), group in by_target.items():
+                k = at[nid]
+                outs[k] = [o for o in outs[k] if o != (nr, col, ci)]
+                gi = len(groups)
+                groups.append((col, 1 + len(group)))
+                inner.append((ci, gi))
+                slots.setdefault(k, []).append((-1 - nr, col, gi))
+                for p in group:
+                    slots.setdefault(at[id(p.node)], []).append((p.index, col, -2 - gi))
         hooks = [(i, tuple(outs.get(i, ())), tuple(slots.get(i, ())))
                  for i in sorted({*outs, *slots})]
-        return _Plan(hooks, groups)
+        return _Plan(hooks, groups, inner)
 
     def _hook_pass(self, plan: _Plan, nodes: list[Any], skip: frozenset[int] | None) -> None:
         """Hook this pass's autograd nodes as the plan says (skip: calls already hooked)."""
@@ -1159,6 +1186,9 @@ class Recorder:
         for i, outs, ins in plan.hooks:
             if skip:
                 outs = tuple(o for o in outs if o[2] not in skip)
+                if plan.inner:  # (its tensor hook takes what reaches the output: no group)
+                    gone = {gi for ci, gi in plan.inner if ci in skip}
+                    ins = tuple(e for e in ins if e[2] not in gone and -2 - e[2] not in gone)
                 if not outs and not ins:
                     continue
             nodes[i].register_hook(self._node_hook(outs, ins, parts))
@@ -1228,21 +1258,27 @@ class Recorder:
                             if g is not None:
                                 self._emit(col, g)
                 for index, col, gi in ins:
-                    g = grad_inputs[index]
+                    g = grad_inputs[index] if index >= 0 else grad_outputs[-1 - index]
                     if g is None:
                         continue
-                    if gi < 0:
+                    if gi == -1:
                         self._emit(col, g)
-                    else:
+                    elif gi >= 0:
                         self._add_part(parts.groups[gi], g)
+                    else:
+                        self._add_part(parts.groups[-2 - gi], g, minus=True)
             except Exception as e:  # never break the user's backward
                 self._fail(e)
 
         return hook
 
-    def _add_part(self, part: list[Any], g: torch.Tensor) -> None:
+    def _add_part(self, part: list[Any], g: torch.Tensor, minus: bool = False) -> None:
         col, acc, left, n = part
-        acc = g.detach().clone() if acc is None else acc + g.detach()
+        g = g.detach()
+        if minus:
+            acc = -g if acc is None else acc - g
+        else:
+            acc = g.clone() if acc is None else acc + g
         part[1], part[2] = acc, left - 1
         if left == 1:  # complete: measure it, and be ready for another backward
             self._emit(col, acc)

@@ -73,6 +73,10 @@ class Flow:
     junctions: list[Junction]
     edges: list[Edge]
     input_ports: list[list[Port]]  # per call: ports whose gradient goes to the call's inputs
+    # per call: ports inside it whose gradient goes to one of its own outputs (an LSTMCell's
+    # h = o * tanh(c) reads its output c): the part of that output's gradient that did not
+    # come from outside the call
+    inner_ports: list[list[Port]] = field(default_factory=list)
 
 
 def op_name(node: Node) -> str:
@@ -114,6 +118,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
     boundary: list[tuple[Node, int, Node, int]] = []  # (node, index, target, output_nr)
     region_of: dict[int, Key] = {}  # id(region node) -> consumer key
     input_ports: list[list[Port]] = [[] for _ in calls]
+    inner_ports: list[list[Port]] = [[] for _ in calls]
     for ci, call in enumerate(calls):
         ins = {id(n) for n in call.ins}
         stack = [n for n, _ in call.outs if id(n) not in owner_call]
@@ -127,7 +132,11 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                     continue
                 if id(m) in ins:
                     input_ports[ci].append(Port(n, i, (id(m), nr)))
-                if id(m) in producer or id(m) in ins:
+                if producer.get(id(m)) == ci and owner_call.get(id(m)) == ci:
+                    # (the call's own node, made by it: an output it also reads, or a node
+                    # with one output returned and another read, as a chunk's)
+                    inner_ports[ci].append(Port(n, i, (id(m), nr)))
+                elif id(m) in producer or id(m) in ins:
                     boundary.append((n, i, m, nr))
                 elif id(m) not in owner_call:
                     owner_call[id(m)] = ci
@@ -285,8 +294,9 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                 continue
             if id(m) in glue and id(m) not in junction_ids:
                 continue  # not an end of a path yet: glue further up carries it
-            if region_of.get(id(n)) == key and id(m) in owner_call and id(m) not in producer:
-                continue  # inside the consumer itself
+            if region_of.get(id(n)) == key and id(m) in owner_call and (
+                    id(m) not in producer or producer[id(m)] == owner_call[id(m)] == key[1]):
+                continue  # inside the consumer itself (an inner port, when its own output)
             sname = source_name(m)
             if sname is None:
                 continue
@@ -311,7 +321,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
             via.setdefault((sname, cidx), []).append(glue_names[id(g)])
     for key, edge in edges.items():
         edge.via = list(dict.fromkeys(via.get(key, ())))
-    return Flow(junctions, list(edges.values()), input_ports)
+    return Flow(junctions, list(edges.values()), input_ports, inner_ports)
 
 
 def _inner_calls(calls: Sequence[Call], ci: int) -> set[int]:

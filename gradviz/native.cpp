@@ -447,8 +447,11 @@ struct Pass {  // one armed pass: its series that arrive in parts
     }
   }
 
-  void add(size_t gi, const at::Tensor& g, State& st) {
-    sum[gi] = sum[gi].defined() ? sum[gi] + g : g.clone();
+  void add(size_t gi, const at::Tensor& g, State& st, bool minus) {
+    if (minus)
+      sum[gi] = sum[gi].defined() ? sum[gi] - g : -g;
+    else
+      sum[gi] = sum[gi].defined() ? sum[gi] + g : g.clone();
     if (--left[gi] == 0) {  // complete: measure it, and be ready for another backward
       st.emit(col[gi], sum[gi]);
       sum[gi] = at::Tensor();
@@ -489,12 +492,17 @@ struct Hook : FunctionPostHook {
         }
       }
       for (const auto& [index, col, gi] : spec->ins) {
-        if (static_cast<size_t>(index) >= grad_inputs.size() || !grad_inputs[index].defined())
-          continue;
-        if (gi < 0)
-          st->emit(col, grad_inputs[index]);
+        // (index < 0: grad_outputs[-1 - index]; group -2 - g: taken from group g, as
+        // capture._Plan says)
+        const variable_list& side = index >= 0 ? grad_inputs : grad_outputs;
+        const auto k = static_cast<size_t>(index >= 0 ? index : -1 - index);
+        if (k >= side.size() || !side[k].defined()) continue;
+        if (gi == -1)
+          st->emit(col, side[k]);
+        else if (gi >= 0)
+          pass->add(static_cast<size_t>(gi), side[k], *st, false);
         else
-          pass->add(static_cast<size_t>(gi), grad_inputs[index], *st);
+          pass->add(static_cast<size_t>(-2 - gi), side[k], *st, true);
       }
     } catch (const std::exception& e) {  // never break the user's backward
       if (st->error.empty()) st->error = std::string("in backward: ") + e.what();
@@ -729,7 +737,7 @@ struct Recorder {
       auto it = by_seq.find(seq);
       if (it == by_seq.end() || it->second < 0) return false;
       for (const auto& [index, col, gi] : ins)
-        if (gi >= static_cast<int64_t>(groups.size())) return false;
+        if ((gi >= 0 ? gi : -2 - gi) >= static_cast<int64_t>(groups.size())) return false;
       specs->emplace_back(it->second, Spec{outs_, ins});
     }
     plan.hooks = std::move(specs);

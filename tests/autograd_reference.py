@@ -26,11 +26,30 @@ def flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from flat_tensors(getattr(obj, f.name))
 
 
+def rebuilt(obj: Any, fn: Any) -> Any:
+    """obj with fn applied to each tensor in it (nested tuples, lists, dicts, dataclasses)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, rebuilt(v, fn)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(rebuilt(v, fn) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: rebuilt(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj)})
+    return obj
+
+
 class Reference:
-    """One forward/backward of a copy of the model, with every module's output kept."""
+    """One forward/backward of a copy of the model, with every module's output kept.
+
+    apart=True: each module's outputs are handed on as aliases, so dL/d(output) holds only
+    the gradient from outside the module, as a full backward hook's grad_output does (a
+    module that reads its own output, h * 2 beside h, gives that part to h, not to the
+    alias)."""
 
     def __init__(self, model: nn.Module, x: Any = None, y: Any = None,
-                 loss_fn: Any = None, autograd_grad: bool = True) -> None:
+                 loss_fn: Any = None, autograd_grad: bool = True, apart: bool = False) -> None:
         self.model = copy.deepcopy(model)
         # The same function without in-place ops: retain_grad on a tensor that is later
         # modified in place would report the gradient of its last version instead.
@@ -40,11 +59,14 @@ class Reference:
         self.outputs: dict[str, list[torch.Tensor]] = {}
         handles = []
         for name, m in self.model.named_modules():
-            def keep(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+            def keep(mod: nn.Module, args: Any, out: Any, name: str = name) -> Any:
+                if apart:
+                    out = rebuilt(out, lambda t: t.view_as(t) if t.requires_grad else t)
                 for t in flat_tensors(out):
                     if t.requires_grad:
                         t.retain_grad()
                         self.outputs.setdefault(name, []).append(t)
+                return out if apart else None
             handles.append(m.register_forward_hook(keep))
         if loss_fn is None:
             self.loss = nn.functional.cross_entropy(self.model(x), y)

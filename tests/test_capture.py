@@ -162,6 +162,81 @@ def test_input_gradient_of_a_layer_that_calls_child_layers() -> None:
         assert nodes[nid]["input_grad_norm"] != nodes[nid]["activation_grad_norm"], nid
 
 
+class Unrolled(nn.Module):
+    """An nn.LSTMCell unrolled over 3 steps: it returns (h, c) and reads c itself, for
+    h = o * tanh(c)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.cell, self.h = nn.Linear(8, 8), nn.LSTMCell(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.p(x)
+        h = c = torch.zeros(x.shape[0], 8)
+        for t in range(seq.shape[1]):
+            h, c = self.cell(seq[:, t], (h, c))
+        return self.h(h)
+
+
+class ChunkThenRead(nn.Module):
+    """Returns one half of a chunk and a function of the other: one autograd node makes
+    both, and the layer reads its second output itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = (x @ self.w).chunk(2, -1)
+        return a, torch.tanh(b)
+
+
+def test_an_output_the_layer_also_reads_counts_once() -> None:
+    """An LSTMCell's c is an output and is read inside the call (h = o * tanh(c)). What
+    reaches c's node holds both the gradient from outside and that inner part: summed in,
+    the cell's dL/d(output) was 10 % above a full backward hook's grad_output, and the inner
+    part made up a cell -> cell edge. Now the inner part is taken off: the activation is
+    the hook's, and the out-edges add up to it."""
+    torch.manual_seed(0)
+    model = Unrolled()
+    x, y = torch.randn(2, 3, 8), torch.tensor([0, 3])
+    twin = copy.deepcopy(model)
+    gouts: list[torch.Tensor] = []
+    twin.cell.register_full_backward_hook(
+        lambda m, gi, go: gouts.extend(g for g in go if g is not None))
+    nn.functional.cross_entropy(twin(x), y).backward()
+    want = math.sqrt(sum(float(g.norm()) ** 2 for g in gouts))
+    run = one_step(model, x, y).to_run()
+    cell = next(n for n in run.nodes if n["id"] == "cell")
+    assert rel_close(cell["activation_grad_norm"], want)
+    assert {e["id"] for e in run.edges} == {"p->cell", "cell->cell", "cell->h"}
+    recurrent, out = run.edge_history("cell->cell")[0], run.edge_history("cell->h")[0]
+    assert rel_close(math.hypot(recurrent, out), want)  # (each output read once, outside)
+
+    # One node's two outputs, one returned and one read inside: no edge from the layer to
+    # itself (there was one, carrying the inner part)
+    torch.manual_seed(0)
+    layer, head = ChunkThenRead(), nn.Linear(4, 3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.head = layer, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.l(x)
+            return self.head(a * b)
+
+    net = Net()
+    x = torch.randn(5, 4)
+    ref = Reference(net, x, torch.tensor([0, 1, 2, 0, 1]))
+    run = one_step(net, x, torch.tensor([0, 1, 2, 0, 1])).to_run()
+    assert [e["id"] for e in run.edges] == ["l->head"]
+    a, b = ref.output_grads("l")
+    assert rel_close(run.node_history("l", "activation_grad_norm")[0],
+                     math.hypot(float(a.norm()), float(b.norm())))
+
+
 def _edge_vectors(rec: gradviz.Recorder, model: nn.Module, x, y) -> tuple[dict, dict]:
     """Record one step, keeping every measured gradient vector by series key."""
     vecs: dict[tuple, list[torch.Tensor]] = defaultdict(list)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from autograd_reference import Reference, rel_close
-from test_capture import Nested
+from test_capture import Nested, Unrolled
 from torch import nn
 
 import gradviz
@@ -125,6 +125,31 @@ def test_layers_that_call_child_layers_record_natively_what_python_records() -> 
     a, b = table(python), table(fast)
     assert not np.isnan(a[("node", "enc", "input_grad_norm")]).any()
     assert_same(a, b, rel=5e-5)
+
+
+def test_an_output_the_layer_also_reads_is_measured_natively_as_in_python() -> None:
+    """An unrolled LSTMCell's c: its node's grad_output less the inner ports' gradients, a
+    group with a part taken off, in C++ as in Python."""
+    def run(native_: bool) -> gradviz.Recorder:
+        torch.manual_seed(0)
+        model = Unrolled()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        with gradviz.record(model, None, native=native_) as rec:
+            for _ in range(5):
+                x = torch.randn(4, 3, 8, generator=g)
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), torch.arange(4))
+                loss.backward()
+                rec.step(loss)
+                opt.step()
+        return rec
+
+    python, fast = run(False), run(True)
+    assert (fast._nat.armed, fast._nat.missed) == (4, 0)
+    assert fast.recording.edges == python.recording.edges
+    assert set(python.recording.edges) == {"p->cell", "cell->cell", "cell->h"}
+    assert_same(table(python), table(fast), rel=5e-5)
 
 
 class ManyOps(nn.Module):
