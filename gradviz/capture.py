@@ -550,6 +550,8 @@ class Recorder:
         self.write_error: BaseException | None = None
         self._handles: list[Any] = []
         self._hooks: list[tuple[nn.Module, Any]] = []  # (module, forward hook) to attach
+        self._pre_hooks: list[tuple[nn.Module, Any]] = []  # ... forward pre-hooks (in place)
+        self._befores: list[list[Any]] = []  # their kept input nodes, one list per module
         self._open = False
         self._failed = False
         # Per forward pass: calls seen so far and names of parameter-free module outputs.
@@ -715,12 +717,22 @@ class Recorder:
         self.write_error = None  # (a recorder started again: its last block's is gone)
         node_modules = {id(m) for m in self._nodes.values()}
         self._hooks = []
+        self._pre_hooks = []
+        self._befores = []
         layers: list[tuple[nn.Module, str]] = []
         glue: list[nn.Module] = []
         for name, module in self.model.named_modules():
             node_name = name or type(module).__name__
             if id(module) in node_modules and id(self._nodes.get(node_name)) == id(module):
-                self._hooks.append((module, self._call_hook(node_name, "" if not name else None)))
+                before: list[list[Any]] | None = None
+                if getattr(module, "inplace", False) is True:
+                    # (nn.ReLU(inplace=True) as a node: by its forward hook its input's
+                    # autograd node is its own, so its inputs are read before it runs)
+                    before = []
+                    self._befores.append(before)
+                    self._pre_hooks.append((module, self._inputs_hook(before)))
+                self._hooks.append((module, self._call_hook(
+                    node_name, "" if not name else None, before)))
                 layers.append((module, node_name))
             elif next(iter(module.children()), None) is None and name:
                 self._hooks.append((module, self._glue_hook(name)))
@@ -859,6 +871,9 @@ class Recorder:
             return
         for module, hook in self._hooks:
             self._handles.append(module.register_forward_hook(_Hook(hook), with_kwargs=True))
+        for module, hook in self._pre_hooks:
+            self._handles.append(module.register_forward_pre_hook(_Hook(hook),
+                                                                  with_kwargs=True))
         # Registered last, so it runs after the root's own node hook: the pass is complete.
         self._handles.append(self.model.register_forward_hook(_Hook(self._on_pass_end),
                                                               with_kwargs=True))
@@ -937,7 +952,17 @@ class Recorder:
             and _functorch_level() is None
         )
 
-    def _call_hook(self, name: str, within: str | None) -> Any:
+    def _inputs_hook(self, before: list[list[Any]]) -> Any:
+        """A forward pre-hook that keeps the call's input nodes for its forward hook."""
+        compiling = _compiling
+
+        def pre(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if not compiling():
+                before.append(_grad_fns(args, kwargs))
+
+        return pre
+
+    def _call_hook(self, name: str, within: str | None, before: list[list[Any]] | None) -> Any:
         col = self._recording.history.column(("node", name, "activation_grad_norm"))
         stat_cols = tuple(self._recording.history.column(("node", name, k)) for k in LAYER_STATS)
         grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
@@ -954,6 +979,7 @@ class Recorder:
                 self._fail(e)
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            ins = before.pop() if before else None  # (see _inputs_hook)
             # (_armed, inlined: hooks are attached only on recorded steps, and this runs for
             # every layer of every recorded forward)
             if compiling() or self._failed or not grad_enabled() or task() != -1 or (
@@ -972,7 +998,8 @@ class Recorder:
                     if not tensors:
                         return
                     outs = [(t.grad_fn, t.output_nr) for t in tensors]
-                call = dataflow.Call(name, outs, _grad_fns(args, kwargs), within)
+                call = dataflow.Call(name, outs, _grad_fns(args, kwargs) if ins is None else ins,
+                                     within)
                 self._calls.append(call)
                 self._calls_seen += 1
                 if not self._in_root:  # no pass end will hook this call: hook it now
@@ -1041,6 +1068,8 @@ class Recorder:
         if _compiling():  # (see _compiling)
             return
         if self._in_root:  # the last pass raised before it ended: forget what it left
+            for before in self._befores:
+                before.clear()
             del self._calls[self._root_from:]
             del self._stats[self._stats_from:]
             self._glue.clear()  # (keyed by id: a dead node's id may come back)

@@ -39,7 +39,8 @@ class Call:
 
 @dataclass
 class Port:
-    """grad_inputs[index] of node is part of the gradient flowing along an edge."""
+    """grad_inputs[index] of node is part of the gradient flowing along an edge (an index
+    below 0: grad_outputs[-1 - index], all the gradient of that output)."""
 
     node: Node
     index: int
@@ -109,9 +110,17 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
     used by nodes, so a junction never collides with one.
     """
     producer: dict[int, int] = {}  # id(node) -> call index, for call outputs
+    # A call that returns its input tensor itself (nn.Dropout(p=0) in training, nn.Identity,
+    # under all_modules): its output's node is the one before it. It takes over as that
+    # node's producer, so what reads it afterwards reads the call, and the edge into it
+    # carries all of the node's gradient (its grad_output: port index -1 - output_nr).
+    passed: list[tuple[int, int, Node, int]] = []  # (call, call before it, node, output_nr)
     for ci, call in enumerate(calls):
-        for node, _ in call.outs:
-            producer.setdefault(id(node), ci)
+        for node, nr in call.outs:
+            before = producer.setdefault(id(node), ci)
+            if before != ci and any(n is node for n in call.ins):
+                passed.append((ci, before, node, nr))
+                producer[id(node)] = ci
 
     # 1. Each call's own region: from its outputs back to its inputs.
     owner_call: dict[int, int] = {}  # id(node) -> call index, for nodes inside a call
@@ -321,6 +330,13 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
             via.setdefault((sname, cidx), []).append(glue_names[id(g)])
     for key, edge in edges.items():
         edge.via = list(dict.fromkeys(via.get(key, ())))
+    for ci, before, node, nr in passed:
+        port = Port(node, -1 - nr, (id(node), nr))
+        edge = edges.get((calls[before].name, ci))
+        if edge is None:
+            edge = edges[(calls[before].name, ci)] = Edge(calls[before].name, calls[ci].name, ci)
+        edge.ports.append(port)
+        input_ports[ci].append(port)
     return Flow(junctions, list(edges.values()), input_ports, inner_ports)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import gc
 import inspect
@@ -235,6 +236,34 @@ def test_an_output_the_layer_also_reads_counts_once() -> None:
     a, b = ref.output_grads("l")
     assert rel_close(run.node_history("l", "activation_grad_norm")[0],
                      math.hypot(float(a.norm()), float(b.norm())))
+
+
+def test_all_modules_an_in_place_module_and_one_that_returns_its_input() -> None:
+    """all_modules=True: nn.ReLU(inplace=True) had no input gradient (by its forward hook
+    its input's node is its own), and nn.Dropout(p=0) in training, which returns its input
+    tensor, had neither input gradient nor edges (a -> act -> b, the dropout aside)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(collections.OrderedDict(
+        a=nn.Linear(8, 8), act=nn.ReLU(inplace=True), drop=nn.Dropout(0.0),
+        b=nn.Linear(8, 4)))
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    twin = copy.deepcopy(model)
+    a_out = twin.a(x)
+    r = nn.functional.relu(a_out)
+    for t in (a_out, r):
+        t.retain_grad()
+    nn.functional.cross_entropy(twin.b(r), y).backward()
+    run = one_step(model, x, y, all_modules=True).to_run()
+    assert {e["id"] for e in run.edges} == {"a->act", "act->drop", "drop->b"}
+    nodes = {n["id"]: n for n in run.nodes}
+    relu_in, relu_out = float(a_out.grad.norm()), float(r.grad.norm())
+    assert rel_close(nodes["act"]["input_grad_norm"], relu_in)
+    assert rel_close(nodes["act"]["activation_grad_norm"], relu_out)
+    for key in ("input_grad_norm", "activation_grad_norm"):
+        assert rel_close(nodes["drop"][key], relu_out), key
+    assert rel_close(run.edge_history("act->drop")[0], relu_out)
+    assert rel_close(run.edge_history("drop->b")[0], relu_out)
+    assert rel_close(run.edge_history("a->act")[0], relu_in)
 
 
 def _edge_vectors(rec: gradviz.Recorder, model: nn.Module, x, y) -> tuple[dict, dict]:
