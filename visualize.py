@@ -2,7 +2,7 @@
 
 Usage:
     python visualize.py                          # serve training_output.json at 127.0.0.1:5000
-    python visualize.py --input run.json --threshold 0.001 --open
+    python visualize.py --input run.json --threshold 1e-4 --open
     python visualize.py --port 0                 # any free port (the URL is printed)
     python visualize.py --export graph.html      # one offline HTML file, then exit
     python visualize.py --depth 2                # one node per blocks.N (full: every layer)
@@ -96,10 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--threshold",
-        default=0.01,
+        default=1e-7,
         type=_threshold,
         help="edges with a gradient norm above this (a number >= 0) are green, others red "
-        "(default: %(default)s; the page has a slider)",
+        "(default: %(default)s, where the diagnosis calls a gradient vanished; the page has "
+        "a slider)",
     )
     p.add_argument(
         "--depth",

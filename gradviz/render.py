@@ -41,7 +41,7 @@ VIS_JS = Path(pyvis.__file__).resolve().parent / "lib" / "vis-9.1.2" / "vis-netw
 PAGE = "page.html"
 ASSETS = {"gradviz.js": "text/javascript", "gradviz.css": "text/css"}
 
-DEFAULT_THRESHOLD = 0.01
+DEFAULT_THRESHOLD = 1e-7  # diagnose.Thresholds().vanishing: red edges are where gradient vanished
 NODE_SIZE = (10.0, 42.0)  # radius range of a layer, in canvas pixels
 EDGE_WIDTH = (1.0, 9.0)
 SMALL_SIZE = 9.0  # junctions, parameter-free modules, layers without a gradient

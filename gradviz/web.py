@@ -279,7 +279,7 @@ class RunSource:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """The app for one file. Config: INPUT (path), THRESHOLD (0.01), LIVE (True), DEPTH
+    """The app for one file. Config: INPUT (path), THRESHOLD (1e-7), LIVE (True), DEPTH
     ("auto", "full" or a depth >= 1: the roll-up shown first).
 
     Raises FileFormatError if the file cannot be read now, GradvizError for bad settings.
@@ -314,7 +314,7 @@ def check_threshold(value: Any) -> float:
     if not (t >= 0 and t != float("inf")):
         raise GradvizError(
             f"threshold must be a number >= 0, got {value!r}; edges at or below it are drawn "
-            "red (the default is 0.01)"
+            "red (the default is 1e-07)"
         )
     return t
 

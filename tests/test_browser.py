@@ -222,7 +222,7 @@ def test_page_draws_the_file(serve, open_page, residual_file: Path) -> None:
     for e in first:
         assert now[e["id"]]["width"] == pytest.approx(e["width"], abs=1e-3)
         assert now[e["id"]]["color"] == e["color"] and now[e["id"]]["title"] == e["title"]
-    assert s.page.locator("#gv-threshold-value").text_content() == "0.01"
+    assert s.page.locator("#gv-threshold-value").text_content() == "1.00e-7"
     assert s.page.locator("#gv-notices").is_hidden()
     assert "ResidualMLP" in s.page.locator("#gv-meta").text_content()
 
@@ -248,7 +248,7 @@ def test_step_slider_changes_sizes(serve, open_page, residual_file: Path) -> Non
     run = store.load(residual_file)
     g = build_graph(run)
     node_scale, _ = render.scales(g)
-    s = open_page(serve(residual_file))
+    s = open_page(serve(residual_file, THRESHOLD=0.01))
     before = node_sizes(s)
     s.page.locator("#gv-step").fill("0")
     wait(s, f"gradviz.state.shownStep === {run.steps[0]}")
@@ -432,7 +432,7 @@ def test_groups_expand_and_collapse(serve, open_page, make_file) -> None:
 
     path = make_file("transformer")
     run = store.load(path)
-    s = open_page(serve(path, DEPTH=2))
+    s = open_page(serve(path, DEPTH=2, THRESHOLD=0.01))
 
     def names() -> set[str]:
         return set(s.js("gradviz.nodes.get().map(n => n.name)"))
@@ -482,7 +482,7 @@ def test_a_failed_view_change_keeps_the_view_drawn(serve, open_page, make_file) 
 
     path = make_file("transformer")
     run = store.load(path)
-    s = open_page(serve(path, DEPTH=2))
+    s = open_page(serve(path, DEPTH=2, THRESHOLD=0.01))
     drawn = set(s.js("gradviz.nodes.get().map(n => n.name)"))
     s.page.route("**/api/graph*", lambda r: r.fulfill(
         status=500, content_type="application/json", body='{"error": "server down"}'))

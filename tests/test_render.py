@@ -347,3 +347,29 @@ def test_evil_names_stay_data(evil_file: Path) -> None:
     assert html.count("</script>") == 6  # four JSON blocks, two script tags: none from data
     ids = [n["name"] for n in page_data(html, "gv-nodes")]
     assert ids == list(g.nodes)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "deep-sigmoid"])
+def test_default_threshold_paints_red_only_where_the_gradient_vanished(
+        name: str, tmp_path: Path) -> None:
+    """At 0.01 every edge of a healthy transformer was red, as on a broken deep sigmoid
+    stack: a threshold on the absolute scale of dL/d(activation) (a mean over the batch)
+    said nothing. The default is the diagnosis's vanishing threshold: a healthy run is all
+    green; the deep sigmoid stack is red from its input up to where the flow breaks."""
+    from gradviz.diagnose import Thresholds
+    from gradviz.train import train
+
+    assert render.DEFAULT_THRESHOLD == Thresholds().vanishing
+    path = tmp_path / "run.json"
+    train(name, steps=30, output=path, progress=False)
+    g = build_graph(store.load(path))
+    nodes, edges = render.vis_data(g, render.DEFAULT_THRESHOLD)
+    red = [e for e in edges if e["color"]["color"] == render.PALETTE["below"]]
+    if name == "deep-sigmoid":
+        assert 0 < len(red) < len(edges)
+        name_of = {n["id"]: n["name"] for n in nodes}
+        first = min(edges, key=lambda e: g.nodes[name_of[e["from"]]]["order"])
+        last = max(edges, key=lambda e: g.nodes[name_of[e["from"]]]["order"])
+        assert first in red and last not in red  # (red at the input end)
+    else:
+        assert not red, [e["id"] for e in red]

@@ -67,7 +67,7 @@ def test_graph_endpoint(client: FlaskClient, residual_file: Path) -> None:
     p = client.get("/api/graph").get_json()
     assert len(p["nodes"]) == len(doc["nodes"]) and len(p["edges"]) == len(doc["edges"])
     assert p["run"]["steps"] == doc["history"]["steps"]
-    assert p["threshold"] == 0.01
+    assert p["threshold"] == 1e-7
 
 
 def test_step_endpoint(client: FlaskClient, residual_file: Path) -> None:
