@@ -76,7 +76,8 @@
     shown: null,          // the values drawn now: {step, gradient_norm, activation_grad_norm, edges}
     shownStep: null,
     follow: true,         // at the last step: live updates move the view along
-    selected: null,
+    selected: null,       // the layer shown in the details panel, or null
+    selectedEdge: null,   // ... or the edge (its id, "a->b"), or null
     layers: Object.create(null),  // layer id -> history, fetched on demand
     view: data.run.view,  // the roll-up shown: {depth, expanded, options, auto}
     edgeColour: [],       // colour each edge is drawn in now: a threshold move updates only
@@ -459,10 +460,25 @@
     return n ? n.id : null;
   }
 
+  function edgeInfo(id) {
+    for (var i = 0; i < state.run.edges.length; i++) {
+      if (state.run.edges[i].id === id) return [state.run.edges[i], i];
+    }
+    return [null, -1];
+  }
+
+  function selectEdge(id) {
+    if (!edgeInfo(id)[0]) return;
+    state.selected = null;
+    state.selectedEdge = id;
+    renderDetails();
+  }
+
   function select(id, focus) {
     var found = nodeInfo(id);
     if (!found[0]) return;
     state.selected = id;
+    state.selectedEdge = null;
     network.selectNodes(["n" + found[1]]);
     if (focus) {
       // no animation: vis-network 9 leaves an interrupted animation running, which later
@@ -478,7 +494,14 @@
     }).catch(report);
   }
 
-  network.on("click", function (p) { if (p.nodes.length) select(nameOf(p.nodes[0]), false); });
+  network.on("click", function (p) {
+    if (p.nodes.length) {
+      select(nameOf(p.nodes[0]), false);
+    } else if (p.edges.length) {
+      var e = state.run.edges[Number(String(p.edges[0]).slice(1))];
+      if (e) selectEdge(e.id);
+    }
+  });
   network.on("doubleClick", function (p) {
     if (p.nodes.length) expand(nameOf(p.nodes[0]));
   });
@@ -571,7 +594,33 @@
     tbody.appendChild(tr);
   }
 
+  // an edge: its gradient at the shown step, beside its ends' (no history chart)
+  function renderEdgeDetails() {
+    var panel = $("gv-details-panel"), found = edgeInfo(state.selectedEdge);
+    var e = found[0], x = e ? state.shown.edges[found[1]] : null;
+    if (!e) { panel.hidden = true; state.selectedEdge = null; return; }
+    panel.hidden = false;
+    $("gv-details-actions").hidden = true;
+    $("gv-details-title").textContent = e.source + " → " + e.target;
+    $("gv-details-sub").textContent = "edge" + (e.via.length ? " · via " + e.via.join(", ") : "");
+    var tbody = $("gv-details-table").tBodies[0], v = state.shown;
+    tbody.replaceChildren();
+    if (v.step !== null && v.step !== undefined) row(tbody, "step", v.step, true);
+    var side = valueStatus(x) !== "ok" ? "" :
+      x > state.threshold ? " (above threshold)" : " (at or below threshold)";
+    row(tbody, "gradient norm", fmt(x) + side, true);
+    row(tbody, "threshold", fmt(state.threshold), true);
+    [[e.source, "output gradient of "], [e.target, "output gradient of "]].forEach(function (end) {
+      var k = nodeInfo(end[0])[1];
+      if (k >= 0) row(tbody, end[1] + end[0], fmt(v.activation_grad_norm[k]), true);
+    });
+    var chart = $("gv-layer-chart");
+    chart.hidden = true;
+    chart.nextElementSibling.hidden = true;
+  }
+
   function renderDetails() {
+    if (state.selectedEdge !== null) { renderEdgeDetails(); return; }
     var id = state.selected;
     var panel = $("gv-details-panel");
     if (id === null) { panel.hidden = true; return; }
@@ -809,6 +858,7 @@
       showStep(index);
     }
     if (state.selected !== null) select(state.selected, false);
+    else if (state.selectedEdge !== null) renderDetails();
   }
 
   function reload() {

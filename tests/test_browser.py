@@ -293,6 +293,34 @@ def test_details_search_findings_tooltip(serve, open_page, residual_file: Path) 
     assert "head" in tip.text_content() and "gradient norm" in tip.text_content()
 
 
+def test_clicking_an_edge_shows_its_details(serve, open_page, residual_file: Path) -> None:
+    """A click on an edge only highlighted it: the panel kept the layer shown before, or
+    stayed hidden. It shows the edge's gradient at the shown step, beside its ends'."""
+    run = store.load(residual_file)
+    s = open_page(serve(residual_file, THRESHOLD=0.01))
+    click_node(s, "head")
+    wait(s, "gradviz.state.selected === 'head'")
+    s.js("gradviz.network.fit({animation: false})")
+    # a straight edge (no bend), clicked half way along, as a hand would
+    name, a, b = s.js("""() => { const e = gradviz.edges.get().find(e => !e.smooth);
+        return [e.name, gradviz.nameOf(e.from), gradviz.nameOf(e.to)]; }""")
+    (x1, y1), (x2, y2) = node_xy(s, a), node_xy(s, b)
+    s.page.mouse.click((x1 + x2) / 2, (y1 + y2) / 2)
+    wait(s, f"gradviz.state.selectedEdge === {name!r}")
+    assert s.page.locator("#gv-details-title").text_content() == f"{a} → {b}"
+    assert s.page.locator("#gv-details-sub").text_content().startswith("edge")
+    table = s.page.locator("#gv-details-table").text_content()
+    x = run.edge_history(name)[-1]
+    side = "(above threshold)" if x > 0.01 else "(at or below threshold)"
+    assert f"gradient norm{render.fmt(x)} {side}" in table, table
+    assert f"output gradient of {a}" in table and f"output gradient of {b}" in table
+    assert s.page.locator("#gv-layer-chart").is_hidden()
+    click_node(s, "head")  # and back to a layer
+    wait(s, "gradviz.state.selected === 'head' && gradviz.state.selectedEdge === null")
+    assert s.page.locator("#gv-details-title").text_content() == "head"
+    assert s.page.locator("#gv-layer-chart").is_visible()
+
+
 def test_nonfinite_and_absent_styles(serve, open_page, nonfinite_file: Path) -> None:
     s = open_page(serve(nonfinite_file))
     colours = edge_colours(s)
