@@ -709,7 +709,14 @@ class Recorder:
                                          f"gradviz.record block; give each one its own path")
                 _WRITING.add(key)
             self._writing = key
-            moved = store.backup_existing(self.path)
+            try:
+                moved = store.backup_existing(self.path)
+            except OSError as e:  # (a file bind-mounted into a container, or in /proc)
+                raise RecordingError(
+                    f"cannot keep the earlier {self.path} by renaming it to "
+                    f"{self.path.stem}.N{self.path.suffix}: {e.strerror or e}; record to a "
+                    f"path in a folder you can write to (--output), or move the file away "
+                    f"first") from e
             if moved is not None:
                 print(f"gradviz: kept the earlier {self.path} as {moved}", file=sys.stderr)
         self._watch_model()

@@ -301,3 +301,44 @@ def test_a_disk_that_fails_at_the_end_keeps_the_run(tmp_path, monkeypatch, capsy
     assert err[-1] == (f"extract.py: could not write {target} (No space left on device); "
                        f"the run was written to {kept} instead")
     assert gradviz.load(kept).steps == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not Path("/proc/version").is_file(), reason="needs Linux's /proc")
+def test_an_output_that_cannot_be_moved_aside_is_one_line(tmp_path) -> None:
+    """The earlier file could not be renamed to NAME.1.json (a file bind-mounted into a
+    container, or in /proc): a traceback from os.replace."""
+    out = run_extract("--steps", "2", "--output", "/proc/version", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "extract.py: cannot keep the earlier /proc/version by renaming it to version.N: No "
+        "such file or directory; record to a path in a folder you can write to (--output), "
+        "or move the file away first"]
+
+
+def test_a_busy_earlier_file_is_left_alone_and_refused(tmp_path, monkeypatch) -> None:
+    """os.replace fails with EBUSY on a bind-mounted file: the recorder refuses in one line,
+    the earlier file stays as it was, and the path is free for another recorder."""
+    import errno
+
+    import torch
+
+    import gradviz
+    from gradviz.errors import RecordingError
+
+    path = tmp_path / "run.json"
+    path.write_text("earlier")
+
+    def busy(src, dst):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", busy)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RecordingError, match="Device or resource busy; record to a path"):
+        with gradviz.record(model, path):
+            pass
+    monkeypatch.undo()
+    assert path.read_text() == "earlier"
+    with gradviz.record(model, path) as rec:  # (the path was released)
+        model(torch.ones(1, 2)).sum().backward()
+        rec.step()
+    assert (tmp_path / "run.1.json").read_text() == "earlier"
