@@ -154,15 +154,20 @@ def report(path: Path) -> int:
     return 1 if worst(findings) == "critical" else 0
 
 
-def _check_export_target(out: Path, recorded: Path) -> None:
-    """Refuse to write the page over the recording, or over a file that is not a page."""
+# What marks a page gradviz wrote (the first from this version on, the second before)
+_OUR_PAGE = (b'<meta name="generator" content="gradviz">', "<title>gradviz \u00b7 ".encode())
+
+
+def _check_export_target(out: Path, recorded: Path) -> bool:
+    """Refuse to write the page over the recording, or over a file that is not a page
+    gradviz wrote (a page of the user's own, an index.html); True: there is one to replace."""
     try:
         is_file = out.is_file()
     except OSError as e:  # (a name too long for the system, say)
         raise GradvizError(
             f"cannot write {out}: {e.strerror or e}; pick a writable --export path") from e
     if not is_file:
-        return  # (nothing there, a folder, or a device or pipe such as /dev/stdout)
+        return False  # (nothing there, a folder, or a device or pipe such as /dev/stdout)
     try:
         same = os.path.samefile(out, recorded)
     except OSError:
@@ -172,12 +177,17 @@ def _check_export_target(out: Path, recorded: Path) -> None:
                            f"name for the page, such as graph.html")
     try:
         with open(out, "rb") as f:
-            head = f.read(64).lstrip().lower()
+            head = f.read(2048)
     except OSError:
-        return  # (unreadable: the write below says why)
-    if out.stat().st_size and not head.startswith((b"<!doctype", b"<html")):
-        raise GradvizError(f"--export {out} exists and is not a web page; pick another file "
-                           f"name, or move it away first")
+        return False  # (unreadable: the write below says why)
+    if not head.strip():
+        return False  # (empty: nothing to lose)
+    if not any(mark in head for mark in _OUR_PAGE):
+        what = ("a web page gradviz did not write" if head.lstrip().lower().startswith(
+            (b"<!doctype", b"<html")) else "not a web page")
+        raise GradvizError(f"--export {out} exists and is {what}; pick another file name, "
+                           f"or move it away first")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             return report(args.input)
         if args.export:
-            _check_export_target(args.export, args.input)
+            replacing = _check_export_target(args.export, args.input)
             html = export_html(args.input, args.threshold, args.depth)
             try:
                 args.export.write_text(html, encoding="utf-8")
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise GradvizError(
                     f"cannot write {args.export}: {e.strerror}; pick a writable --export path"
                 ) from e
-            print(f"gradviz: wrote {args.export} (open it in a browser; no server needed)")
+            done = "replaced the earlier page" if replacing else "wrote"
+            print(f"gradviz: {done} {args.export} (open it in a browser; no server needed)")
             return 0
         app = create_app({"INPUT": args.input, "THRESHOLD": args.threshold, "DEPTH": args.depth})
     except GradvizError as e:

@@ -173,8 +173,20 @@ def test_export_never_writes_over_a_recording(residual_file: Path, tmp_path: Pat
                           "exists and is not a web page")
     assert residual_file.read_bytes() == recorded and other.read_bytes() == recorded
     page = tmp_path / "graph.html"  # an earlier export is replaced: it is made from the run
-    for _ in range(2):
-        assert run("--input", residual_file, "--export", page).returncode == 0
+    for said in ("wrote", "replaced the earlier page"):
+        r = run("--input", residual_file, "--export", page)
+        assert r.returncode == 0 and f"gradviz: {said} {page}" in r.stdout, r.stdout
+    # a page gradviz did not write (the user's own index.html) was replaced without a word
+    own = tmp_path / "index.html"
+    own.write_text("<!doctype html><html><title>my site</title></html>")
+    assert_one_line_error(run("--input", residual_file, "--export", own),
+                          "exists and is a web page gradviz did not write", "move it away")
+    assert own.read_text() == "<!doctype html><html><title>my site</title></html>"
+    # a page exported before pages carried the generator mark: known by its title
+    old = tmp_path / "old.html"
+    old.write_text("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                   "<title>gradviz \u00b7 run.json</title>", encoding="utf-8")
+    assert run("--input", residual_file, "--export", old).returncode == 0
 
 
 def test_export_to_unwritable_place(residual_file: Path, tmp_path: Path) -> None:
