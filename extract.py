@@ -299,7 +299,13 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        sys.stdout.flush()
+        sys.exit(code)
+    except BrokenPipeError:  # (stdout's reader is gone, as with `| head`: the file is written
+        # before anything is printed; no traceback for that)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # (as a shell reports a command ended by SIGPIPE)
     except KeyboardInterrupt:  # (while the flags are read, or the findings written at the end:
         # before training there is no file, after it the file is whole, written atomically)
         print("extract.py: interrupted", file=sys.stderr)

@@ -150,8 +150,16 @@ def report(path: Path) -> int:
     # a file's own findings are data from anywhere: reduced to known fields, as the page does
     own = clean_findings(run.findings, {n["id"] for n in run.nodes}) if run.findings else []
     findings = own or diagnose(run)
-    print(format_report(findings))
+    try:
+        print(format_report(findings), flush=True)
+    except BrokenPipeError:  # (the reader stopped early, as `| head -3` does: its exit code
+        _quiet_stdout()     # still says whether something is critical)
     return 1 if worst(findings) == "critical" else 0
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: send the rest (and the flush at exit) nowhere, quietly."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # What marks a page gradviz wrote (the first from this version on, the second before)
@@ -259,4 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # (stdout's reader is gone: no traceback for that)
+        _quiet_stdout()
+        code = 141  # (as a shell reports a command ended by SIGPIPE)
+    sys.exit(code)

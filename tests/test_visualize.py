@@ -299,3 +299,18 @@ def test_export_to_a_pipe_is_written_not_read(residual_file: Path, tmp_path: Pat
             reader.kill()
     assert r.returncode == 0, r.stderr
     assert got.read_bytes().lstrip().lower().startswith(b"<!doctype html")
+
+
+def test_report_into_a_pipe_closed_early_is_quiet(make_file: Callable[..., Path]) -> None:
+    """`--report | head -1`: a BrokenPipeError traceback once head had its line. The exit
+    code still says whether a finding is critical."""
+    path = make_file("transformer")
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, str(SCRIPT), "--input", str(path), "--report"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.close()  # (the reader is gone before the report is written)
+        err = p.stderr.read().decode()
+        code = p.wait(timeout=60)
+        assert "Traceback" not in err and "Broken pipe" not in err, err
+        assert code == run("--input", path, "--report").returncode
