@@ -771,10 +771,13 @@
     fs.forEach(function (f) {
       var li = el("li", null, "gv-" + f.severity);
       li.appendChild(el("span", f.severity, "gv-sev"));
-      li.appendChild(el("span", f.message || f.kind));
-      var extra = [];
+      li.appendChild(el("strong", f.kind, "gv-kind"));  // (as the report: "critical vanishing")
+      li.appendChild(el("span", f.message || ""));
+      var extra = [], named = f.layers.length > 8 ?  // (88 names pushed the charts away)
+        f.layers.slice(0, 6).join(", ") + " and " + (f.layers.length - 6) + " more" :
+        f.layers.join(", ");
       if (f.steps.length) extra.push("steps " + f.steps.join("–"));
-      if (f.layers.length) extra.push("layers: " + f.layers.join(", "));
+      if (f.layers.length) extra.push("layers: " + named);
       if (extra.length) li.appendChild(el("div", extra.join(" · "), "gv-muted gv-small"));
       if (f.suggestions.length) {
         var ul = el("ul", null, "gv-sugg");

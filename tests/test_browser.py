@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 
 from gradviz import render, store
@@ -319,6 +320,26 @@ def test_clicking_an_edge_shows_its_details(serve, open_page, residual_file: Pat
     wait(s, "gradviz.state.selected === 'head' && gradviz.state.selectedEdge === null")
     assert s.page.locator("#gv-details-title").text_content() == "head"
     assert s.page.locator("#gv-layer-chart").is_visible()
+
+
+def test_findings_name_their_kind_and_shorten_long_layer_lists(
+        serve, open_page, residual_file: Path, tmp_path: Path) -> None:
+    """The panel showed "CRITICAL gradient norm 4e-18 ..." without the word "vanishing",
+    and an 88-layer finding listed every name, pushing the charts off screen."""
+    doc = orjson.loads(residual_file.read_bytes())
+    ids = [n["id"] for n in doc["nodes"] if n["kind"] == "layer"]
+    assert len(ids) > 8
+    doc["findings"][0]["layers"] = ids
+    path = tmp_path / "many.json"
+    path.write_bytes(orjson.dumps(doc))
+    s = open_page(serve(path))
+    first = s.page.locator("#gv-findings > li").first
+    assert first.locator(".gv-kind").text_content() == "vanishing"
+    text = first.text_content()
+    assert f"layers: {', '.join(ids[:6])} and {len(ids) - 6} more" in text, text
+    assert ids[-1] not in text
+    first.click()  # (still selects the first layer named)
+    assert s.js("gradviz.state.selected") == ids[0]
 
 
 def test_nonfinite_and_absent_styles(serve, open_page, nonfinite_file: Path) -> None:
