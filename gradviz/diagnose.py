@@ -45,7 +45,18 @@ class Thresholds:
 
 
 def diagnose(run: Run, thresholds: Thresholds | None = None) -> list[dict[str, Any]]:
-    """All findings for a run, most severe first."""
+    """All findings for a run, most severe first; of equal severity, a cause before the
+    vanishing gradient it explains."""
+    findings = _checks(run, thresholds)
+    if not any(f["kind"] == "vanishing" for f in findings):
+        return findings
+    layers = sorted((n for n in run.nodes if n.get("kind", "layer") != "junction"),
+                    key=lambda n: schema.order_key(n.get("order")))
+    return _explained(findings, {n["id"]: i for i, n in enumerate(layers)})
+
+
+def _checks(run: Run, thresholds: Thresholds | None = None) -> list[dict[str, Any]]:
+    """Each check's findings, most severe first (tests/_diagnose_reference.py's, exactly)."""
     t = thresholds or Thresholds()
     if run.version and not run.steps:
         return []  # a recording that stopped before its first step: nothing was measured
@@ -55,6 +66,40 @@ def diagnose(run: Run, thresholds: Thresholds | None = None) -> list[dict[str, A
                   _unstable):
         findings.extend(check(ctx, t))
     findings.sort(key=lambda f: (SEVERITIES.index(f["severity"]), KINDS.index(f["kind"])))
+    return findings
+
+
+# What stops the gradient at an activation, as a vanishing finding's cause: its words
+_CAUSES = {"dead-relu": "dead ReLUs", "saturation": "saturated units"}
+
+
+def _explained(findings: list[dict[str, Any]], order: dict[str, int]) -> list[dict[str, Any]]:
+    """A vanishing gradient only in the layers up to a dead ReLU or a saturated sigmoid,
+    not decaying with depth, is that finding's symptom: it says so and takes the cause's cures first (its own are for
+    deep stacks: "residual connections" for a 3-layer MLP whose ReLUs died), and the cause
+    comes first among findings of its severity (the report led with the symptom). A cause's
+    layer is the one feeding the activation: the gradient stops there, so that layer and
+    the ones before it lose theirs."""
+    vanishing = next(f for f in findings if f["kind"] == "vanishing")
+    if "decay_per_layer" in vanishing["evidence"]:
+        return findings  # (a decay with depth: a deep stack's, whose cures are its own)
+    for cause in findings:
+        if cause["kind"] not in _CAUSES:
+            continue
+        last = max((order.get(nid, -1) for nid in cause["layers"]), default=-1)
+        if not vanishing["layers"] or any(order.get(nid, last + 1) > last
+                                          for nid in vanishing["layers"]):
+            continue
+        own = [s for s in vanishing["suggestions"] if s not in cause["suggestions"]]
+        explained = {**vanishing,
+                     "message": f"{vanishing['message']}; the {_CAUSES[cause['kind']]} after "
+                                f"{_layer_list(cause['layers'])} stop it (see {cause['kind']})",
+                     "evidence": {**vanishing["evidence"], "explained_by": cause["kind"]},
+                     "suggestions": [*cause["suggestions"], *own]}
+        out = [explained if f is vanishing else f for f in findings]
+        out.sort(key=lambda f: (SEVERITIES.index(f["severity"]), f is explained,
+                                KINDS.index(f["kind"])))
+        return out
     return findings
 
 
@@ -200,6 +245,11 @@ def _finding(kind: str, severity: str, layers: list[str], steps: list[int], mess
             "message": message, "evidence": evidence, "suggestions": suggestions}
 
 
+def _count(n: int, what: str) -> str:
+    """3 layers, 1 layer."""
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
 def _lower_lr(ctx: _Context, factor: float = 10.0) -> str:
     if isinstance(ctx.lr, (int, float)) and ctx.lr > 0:
         return f"a lower learning rate: {ctx.lr / factor:g} instead of {ctx.lr:g}"
@@ -304,7 +354,7 @@ def _vanishing(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     if low:
         evidence["below_threshold"] = {nid: v for nid, v in low}
         parts.append(f"gradient norm {min(v for _, v in low):.2g} (< {t.vanishing:g}) "
-                     f"in {len(low)} layers")
+                     f"in {_count(len(low), 'layer')}")
     if trend is not None and decays:
         evidence |= {"decay_per_layer": trend["factor_per_layer"],
                      "first_last_ratio": trend["ratio"]}
@@ -337,7 +387,8 @@ def _exploding(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
     top = max((v for _, v in high), default=None)
     if high:
         evidence["above_threshold"] = {nid: v for nid, v in high}
-        parts.append(f"gradient norm up to {top:.3g} (> {t.exploding:g}) in {len(high)} layers")
+        parts.append(f"gradient norm up to {top:.3g} (> {t.exploding:g}) in "
+                     f"{_count(len(high), 'layer')}")
     if trend is not None and grows_depth:
         evidence |= {"growth_per_layer": 1 / trend["factor_per_layer"],
                      "first_last_ratio": trend["ratio"]}
@@ -412,7 +463,7 @@ def _dead_relu(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
         "dead-relu", "critical" if top >= 0.9 else "warning", layers,
         ctx.span(layers[0], "dead_frac", lambda x: x > t.dead),
         f"up to {top:.0%} of the ReLU units after {layers[0]} output 0 for every sample "
-        f"(> {t.dead:.0%}; {len(layers)} layers)",
+        f"(> {t.dead:.0%}; {_count(len(layers), 'layer')})",
         {"dead_fraction": dead, "threshold": t.dead},
         ["LeakyReLU(0.01) or GELU, which keep a gradient below 0",
          "He (kaiming_normal_) initialisation and biases at 0, not negative",
@@ -429,7 +480,7 @@ def _saturation(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
         "saturation", "warning", layers,
         ctx.span(layers[0], "saturated_frac", lambda x: x > t.saturated),
         f"{sat[layers[0]]:.0%} of the {'/'.join(acts)} outputs after {layers[0]} sit at "
-        f"their bounds, where the derivative is about 0 ({len(layers)} layers)",
+        f"their bounds, where the derivative is about 0 ({_count(len(layers), 'layer')})",
         {"saturated_fraction": sat, "threshold": t.saturated, "activation": acts},
         ["smaller initial weights: Xavier (xavier_normal_) initialisation",
          "BatchNorm or LayerNorm before the activation",
@@ -465,8 +516,8 @@ def _no_gradient(ctx: _Context, t: Thresholds) -> list[dict[str, Any]]:
              "if it is meant to be fixed, freeze it: requires_grad_(False)"]))
     if frozen:
         out.append(_finding("frozen", "info", frozen, span,
-                            f"{len(frozen)} frozen layers (requires_grad=False): no gradients "
-                            "by design", {"layers": len(frozen)}, []))
+                            f"{_count(len(frozen), 'frozen layer')} (requires_grad=False): no "
+                            "gradients by design", {"layers": len(frozen)}, []))
     return out
 
 

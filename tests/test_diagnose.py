@@ -4,6 +4,7 @@ healthy runs get no warning."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,31 @@ def test_negative_biases_kill_relus() -> None:
     assert f["layers"][0] == "fc1"
     assert f["evidence"]["dead_fraction"]["fc1"] > 0.9
     assert any("LeakyReLU" in s for s in f["suggestions"])
+
+
+def test_dead_relus_come_before_the_vanishing_gradient_they_cause() -> None:
+    """The dead-relu demo's report led with "vanishing" and its cure for deep stacks
+    ("residual connections") on a 3-layer MLP, the dead ReLUs second. The cause comes
+    first; the symptom names it and takes its cures. A decay with depth (plain, 50 ReLU
+    blocks, some units dead) keeps its own cures."""
+    found = diagnose(recorded("dead-relu"))
+    assert [f["kind"] for f in found[:2]] == ["dead-relu", "vanishing"]
+    van = found[1]
+    assert van["message"].endswith("; the dead ReLUs after fc1, fc2 stop it (see dead-relu)")
+    assert van["evidence"]["explained_by"] == "dead-relu"
+    assert van["suggestions"][:3] == found[0]["suggestions"][:3]
+    assert not any("residual" in s for s in van["suggestions"][:3])
+    assert found[0]["message"].endswith("; 2 layers)")
+    text = format_report(found)
+    assert text.index("dead-relu") < text.index("vanishing")
+    plain = {f["kind"]: f for f in diagnose(recorded("plain", 60))}
+    assert "explained_by" not in plain["vanishing"]["evidence"]
+    assert plain["vanishing"]["suggestions"][0].startswith("residual connections")
+
+
+def test_one_layer_is_one_layer() -> None:
+    f = kinds(diagnose(recorded("saturating")))["saturation"]
+    assert f["message"].endswith("(1 layer)"), f["message"]
 
 
 def test_large_weights_saturate_sigmoids() -> None:
@@ -178,13 +204,20 @@ from gradviz import schema  # noqa: E402
 
 
 def outcome(module, run: gradviz.Run, t: Thresholds | None = None) -> tuple:
-    """What diagnose gives on run, as comparable text; the error where it raises."""
+    """What diagnose gives on run, as comparable text; the error where it raises. For
+    gradviz.diagnose: its checks, before a cause is set before the symptom it explains
+    (diagnose._explained, tested on its own)."""
+    checks = getattr(module, "_checks", module.diagnose)
     try:
-        findings = module.diagnose(run, t)
+        findings = checks(run, t)
     except Exception as e:  # the reference raises on a few odd inputs
         return ("raised", type(e).__name__, str(e))
-    return (repr(findings), module.format_report(findings), module.format_report(findings, 2),
-            module.worst(findings))
+    got = (repr(findings), module.format_report(findings), module.format_report(findings, 2),
+           module.worst(findings))
+    if module is reference:  # (fixed since: "1 layers")
+        got = tuple(re.sub(r"\b1 (layer|frozen layer)s\b", r"1 \1", x)
+                    if isinstance(x, str) else x for x in got)
+    return got
 
 
 # The reference's crashes, fixed since: what the new code reports instead.
