@@ -75,9 +75,10 @@ _CAUSES = {"dead-relu": "dead ReLUs", "saturation": "saturated units"}
 
 def _explained(findings: list[dict[str, Any]], order: dict[str, int]) -> list[dict[str, Any]]:
     """A vanishing gradient only in the layers up to a dead ReLU or a saturated sigmoid,
-    not decaying with depth, is that finding's symptom: it says so and takes the cause's cures first (its own are for
-    deep stacks: "residual connections" for a 3-layer MLP whose ReLUs died), and the cause
-    comes first among findings of its severity (the report led with the symptom). A cause's
+    not decaying with depth, is that finding's symptom: it says so and takes the cause's
+    cures first (its own are for deep stacks: "residual connections" for a 3-layer MLP
+    whose ReLUs died), and the cause comes first among findings of its severity (the
+    report led with the symptom). A cause's
     layer is the one feeding the activation: the gradient stops there, so that layer and
     the ones before it lose theirs."""
     vanishing = next(f for f in findings if f["kind"] == "vanishing")
