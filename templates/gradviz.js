@@ -161,7 +161,7 @@
     if (info.has_params) lines.push("gradient norm " + fmt(g));
     lines.push("activation gradient norm " + fmt(a));
     if (step !== null && step !== undefined) lines.push("step " + step);
-    if (info.kind === "group") lines.push("double-click to expand");  // (as render.node_title)
+    if (info.kind === "group") lines.push(expandHint());  // (as render.node_title)
     return lines.join("\n");
   }
 
@@ -755,8 +755,15 @@
     box.hidden = !msgs.length;
   }
 
+  // how a group opens: by double-click where a server rolls up, not in an exported page
+  function expandHint() {
+    return canChangeView() ? "double-click to expand" :
+      "to expand it, serve the run with visualize.py (this page has one roll-up)";
+  }
+
   function renderLegend() {
     var s = state.payload.scales;
+    $("gv-legend-expand").textContent = expandHint();
     $("gv-legend-size").textContent = "layer: size grows with log10 of its gradient norm, " +
       fmt(Math.pow(10, s.node.lo)) + " (small) to " + fmt(Math.pow(10, s.node.hi)) +
       " (large), clamped";
@@ -912,6 +919,9 @@
   setupDepth();
   setupStepSlider();
   noteColours(data.threshold);  // nodes and edges arrive styled (render.py, same encoding)
+  if (!canChangeView() && state.run.nodes.some(function (n) { return n.kind === "group"; })) {
+    restyleNodes();  // (their titles said "double-click to expand", which only a server does)
+  }
   drawLoss();
   if (state.live) {
     $("gv-live").textContent = "live";

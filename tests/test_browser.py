@@ -416,6 +416,27 @@ def test_export_works_offline(open_page, residual_file: Path, tmp_path: Path) ->
     assert f"{100 * dead:.1f} %" in table
 
 
+def test_a_rolled_up_export_does_not_offer_a_double_click(
+        serve, open_page, make_file, tmp_path: Path) -> None:
+    """An exported page shows one roll-up: its groups' tooltips and the legend said
+    "double-click to expand", and a double-click did nothing. They say how to expand."""
+    path = make_file("transformer")
+    out = tmp_path / "rolled.html"
+    out.write_text(export_html(path, depth=2), encoding="utf-8")
+    s = open_page(out.as_uri(), offline=True)
+    title = s.js("gradviz.nodes.get(gradviz.visId('blocks.1')).title")
+    assert "double-click" not in title and "serve the run with visualize.py" in title
+    legend = s.page.locator("#gv-legend-expand").text_content()
+    assert "double-click" not in legend and "visualize.py" in legend
+    s.page.locator("#gv-step").fill("0")  # (titles redrawn for a step say the same)
+    wait(s, "gradviz.state.shownStep === 0")
+    assert "double-click" not in s.js("gradviz.nodes.get(gradviz.visId('blocks.1')).title")
+    served = open_page(serve(path, DEPTH=2))  # (where double-click works, they say so)
+    assert "double-click to expand" in served.js(
+        "gradviz.nodes.get(gradviz.visId('blocks.1')).title")
+    assert served.page.locator("#gv-legend-expand").text_content() == "double-click to expand"
+
+
 def test_live_updates_without_reload(serve, open_page, make_file) -> None:
     path = make_file("residual", name="live.json")
     s = open_page(serve(path))
