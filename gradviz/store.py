@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from . import schema
-from .errors import FileFormatError
+from .errors import FileFormatError, UnknownVersionError
 
 SeriesKey = tuple[str, ...]  # ("loss",), ("node", id, field), ("param", id, name), ("edge", id)
 
@@ -709,8 +709,18 @@ def parse(data: bytes, path: Path | None = None) -> Run:
             doc = json.loads(data, parse_int=_int_as_orjson)
         except _OutOfRange as big:
             raise FileFormatError(f"{name}: {big}; is it a gradviz file?") from big
+        except json.JSONDecodeError as bad:
+            if "unexpected end of data" in str(e) or bad.pos >= len(data.rstrip()) or (
+                    bad.msg.startswith("Unterminated string")):  # (it stops inside the JSON)
+                raise FileFormatError(
+                    f"{name} ends in the middle of its JSON ({e}): it was cut off, as by a "
+                    f"copy still running or a full disk (gradviz itself replaces a file "
+                    f"whole); copy it again, or record the run again") from e
+            raise FileFormatError(f"{name} is not valid JSON ({e}); is it a file gradviz "
+                                  f"wrote? Record one with python extract.py") from e
         except (ValueError, RecursionError):
-            raise FileFormatError(f"{name} is not valid JSON ({e})") from e
+            raise FileFormatError(f"{name} is not valid JSON ({e}); is it a file gradviz "
+                                  f"wrote? Record one with python extract.py") from e
         # orjson refuses an unpaired surrogate escape such as "\ud800" (not Unicode); Python
         # takes it, and the text then fails wherever it is written out (the page, the report)
         if (bad := _lone_surrogate(doc)) is not None:
@@ -721,7 +731,10 @@ def parse(data: bytes, path: Path | None = None) -> Run:
         version = schema.validate(doc)
         return Run(doc, version, path)
     except FileFormatError as e:
-        raise type(e)(f"{name}: {e}") from e
+        why = str(e)
+        if "?" not in why and not isinstance(e, UnknownVersionError):
+            why += ("; is it a file gradviz wrote, unedited? Record one with python extract.py")
+        raise type(e)(f"{name}: {why}") from e
     except (AttributeError, TypeError, KeyError, ValueError) as e:  # a shape validate missed
         raise FileFormatError(
             f"{name}: unexpected content ({type(e).__name__}: {e}); is it a gradviz file?"

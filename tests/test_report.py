@@ -103,7 +103,8 @@ def test_report_on_values_the_diagnosis_reads(files, tmp_path) -> None:
     assert out.returncode == 2 and out.stdout == "", out.stderr
     assert out.stderr.strip().splitlines() == [
         f"visualize.py: {path}: meta.skipped_steps: expected a list of step numbers "
-        "(integers >= 0), got 5"]
+        "(integers >= 0), got 5; is it a file gradviz wrote, unedited? Record one with "
+        "python extract.py"]
     # metadata nested deeper than repr goes (orjson reads 1,024 levels): shown, not a crash
     doc["meta"]["skipped_steps"] = []
     deep = b"[" * 1000 + b"]" * 1000

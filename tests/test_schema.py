@@ -100,8 +100,12 @@ def test_large_integers_read_as_orjson_reads_them(tmp_path) -> None:
 
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty"),
-    (b"{not json", "not valid JSON"),
-    (b"[]", "expected an object"),
+    (b"{not json", "not valid JSON.*is it a file gradviz wrote"),
+    # cut off (a copy still running): said so, with the fix
+    (b'{"nodes": [{"id": "a", "gradient_norm": 1}], "edg', "ends in the middle of its JSON.*"
+     "copy it again, or record the run again"),
+    (b'{"nodes": [{"id": "a", "gradient_norm": 1}], "edges": [', "ends in the middle"),
+    (b"[]", "expected an object, got list; is it a file gradviz wrote, unedited"),
     (b'{"edges": []}', 'no "nodes"'),
     (b'{"nodes": [{"id": "a"}], "edges": []}', 'no "gradient_norm" .a number, or null'),
     (b'{"format": "gradviz", "version": 99, "nodes": []}', "newer than this gradviz"),
