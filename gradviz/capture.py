@@ -1191,7 +1191,10 @@ class Recorder:
         # An output the call also reads (an LSTMCell's c, read by h = o * tanh(c)): what
         # reaches its node is the gradient from outside plus the inner part, which a full
         # backward hook does not see, and which was counted twice. Its gradient is a group:
-        # the node's grad_output, less the inner ports'.
+        # the node's grad_output, less the inner ports'. The inner ports run first in a
+        # backward (they are later in the forward), so the grad_output is the one part
+        # counted: it closes the group (a backward that never reaches them, another that
+        # does: each is measured on its own).
         inner: list[tuple[int, int]] = []
         for ci, (call, ports) in enumerate(zip(calls, flow.inner_ports, strict=True)):
             mine = {(id(node), nr) for node, nr in call.outs}
@@ -1206,7 +1209,7 @@ class Recorder:
                 k = at[nid]
                 outs[k] = [o for o in outs[k] if o != (nr, col, ci)]
                 gi = len(groups)
-                groups.append((col, 1 + len(group)))
+                groups.append((col, 1))
                 inner.append((ci, gi))
                 slots.setdefault(k, []).append((-1 - nr, col, gi))
                 for p in group:
@@ -1268,7 +1271,7 @@ class Recorder:
         if torch.is_grad_enabled():
             self._task_ok = _accumulates(self._accs)
         else:
-            self._task_ok = not _limited() or _accumulates(self._accs, captured=True)
+            self._task_ok = _accumulates(self._accs, captured=True) or not _limited()
         return self._task_ok
 
     def _node_hook(self, outs: tuple[tuple[int, int, int], ...],
@@ -1311,10 +1314,10 @@ class Recorder:
     def _add_part(self, part: list[Any], g: torch.Tensor, minus: bool = False) -> None:
         col, acc, left, n = part
         g = g.detach()
-        if minus:
-            acc = -g if acc is None else acc - g
-        else:
-            acc = g.clone() if acc is None else acc + g
+        if minus:  # (an inner port's: it arrives before the part that closes its group)
+            part[1] = -g if acc is None else acc - g
+            return
+        acc = g.clone() if acc is None else acc + g
         part[1], part[2] = acc, left - 1
         if left == 1:  # complete: measure it, and be ready for another backward
             self._emit(col, acc)
@@ -1327,9 +1330,11 @@ class Recorder:
             parts.open = False
             if emit:
                 for group in parts.groups:
-                    if group[1] is not None:
+                    # (only parts taken off: an output's own gradient never came, nothing
+                    # to take them from)
+                    if group[1] is not None and group[2] < group[3]:
                         self._emit(group[0], group[1])
-                        group[1] = None  # no gradient sum outlives its step
+                    group[1] = None  # no gradient sum outlives its step
         self._open_parts.clear()
         self._last = None  # no gradient outlives its step
         if not emit:
@@ -2118,22 +2123,33 @@ def _accumulates(accs: list[Any], captured: bool = False) -> bool:
     return False
 
 
-def _limited() -> bool:
+def _limited(budget: int = 64) -> bool:
     """Whether the backward running now runs only the nodes on the way to some inputs (it
-    was given inputs=, or is torch.autograd.grad): a node the one running now leads to is
-    in its graph, so a backward that runs every node runs it."""
+    was given inputs=, or is torch.autograd.grad): the nodes the one running now leads to
+    are in its graph, so a backward that runs every node runs them. The first that will not
+    run is near (the next layer's parameters); past budget nodes, the answer is no."""
     node = torch._C._current_autograd_node()
     if node is None:
         return False
     will = torch._C._will_engine_execute_node
-    for m, _ in node.next_functions:
-        if m is None:
-            continue
-        try:
-            if not will(m):
-                return True
-        except RuntimeError:  # (a leaf whose gradient torch.autograd.grad takes)
-            return True
+    todo, seen = [node], {id(node)}
+    while todo:
+        for m, _ in todo.pop().next_functions:
+            if m is None or id(m) in seen:
+                continue
+            if budget <= 0:
+                return False
+            budget -= 1
+            seen.add(id(m))
+            try:
+                if not will(m):
+                    return True
+            except RuntimeError:  # (a leaf whose gradient torch.autograd.grad takes: an
+                # input's is limited, a parameter's is the training gradient, by hand)
+                if not isinstance(getattr(m, "variable", None), nn.Parameter):
+                    return True
+            if getattr(m, "next_functions", ()):
+                todo.append(m)
     return False
 
 

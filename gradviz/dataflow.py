@@ -17,6 +17,7 @@ Pure graph logic over autograd nodes: it registers nothing; gradviz.capture does
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +121,15 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
             before = producer.setdefault(id(node), ci)
             if before != ci and any(n is node for n in call.ins):
                 passed.append((ci, before, node, nr))
-                producer[id(node)] = ci
+    if passed:
+        # Only where nothing read the tensor before the call: a layer that did (h = a(x);
+        # b(h); drop(h)) reads a's output, not drop's. "Before": made before the last call
+        # that ended before this one did.
+        first = _first_reader(calls, {id(node) for _, _, node, _ in passed})
+        passed = [p for p in passed if first.get(id(p[2]), math.inf) > max(
+            (_seq(n) for c in calls[:p[0]] for n, _ in c.outs), default=-1)]
+        for ci, _, node, _ in passed:
+            producer[id(node)] = ci
 
     # 1. Each call's own region: from its outputs back to its inputs.
     owner_call: dict[int, int] = {}  # id(node) -> call index, for nodes inside a call
@@ -338,6 +347,25 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
         edge.ports.append(port)
         input_ports[ci].append(port)
     return Flow(junctions, list(edges.values()), input_ports, inner_ports)
+
+
+def _first_reader(calls: Sequence[Call], targets: set[int]) -> dict[int, float]:
+    """For each target node (by id), the creation order of the first node that reads it,
+    among the nodes a walk from the calls' outputs reaches."""
+    first: dict[int, float] = {}
+    stack = [n for c in calls for n, _ in c.outs]
+    seen = {id(n) for n in stack}
+    while stack:
+        n = stack.pop()
+        for m, _ in n.next_functions:
+            if m is None or _is_leaf(m):
+                continue
+            if id(m) in targets:
+                first[id(m)] = min(first.get(id(m), math.inf), _seq(n))
+            if id(m) not in seen:
+                seen.add(id(m))
+                stack.append(m)
+    return first
 
 
 def _inner_calls(calls: Sequence[Call], ci: int) -> set[int]:

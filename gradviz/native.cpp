@@ -404,15 +404,17 @@ struct State {
     if (info == nullptr || nodes == nullptr) return true;
     const bool create_graph = at::GradMode::is_enabled();
     if (!create_graph && info->empty()) return true;
+    bool any = false;  // (none in the graph: the model was converted, .double() or .to())
     for (const auto& acc : accs) {
       Node* node = acc.get();
       if (nodes->find(node) == nodes->end()) continue;
+      any = true;
       if (info->empty()) return true;  // backward() without inputs=: runs every node
       auto it = info->find(node);
       if (it == info->end()) continue;
       if (it->second.needed_ || (!create_graph && it->second.captures_)) return true;
     }
-    return false;
+    return !create_graph && !any;
   }
 
   void emit(int64_t col, const at::Tensor& g) {
@@ -448,10 +450,11 @@ struct Pass {  // one armed pass: its series that arrive in parts
   }
 
   void add(size_t gi, const at::Tensor& g, State& st, bool minus) {
-    if (minus)
+    if (minus) {  // (an inner port's: it comes before the part that closes the group)
       sum[gi] = sum[gi].defined() ? sum[gi] - g : -g;
-    else
-      sum[gi] = sum[gi].defined() ? sum[gi] + g : g.clone();
+      return;
+    }
+    sum[gi] = sum[gi].defined() ? sum[gi] + g : g.clone();
     if (--left[gi] == 0) {  // complete: measure it, and be ready for another backward
       st.emit(col[gi], sum[gi]);
       sum[gi] = at::Tensor();
@@ -463,7 +466,8 @@ struct Pass {  // one armed pass: its series that arrive in parts
     open = false;
     for (size_t gi = 0; gi < sum.size(); ++gi)
       if (sum[gi].defined()) {
-        if (record) st.emit(col[gi], sum[gi]);
+        // (only parts taken off: the output's own gradient never came, as in capture)
+        if (record && left[gi] < parts[gi]) st.emit(col[gi], sum[gi]);
         sum[gi] = at::Tensor();
       }
   }

@@ -709,9 +709,9 @@ def parse(data: bytes, path: Path | None = None) -> Run:
             doc = json.loads(data, parse_int=_int_as_orjson)
         except _OutOfRange as big:
             raise FileFormatError(f"{name}: {big}; is it a gradviz file?") from big
-        except json.JSONDecodeError as bad:
-            if "unexpected end of data" in str(e) or bad.pos >= len(data.rstrip()) or (
-                    bad.msg.startswith("Unterminated string")):  # (it stops inside the JSON)
+        except json.JSONDecodeError as cut:
+            if "unexpected end of data" in str(e) or cut.pos >= len(data.rstrip()) or (
+                    cut.msg.startswith("Unterminated string")):  # (it stops inside the JSON)
                 raise FileFormatError(
                     f"{name} ends in the middle of its JSON ({e}): it was cut off, as by a "
                     f"copy still running or a full disk (gradviz itself replaces a file "

@@ -266,6 +266,27 @@ def test_all_modules_an_in_place_module_and_one_that_returns_its_input() -> None
     assert rel_close(run.edge_history("a->act")[0], relu_in)
 
 
+def test_a_module_that_returns_its_input_after_another_read_it_stands_aside() -> None:
+    """h = a(x); b(h); drop(h): b read a's output before the dropout ran, and got an edge
+    from the dropout. Where the tensor was read before, the module stands aside, as it
+    did before it could take the place of the layer before it."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+            self.drop = nn.Dropout(0.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            u = self.b(h)
+            return self.c(u + self.drop(h))
+
+    torch.manual_seed(0)
+    run = one_step(Net(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]),
+                   all_modules=True).to_run()
+    assert {e["id"] for e in run.edges} == {"a->b", "a->add", "b->add", "add->c"}
+
+
 def _edge_vectors(rec: gradviz.Recorder, model: nn.Module, x, y) -> tuple[dict, dict]:
     """Record one step, keeping every measured gradient vector by series key."""
     vecs: dict[tuple, list[torch.Tensor]] = defaultdict(list)
