@@ -125,11 +125,14 @@ def layer_columns(g: nx.DiGraph) -> dict[Hashable, int]:
 def layered_layout(
     g: nx.DiGraph, dx: float = DX, dy: float = DY, aspect: float = ASPECT
 ) -> dict[Hashable, tuple[float, float]]:
-    """Positions left to right by column (see layer_columns), wrapped into bands.
+    """Positions by column (see layer_columns), wrapped into bands.
 
     Rows in a column follow the mean row of their predecessors (fewer crossings), ties
-    broken by forward order. A long chain (a deep residual net) is wrapped like lines of
-    text into bands, as many as bring the picture closest to the given aspect ratio.
+    broken by forward order. A long chain (a deep residual net) is wrapped into bands, as
+    many as bring the picture closest to the given aspect ratio. The bands run back and
+    forth (left to right, then right to left below it), so a band goes on right below
+    where the one above it ended: wrapped like lines of text, the edges into the next band,
+    skip connections too, ran diagonally across the whole picture.
     """
     if g.number_of_nodes() == 0:
         return {}
@@ -155,8 +158,13 @@ def layered_layout(
         key=lambda b: abs(math.log(math.ceil(n_cols / b) * dx / (b * band_height) / aspect)),
     )
     per_band = math.ceil(n_cols / bands)
+
+    def x(k: int) -> float:
+        at = k % per_band
+        return (at if (k // per_band) % 2 == 0 else per_band - 1 - at) * dx
+
     return {
-        n: ((k % per_band) * dx, (k // per_band) * band_height + row[n] * dy)
+        n: (x(k), (k // per_band) * band_height + row[n] * dy)
         for k, members in columns.items()
         for n in members
     }

@@ -546,6 +546,7 @@
       return g !== group && g.indexOf(group + ".") !== 0;
     });
     state.selected = group;
+    state.selectedEdge = null;
     return setExpanded(keep);
   }
 
@@ -764,6 +765,9 @@
   function renderLegend() {
     var s = state.payload.scales;
     $("gv-legend-expand").textContent = expandHint();
+    $("gv-legend-expand").closest("li").hidden = !state.run.nodes.some(function (n) {
+      return n.kind === "group";
+    });
     $("gv-legend-size").textContent = "layer: size grows with log10 of its gradient norm, " +
       fmt(Math.pow(10, s.node.lo)) + " (small) to " + fmt(Math.pow(10, s.node.hi)) +
       " (large), clamped";

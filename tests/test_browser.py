@@ -435,6 +435,8 @@ def test_a_rolled_up_export_does_not_offer_a_double_click(
     assert "double-click to expand" in served.js(
         "gradviz.nodes.get(gradviz.visId('blocks.1')).title")
     assert served.page.locator("#gv-legend-expand").text_content() == "double-click to expand"
+    whole = open_page(serve(path))  # (every layer drawn: no group to explain)
+    assert whole.page.locator("#gv-legend-expand").is_hidden()
 
 
 def test_live_updates_without_reload(serve, open_page, make_file) -> None:

@@ -45,8 +45,20 @@ def test_layout_is_distinct_and_deterministic(residual_file: Path) -> None:
 
 def test_long_chain_wraps_into_bands(residual_file: Path, chain_file: Path) -> None:
     _, g = load(residual_file)
-    ys = {y for _, y in render.layered_layout(g).values()}
+    pos = render.layered_layout(g)
+    ys = {y for _, y in pos.values()}
     assert len(ys) > 1  # 20 columns in a row would be 15 times wider than high
+    # the bands go back and forth: an edge into the next band drops straight down (as
+    # lines of text, it ran from the right end back to the left, across the picture)
+    col = render.layer_columns(g)
+    per_band = len({x for x, _ in pos.values()})
+    wraps = [(u, v) for u, v in g.edges
+             if col[v] == col[u] + 1 and col[v] // per_band != col[u] // per_band]
+    assert wraps
+    for u, v in wraps:
+        assert pos[u][0] == pos[v][0] and pos[u][1] < pos[v][1], (u, v)
+    longest = max(abs(pos[u][0] - pos[v][0]) for u, v in g.edges)
+    assert longest < (per_band - 1) * render.DX  # (no edge spans the picture's width)
     _, g = load(chain_file)
     pos = render.layered_layout(g)
     assert {y for _, y in pos.values()} == {0.0}
