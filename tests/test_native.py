@@ -101,25 +101,32 @@ def test_native_records_what_python_records(name: str) -> None:
         assert_same(table(python), table(fast), rel=5e-5)
 
 
+def five_sgd_steps(build: Callable[[], nn.Module],
+                   batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+                   native_: bool) -> gradviz.Recorder:
+    """Five recorded SGD steps of build(), each on batch(generator): (input, labels)."""
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    with gradviz.record(model, None, native=native_) as rec:
+        for _ in range(5):
+            x, y = batch(g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            rec.step(loss)
+            opt.step()
+    return rec
+
+
 def test_layers_that_call_child_layers_record_natively_what_python_records() -> None:
     """The input gradient of a layer that calls child layers is summed from ports in its
     children's regions and its own: the native recorder hooks the same ports."""
-    def run(native_: bool) -> gradviz.Recorder:
-        torch.manual_seed(0)
-        model = Nested()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        g = torch.Generator().manual_seed(1)
-        with gradviz.record(model, None, native=native_) as rec:
-            for _ in range(5):
-                x = torch.randn(8, 4, generator=g, requires_grad=True)
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x * 2), torch.arange(8) % 3)
-                loss.backward()
-                rec.step(loss)
-                opt.step()
-        return rec
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(8, 4, generator=g, requires_grad=True) * 2, torch.arange(8) % 3
 
-    python, fast = run(False), run(True)
+    python, fast = (five_sgd_steps(Nested, batch, n) for n in (False, True))
     assert (fast._nat.armed, fast._nat.missed) == (4, 0)
     assert fast.recording.edges == python.recording.edges
     a, b = table(python), table(fast)
@@ -130,22 +137,10 @@ def test_layers_that_call_child_layers_record_natively_what_python_records() -> 
 def test_an_output_the_layer_also_reads_is_measured_natively_as_in_python() -> None:
     """An unrolled LSTMCell's c: its node's grad_output less the inner ports' gradients, a
     group with a part taken off, in C++ as in Python."""
-    def run(native_: bool) -> gradviz.Recorder:
-        torch.manual_seed(0)
-        model = Unrolled()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        g = torch.Generator().manual_seed(1)
-        with gradviz.record(model, None, native=native_) as rec:
-            for _ in range(5):
-                x = torch.randn(4, 3, 8, generator=g)
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), torch.arange(4))
-                loss.backward()
-                rec.step(loss)
-                opt.step()
-        return rec
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(4, 3, 8, generator=g), torch.arange(4)
 
-    python, fast = run(False), run(True)
+    python, fast = (five_sgd_steps(Unrolled, batch, n) for n in (False, True))
     assert (fast._nat.armed, fast._nat.missed) == (4, 0)
     assert fast.recording.edges == python.recording.edges
     assert set(python.recording.edges) == {"p->cell", "cell->cell", "cell->h"}
