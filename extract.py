@@ -275,6 +275,8 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
     run = result.run
     findings = diagnose(run, thresholds)
     result.recording.findings = findings
+    # (the viewer's edge threshold follows the run's own vanishing threshold)
+    result.recording.meta = {**result.recording.meta, "vanish_below": thresholds.vanishing}
     if result.path is not None:
         try:
             store.save(result.path, result.recording)  # the file keeps the findings too

@@ -96,11 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--threshold",
-        default=1e-7,
+        default=None,
         type=_threshold,
         help="edges with a gradient norm above this (a number >= 0) are green, others red "
-        "(default: %(default)s, where the diagnosis calls a gradient vanished; the page has "
-        "a slider)",
+        "(default: where the run's diagnosis calls a gradient vanished, extract.py "
+        "--vanish-below, else 1e-07; the page has a slider)",
     )
     p.add_argument(
         "--depth",

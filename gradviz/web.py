@@ -188,16 +188,28 @@ class Snapshot:
         return self._options
 
 
+def run_threshold(run: store.Run) -> float:
+    """The edge threshold a run asks for: the vanishing threshold its diagnosis used
+    (extract.py --vanish-below, kept as meta.vanish_below), else the default."""
+    v = run.meta.get("vanish_below")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"):
+        return float(v)
+    return render.DEFAULT_THRESHOLD
+
+
 def snapshot(
     run: store.Run,
     signature: tuple[int, int, int],
     revision: int,
     *,
-    threshold: float,
+    threshold: float | None,
     source: str,
     depth: int | None | str = "auto",
 ) -> Snapshot:
-    """A snapshot of a run with its default view built (depth: "auto", None or N)."""
+    """A snapshot of a run with its default view built (depth: "auto", None or N;
+    threshold None: the run's own, see run_threshold)."""
+    if threshold is None:
+        threshold = run_threshold(run)
     with no_gc():
         g = build_graph(run)
         options = depth_options(g)
@@ -224,7 +236,8 @@ class RunSource:
     """The file being viewed: re-read on change, last good version kept on failure."""
 
     def __init__(
-        self, path: Path, threshold: float, live: bool = True, depth: int | None | str = "auto"
+        self, path: Path, threshold: float | None, live: bool = True,
+        depth: int | None | str = "auto"
     ) -> None:
         self.path = Path(path)
         self.threshold = threshold
@@ -279,7 +292,8 @@ class RunSource:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """The app for one file. Config: INPUT (path), THRESHOLD (1e-7), LIVE (True), DEPTH
+    """The app for one file. Config: INPUT (path), THRESHOLD (None: the run's own, else
+    1e-7), LIVE (True), DEPTH
     ("auto", "full" or a depth >= 1: the roll-up shown first).
 
     Raises FileFormatError if the file cannot be read now, GradvizError for bad settings.
@@ -287,7 +301,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, static_folder=None, template_folder=None)
     app.config.update(
         INPUT="training_output.json",
-        THRESHOLD=render.DEFAULT_THRESHOLD,
+        THRESHOLD=None,
         LIVE=True,
         DEPTH="auto",
         DEBUG=False,
@@ -305,8 +319,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
-def check_threshold(value: Any) -> float:
-    """A threshold as a float, or GradvizError naming the bad value."""
+def check_threshold(value: Any) -> float | None:
+    """A threshold as a float (None as None: the run's own), or GradvizError naming the
+    bad value."""
+    if value is None:
+        return None
     try:
         t = float(value)
     except (TypeError, ValueError):
@@ -455,7 +472,7 @@ def layer() -> Response:
 
 def export_html(
     path: str | os.PathLike[str],
-    threshold: float = render.DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     depth: int | str | None = "auto",
 ) -> str:
     """One self-contained HTML page for a file: same interactivity, no server, no network.

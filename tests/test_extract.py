@@ -342,3 +342,13 @@ def test_a_busy_earlier_file_is_left_alone_and_refused(tmp_path, monkeypatch) ->
         model(torch.ones(1, 2)).sum().backward()
         rec.step()
     assert (tmp_path / "run.1.json").read_text() == "earlier"
+
+
+def test_the_vanishing_threshold_goes_into_the_file_for_the_viewer(tmp_path) -> None:
+    """The page paints edges red below the run's own --vanish-below, not a fixed 1e-7."""
+    out = run_extract("--steps", "2", "--no-progress", "--vanish-below", "1e-4",
+                      "--output", "run.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = orjson.loads((tmp_path / "run.json").read_bytes())
+    assert doc["meta"]["vanish_below"] == 1e-4
+    validate_against_schema(tmp_path / "run.json")

@@ -62,6 +62,27 @@ def test_unknown_assets_are_404_json(client: FlaskClient, name: str) -> None:
     assert r.status_code == 404 and "error" in r.get_json()
 
 
+@pytest.mark.parametrize(("own", "given", "want"), [
+    (1e-4, None, 1e-4),  # the run's own --vanish-below
+    (1e-4, 0.02, 0.02),  # --threshold wins
+    (None, None, 1e-7),  # a file without it (gradviz.record alone)
+    ("x", None, 1e-7), (-1, None, 1e-7), (True, None, 1e-7),  # odd values: the default
+])
+def test_the_threshold_follows_the_runs_own_vanishing_threshold(
+        residual_file: Path, tmp_path: Path, own: object, given: float | None,
+        want: float) -> None:
+    """extract.py --vanish-below 1e-4 diagnosed with 1e-4 and the page painted at 1e-7."""
+    doc = orjson.loads(residual_file.read_bytes())
+    if own is not None:
+        doc["meta"]["vanish_below"] = own
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(doc))
+    assert client_for(path, THRESHOLD=given).get("/api/graph").get_json()["threshold"] == want
+    page = export_html(path, given)  # (an exported page too)
+    data = page.split('id="gv-data">', 1)[1].split("</script>", 1)[0]
+    assert orjson.loads(data)["threshold"] == want
+
+
 def test_graph_endpoint(client: FlaskClient, residual_file: Path) -> None:
     doc = orjson.loads(residual_file.read_bytes())
     p = client.get("/api/graph").get_json()
