@@ -266,6 +266,8 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
             distributed=distributed,
             progress=False if args.no_progress else None,
             native=False if args.no_native else None,
+            # (from the first write: a page opened while it trains paints edges red there)
+            meta={"vanish_below": thresholds.vanishing},
         )
     except GradvizError as e:
         print(f"extract.py: {e}", file=sys.stderr)
@@ -275,8 +277,6 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
     run = result.run
     findings = diagnose(run, thresholds)
     result.recording.findings = findings
-    # (the viewer's edge threshold follows the run's own vanishing threshold)
-    result.recording.meta = {**result.recording.meta, "vanish_below": thresholds.vanishing}
     if result.path is not None:
         try:
             store.save(result.path, result.recording)  # the file keeps the findings too

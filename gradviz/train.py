@@ -129,6 +129,7 @@ def train(
     distributed: str | None = None,
     progress: bool | None = None,
     native: bool | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Result:
     """Train a demo for ``steps`` optimizer steps, recording its gradient flow to ``output``.
 
@@ -138,6 +139,7 @@ def train(
     torch.distributed's launcher: each rank takes its slice of the same global batch.
     ``analyses`` names deeper analyses (``noise_scale``, ``hessian``, ``covariance``) run on
     the trained model at the end; their results go to the file's ``meta.analyses``.
+    ``meta`` adds to the file's metadata.
     """
     lr = check_args(model_name, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
                     seed=seed, every=every, accumulate=accumulate, analyses=analyses)
@@ -179,7 +181,8 @@ def train(
             trained, output, every=every, all_modules=all_modules, optimizer=opt, seed=seed,
             scaler=scaler if amp else None, activation_stats=activation_stats, native=native,
             meta={"demo": model_name, "batch_size": batch_size, "accumulate": accumulate,
-                  "amp": str(amp_dtype).removeprefix("torch.") if amp else None},
+                  "amp": str(amp_dtype).removeprefix("torch.") if amp else None,
+                  **(meta or {})},
         )
         with rec:
             try:
