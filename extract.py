@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -289,7 +290,9 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
           f"{len(run.nodes) - layers} junctions, {len(run.edges)} edges")
     for name, value in run.meta.get("analyses", {}).items():
         print(f"{name}: {analysis_line(name, value)}")
-    print(format_report(findings))
+    # (wrapped to a terminal's width; one line a finding into a pipe or a file, for grep)
+    print(format_report(findings, width=shutil.get_terminal_size().columns
+                        if sys.stdout.isatty() else None))
     print(f"view it with: python visualize.py --input {result.path}")
     if result.interrupted:
         how = "terminated" if _terminated else "interrupted"

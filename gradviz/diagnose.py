@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,21 +111,33 @@ def worst(findings: Sequence[dict[str, Any]]) -> str | None:
     return SEVERITIES[min(levels)] if levels else None
 
 
-def format_report(findings: Sequence[dict[str, Any]], limit: int = 20) -> str:
-    """A short ranked text report; one line when the flow looks healthy."""
+def format_report(findings: Sequence[dict[str, Any]], limit: int = 20,
+                  width: int | None = None) -> str:
+    """A short ranked text report; one line when the flow looks healthy. width: wrap each
+    line to it (a terminal's), continuing under its text; None: one line a finding."""
     if not findings:
         return "gradient flow looks healthy: no findings"
-    lines = []
+    lines: list[str] = []
+
+    def put(text: str, indent: int) -> None:
+        if width is None or len(text) <= width:
+            lines.append(text)
+        else:  # (never narrower than 40 columns of text)
+            lines.extend(textwrap.wrap(text, max(width, indent + 40),
+                                       subsequent_indent=" " * indent,
+                                       break_on_hyphens=False))
+
     for f in findings[:limit]:
         layers = _layer_list(f["layers"])
         span = list(f["steps"])  # [first, last]; a file's own findings may give fewer
         lo, hi = (span + span)[:2] if span else (None, None)
         steps = "no step" if lo is None else f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
-        lines.append(f"{f['severity'].upper():8} {f['kind']:11} {layers} ({steps}): "
-                     f"{f['message']}")
-        if f["suggestions"]:
-            lines.append(f"{'':21}try: {f['suggestions'][0]}")
-            lines.extend(f"{'':26}{s}" for s in f["suggestions"][1:3])
+        put(f"{f['severity'].upper():8} {f['kind']:11} {layers} ({steps}): "
+            f"{f['message']}", 21)
+        if f["suggestions"]:  # (a cure's own next line goes further in than the next cure)
+            put(f"{'':21}try: {f['suggestions'][0]}", 28)
+            for s in f["suggestions"][1:3]:
+                put(f"{'':26}{s}", 28)
     if len(findings) > limit:
         lines.append(f"... and {len(findings) - limit} more")
     return "\n".join(lines)

@@ -513,3 +513,18 @@ def test_same_findings_on_a_long_run() -> None:
     loss = list(2.0 * np.exp(-np.arange(n) / 800) + rng.normal(0, 0.05, n))
     run = _synthetic(loss, {f"l{i}": list(norms[:, i]) for i in range(depth)})
     assert "jumped" in assert_same(run)[0]
+
+
+def test_report_wraps_to_a_terminal_and_stays_one_line_a_finding_elsewhere() -> None:
+    """Report lines ran to 194 characters in an 80-column terminal. Wrapped, each line fits
+    and goes on under its text; without a width (a pipe, a file) a finding is one line,
+    for grep."""
+    found = diagnose(recorded("dead-relu"))
+    flat = format_report(found)
+    wrapped = format_report(found, width=70)
+    assert max(len(line) for line in flat.splitlines()) > 70
+    assert all(len(line) <= 70 for line in wrapped.splitlines())
+    starts = [line for line in wrapped.splitlines() if not line.startswith(" ")]
+    assert [s.split()[:2] for s in starts] == [["CRITICAL", "dead-relu"],
+                                               ["CRITICAL", "vanishing"]]
+    assert " ".join(wrapped.split()) == " ".join(flat.split())  # (the same words)
