@@ -2123,11 +2123,12 @@ def _accumulates(accs: list[Any], captured: bool = False) -> bool:
     return False
 
 
-def _limited(budget: int = 64) -> bool:
+def _limited(budget: int = 4096) -> bool:
     """Whether the backward running now runs only the nodes on the way to some inputs (it
     was given inputs=, or is torch.autograd.grad): the nodes the one running now leads to
     are in its graph, so a backward that runs every node runs them. The first that will not
-    run is near (the next layer's parameters); past budget nodes, the answer is no."""
+    run is near (the next trainable layer's parameters); past budget nodes, the answer is
+    no. (Asked only where no trainable parameter's gradient is taken: once a backward.)"""
     node = torch._C._current_autograd_node()
     if node is None:
         return False

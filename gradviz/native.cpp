@@ -414,7 +414,15 @@ struct State {
       if (it == info->end()) continue;
       if (it->second.needed_ || (!create_graph && it->second.captures_)) return true;
     }
-    return !create_graph && !any;
+    if (create_graph || any) return false;
+    // None in the graph (the model converted since, or only frozen layers in it): count it
+    // unless it runs only the nodes on the way to some inputs (an adversarial example's
+    // torch.autograd.grad(loss, x)): then a node of its graph will not run
+    for (Node* node : *nodes) {
+      auto it = info->find(node);
+      if (it == info->end() || !it->second.should_execute()) return false;
+    }
+    return true;
   }
 
   void emit(int64_t col, const at::Tensor& g) {
