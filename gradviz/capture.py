@@ -974,6 +974,7 @@ class Recorder:
         stat_cols = tuple(self._recording.history.column(("node", name, k)) for k in LAYER_STATS)
         grad_enabled, task = torch.is_grad_enabled, torch._C._current_graph_task_id
         level, compiling = _functorch_level, _compiling
+        next_seq = torch._C._autograd._get_sequence_nr
 
         def on_grad(g: torch.Tensor) -> None:
             if task() != self._task_seen:
@@ -1006,7 +1007,7 @@ class Recorder:
                         return
                     outs = [(t.grad_fn, t.output_nr) for t in tensors]
                 call = dataflow.Call(name, outs, _grad_fns(args, kwargs) if ins is None else ins,
-                                     within)
+                                     within, next_seq())
                 self._calls.append(call)
                 self._calls_seen += 1
                 if not self._in_root:  # no pass end will hook this call: hook it now

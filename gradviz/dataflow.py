@@ -36,6 +36,9 @@ class Call:
     ins: list[Node]  # grad_fns of the input tensors (positional and keyword, nested too)
     # names of the calls inside this one start with this ("" for the root: all of them)
     within: str | None = None  # None: name + "."
+    # the creation number the next autograd node would get when the call returned: every
+    # node made after it has this one or a later one (-1: not known)
+    ended: int = -1
 
 
 @dataclass
@@ -122,12 +125,18 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
             if before != ci and any(n is node for n in call.ins):
                 passed.append((ci, before, node, nr))
     if passed:
-        # Only where nothing read the tensor before the call: a layer that did (h = a(x);
-        # b(h); drop(h)) reads a's output, not drop's. "Before": made before the last call
-        # that ended before this one did.
+        # Only where nothing read the tensor before the call: a layer or an op that did
+        # (h = a(x); b(h) or tanh(h); drop(h)) reads a's output, not drop's. "Before": made
+        # before the call ended (without that number, before the last call that ended
+        # before it did).
         first = _first_reader(calls, {id(node) for _, _, node, _ in passed})
-        passed = [p for p in passed if first.get(id(p[2]), math.inf) > max(
-            (_seq(n) for c in calls[:p[0]] for n, _ in c.outs), default=-1)]
+
+        def ended(ci: int) -> int:
+            if calls[ci].ended >= 0:
+                return calls[ci].ended
+            return max((_seq(n) + 1 for c in calls[:ci] for n, _ in c.outs), default=0)
+
+        passed = [p for p in passed if first.get(id(p[2]), math.inf) >= ended(p[0])]
         for ci, _, node, _ in passed:
             producer[id(node)] = ci
 

@@ -266,10 +266,12 @@ def test_all_modules_an_in_place_module_and_one_that_returns_its_input() -> None
     assert rel_close(run.edge_history("a->act")[0], relu_in)
 
 
-def test_a_module_that_returns_its_input_after_another_read_it_stands_aside() -> None:
-    """h = a(x); b(h); drop(h): b read a's output before the dropout ran, and got an edge
-    from the dropout. Where the tensor was read before, the module stands aside, as it
-    did before it could take the place of the layer before it."""
+@pytest.mark.parametrize("reader", ["layer", "op"])
+def test_a_module_that_returns_its_input_after_another_read_it_stands_aside(
+        reader: str) -> None:
+    """h = a(x); b(h) (or tanh(h)); drop(h): b read a's output before the dropout ran, and
+    got an edge from the dropout. Where the tensor was read before, the module stands
+    aside, as it did before it could take the place of the layer before it."""
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -278,8 +280,12 @@ def test_a_module_that_returns_its_input_after_another_read_it_stands_aside() ->
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.a(x)
-            u = self.b(h)
-            return self.c(u + self.drop(h))
+            if reader == "layer":
+                u = self.b(h)
+                return self.c(u + self.drop(h))
+            s = torch.tanh(h)  # (an op, not a call: read before the dropout, used after it)
+            v = self.drop(h)
+            return self.c(self.b(s) + v)
 
     torch.manual_seed(0)
     run = one_step(Net(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]),
