@@ -72,6 +72,7 @@
     run: data.run,
     revision: data.run.revision,
     threshold: data.threshold,
+    thresholdMoved: false,  // the slider was moved: a new run's own threshold does not win
     index: data.run.steps.length - 1,
     shown: null,          // the values drawn now: {step, gradient_norm, activation_grad_norm, edges}
     shownStep: null,
@@ -349,6 +350,7 @@
   }
 
   $("gv-threshold").addEventListener("input", function (ev) {
+    state.thresholdMoved = true;
     setThreshold(Math.pow(10, Number(ev.target.value)));
   });
 
@@ -840,6 +842,9 @@
     state.payload = p;
     state.run = p.run;
     state.view = p.run.view;
+    // (the file replaced by a run with its own vanishing threshold: take it, unless the
+    // slider was moved; the colours below follow state.threshold)
+    if (!state.thresholdMoved) state.threshold = p.threshold;
     state.revision = p.run.revision;
     state.layers = Object.create(null);
     if (!same) {

@@ -463,6 +463,33 @@ def test_live_updates_without_reload(serve, open_page, make_file) -> None:
     assert s.js("window.__sameDocument") is True  # never reloaded
 
 
+def test_a_new_run_brings_its_own_threshold_unless_the_slider_moved(
+        serve, open_page, make_file) -> None:
+    """The file replaced by a run with its own vanishing threshold (meta.vanish_below): an
+    open page kept the first one. It takes the new one, unless the user moved the slider."""
+    path = make_file("residual", name="live.json")
+    s = open_page(serve(path))
+    assert s.js("gradviz.state.threshold") == 1e-7
+
+    def replace(own: float) -> None:
+        doc = orjson.loads(make_file("residual", name="next.json").read_bytes())
+        doc["meta"]["vanish_below"] = own
+        mtime = path.stat().st_mtime_ns
+        path.write_bytes(orjson.dumps(doc))
+        os.utime(path, ns=(mtime + 10**6, mtime + 10**6))
+
+    replace(0.5)
+    wait(s, "gradviz.state.threshold === 0.5")
+    assert s.page.locator("#gv-threshold-value").text_content() == "0.5"
+    run = store.load(path)
+    assert edge_colours(s) == {e["id"]: expected_colour(run.edge_history(e["id"])[-1], 0.5)
+                               for e in run.edges}
+    s.page.locator("#gv-threshold").fill("-3")  # the user's choice from now on
+    replace(0.25)
+    wait(s, "gradviz.state.revision === 3")
+    assert s.js("gradviz.state.threshold") == pytest.approx(1e-3)
+
+
 def test_big_graph_draws_fast(serve, open_page, big_file: Path) -> None:
     run = store.load(big_file)
     url = serve(big_file, DEPTH="full")
