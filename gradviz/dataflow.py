@@ -146,6 +146,11 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
     region_of: dict[int, Key] = {}  # id(region node) -> consumer key
     input_ports: list[list[Port]] = [[] for _ in calls]
     inner_ports: list[list[Port]] = [[] for _ in calls]
+
+    def made_by(m: Node, ci: int) -> bool:
+        """Whether m is calls[ci]'s own output node, made by it (not passed through)."""
+        return producer.get(id(m)) == ci and owner_call.get(id(m)) == ci
+
     for ci, call in enumerate(calls):
         ins = {id(n) for n in call.ins}
         stack = [n for n, _ in call.outs if id(n) not in owner_call]
@@ -159,7 +164,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                     continue
                 if id(m) in ins:
                     input_ports[ci].append(Port(n, i, (id(m), nr)))
-                if producer.get(id(m)) == ci and owner_call.get(id(m)) == ci:
+                if made_by(m, ci):
                     # (the call's own node, made by it: an output it also reads, or a node
                     # with one output returned and another read, as a chunk's)
                     inner_ports[ci].append(Port(n, i, (id(m), nr)))
@@ -168,8 +173,11 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
                 elif id(m) not in owner_call:
                     owner_call[id(m)] = ci
                     stack.append(m)
+    # (only calls whose name is another call's module path's start can have inner calls:
+    # found once, not by comparing every call's name with every other's)
+    parents = {c.name[:i] for c in calls for i, ch in enumerate(c.name) if ch == "."}
     for ci, call in enumerate(calls):
-        if call.ins:
+        if call.ins and (call.within == "" or call.name in parents):
             inner = _inner_calls(calls, ci)
             if inner:
                 input_ports[ci] = _input_ports(call, ci, inner, producer, owner_call)
@@ -322,7 +330,7 @@ def analyse(calls: Sequence[Call], glue_names: dict[int, str], taken: set[str]) 
             if id(m) in glue and id(m) not in junction_ids:
                 continue  # not an end of a path yet: glue further up carries it
             if region_of.get(id(n)) == key and id(m) in owner_call and (
-                    id(m) not in producer or producer[id(m)] == owner_call[id(m)] == key[1]):
+                    id(m) not in producer or made_by(m, key[1])):
                 continue  # inside the consumer itself (an inner port, when its own output)
             sname = source_name(m)
             if sname is None:
