@@ -709,16 +709,13 @@ def parse(data: bytes, path: Path | None = None) -> Run:
             doc = json.loads(data, parse_int=_int_as_orjson)
         except _OutOfRange as big:
             raise FileFormatError(f"{name}: {big}; is it a gradviz file?") from big
-        except json.JSONDecodeError as cut:
-            if "unexpected end of data" in str(e) or cut.pos >= len(data.rstrip()) or (
-                    cut.msg.startswith("Unterminated string")):  # (it stops inside the JSON)
-                raise FileFormatError(
+        except (ValueError, RecursionError) as fault:
+            if "unexpected end of data" in str(e) or isinstance(fault, json.JSONDecodeError) and (
+                    fault.pos >= len(data.rstrip()) or fault.msg.startswith("Unterminated string")):
+                raise FileFormatError(  # (the text stops inside the JSON)
                     f"{name} ends in the middle of its JSON ({e}): it was cut off, as by a "
                     f"copy still running or a full disk (gradviz itself replaces a file "
                     f"whole); copy it again, or record the run again") from e
-            raise FileFormatError(f"{name} is not valid JSON ({e}); is it a file gradviz "
-                                  f"wrote? Record one with python extract.py") from e
-        except (ValueError, RecursionError):
             raise FileFormatError(f"{name} is not valid JSON ({e}); is it a file gradviz "
                                   f"wrote? Record one with python extract.py") from e
         # orjson refuses an unpaired surrogate escape such as "\ud800" (not Unicode); Python
