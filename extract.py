@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import NoReturn
 try:  # (torch loads here, a second or more: a Ctrl-C meanwhile ends quietly, as it does later)
     from gradviz import demos, store
     from gradviz.analyses import COST
-    from gradviz.diagnose import Thresholds, diagnose, format_report
+    from gradviz.diagnose import Thresholds, diagnose, format_report, terminal_width
     from gradviz.errors import GradvizError
     from gradviz.store import Run
 except KeyboardInterrupt:
@@ -290,9 +289,7 @@ def _run(args: argparse.Namespace, chosen: tuple[str, ...], distributed: str | N
           f"{len(run.nodes) - layers} junctions, {len(run.edges)} edges")
     for name, value in run.meta.get("analyses", {}).items():
         print(f"{name}: {analysis_line(name, value)}")
-    # (wrapped to a terminal's width; one line a finding into a pipe or a file, for grep)
-    print(format_report(findings, width=shutil.get_terminal_size().columns
-                        if sys.stdout.isatty() else None))
+    print(format_report(findings, width=terminal_width()))
     print(f"view it with: python visualize.py --input {result.path}")
     if result.interrupted:
         how = "terminated" if _terminated else "interrupted"

@@ -24,7 +24,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -137,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def report(path: Path) -> int:
     """Print a file's findings (diagnosing it if it has none); 1 on any critical one."""
     from gradviz import store
-    from gradviz.diagnose import diagnose, format_report, worst
+    from gradviz.diagnose import diagnose, format_report, terminal_width, worst
     from gradviz.graph import clean_findings
 
     run = store.load(path)
@@ -151,10 +150,8 @@ def report(path: Path) -> int:
     # a file's own findings are data from anywhere: reduced to known fields, as the page does
     own = clean_findings(run.findings, {n["id"] for n in run.nodes}) if run.findings else []
     findings = own or diagnose(run)
-    # (wrapped to a terminal's width; one line a finding into a pipe or a file, for grep)
-    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
     try:
-        print(format_report(findings, width=width), flush=True)
+        print(format_report(findings, width=terminal_width()), flush=True)
     except BrokenPipeError:  # (the reader stopped early, as `| head -3` does: its exit code
         _quiet_stdout()     # still says whether something is critical)
     return 1 if worst(findings) == "critical" else 0

@@ -1261,8 +1261,8 @@ class Recorder:
         summed in they were 200x off. So a backward with create_graph (grad mode on in its
         hooks) counts only if it will fill a parameter's .grad.
 
-        One without create_graph counts unless it is limited to some inputs (it skips a
-        branch of the node running now) and takes no trainable parameter's gradient: an
+        One without create_graph counts unless it takes no trainable parameter's gradient
+        and is limited to some inputs (a node it leads to will not run: see _limited): an
         adversarial example's torch.autograd.grad(loss, x) or loss.backward(inputs=[x]).
         Whether it fills .grad cannot be asked of the parameters alone: none is in the
         graph of the outer backward of reentrant checkpointing around the only trainable

@@ -15,7 +15,9 @@ thumb and can be changed (:class:`Thresholds`).
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,9 +81,8 @@ def _explained(findings: list[dict[str, Any]], order: dict[str, int]) -> list[di
     not decaying with depth, is that finding's symptom: it says so and takes the cause's
     cures first (its own are for deep stacks: "residual connections" for a 3-layer MLP
     whose ReLUs died), and the cause comes first among findings of its severity (the
-    report led with the symptom). A cause's
-    layer is the one feeding the activation: the gradient stops there, so that layer and
-    the ones before it lose theirs."""
+    report led with the symptom). A cause's layer is the one feeding the activation: the
+    gradient stops there, so that layer and the ones before it lose theirs."""
     vanishing = next(f for f in findings if f["kind"] == "vanishing")
     if "decay_per_layer" in vanishing["evidence"]:
         return findings  # (a decay with depth: a deep stack's, whose cures are its own)
@@ -109,6 +110,12 @@ def worst(findings: Sequence[dict[str, Any]]) -> str | None:
     """The most severe severity among findings, or None when there are none."""
     levels = [SEVERITIES.index(f["severity"]) for f in findings]
     return SEVERITIES[min(levels)] if levels else None
+
+
+def terminal_width() -> int | None:
+    """format_report's width for standard output: a terminal's; None into a pipe or a file
+    (one line a finding, for grep)."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
 def format_report(findings: Sequence[dict[str, Any]], limit: int = 20,

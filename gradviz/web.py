@@ -331,7 +331,7 @@ def check_threshold(value: Any) -> float | None:
     if not (t >= 0 and t != float("inf")):
         raise GradvizError(
             f"threshold must be a number >= 0, got {value!r}; edges at or below it are drawn "
-            "red (the default is 1e-07)"
+            "red (the default is the run's own vanishing threshold, else 1e-07)"
         )
     return t
 
