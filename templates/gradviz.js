@@ -166,14 +166,16 @@
     return lines.join("\n");
   }
 
+  // an edge's norm, and on which side of the threshold it is (tooltip and details panel)
+  function edgeNorm(x) {
+    if (valueStatus(x) !== "ok") return fmt(x);
+    return fmt(x) + (x > state.threshold ? " (above threshold)" : " (at or below threshold)");
+  }
+
   function edgeTitle(e, x) {
     var lines = [e.source + " → " + e.target];
     if (e.via.length) lines.push("via " + e.via.join(", "));
-    var side = "";
-    if (valueStatus(x) === "ok") {
-      side = x > state.threshold ? " (above threshold)" : " (at or below threshold)";
-    }
-    lines.push("gradient norm " + fmt(x) + side);
+    lines.push("gradient norm " + edgeNorm(x));
     return lines.join("\n");
   }
 
@@ -609,9 +611,7 @@
     var tbody = $("gv-details-table").tBodies[0], v = state.shown;
     tbody.replaceChildren();
     if (v.step !== null && v.step !== undefined) row(tbody, "step", v.step, true);
-    var side = valueStatus(x) !== "ok" ? "" :
-      x > state.threshold ? " (above threshold)" : " (at or below threshold)";
-    row(tbody, "gradient norm", fmt(x) + side, true);
+    row(tbody, "gradient norm", edgeNorm(x), true);
     row(tbody, "threshold", fmt(state.threshold), true);
     [[e.source, "output gradient of "], [e.target, "output gradient of "]].forEach(function (end) {
       var k = nodeInfo(end[0])[1];
